@@ -1,0 +1,22 @@
+# ifcl: per-task continual-learning pipelines (see README.md and DESIGN in the docs).
+# Default config: config/config.yaml; `--configfile X` replaces it (it is not merged with the default).
+from snakemake.utils import min_version
+
+min_version("9.19")
+
+
+if not workflow.overwrite_configfiles:
+
+    configfile: "config/config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/tasks.smk"
+include: "workflow/rules/results.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        all_targets(),

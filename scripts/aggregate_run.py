@@ -1,0 +1,7 @@
+# Rule aggregate_run: eval.json of every task -> acc_matrix.csv, metrics.json.
+from ifcl.runlog import logging_to
+
+with logging_to(snakemake.log[0]):
+    from ifcl.results import aggregate_run
+
+    aggregate_run(list(snakemake.input), snakemake.output.matrix, snakemake.output.metrics)

@@ -1,0 +1,153 @@
+"""The per-task chain of one run: file layout, and rebuilding "the model after task t" from explicit files.
+
+A run directory ``results/runs/<experiment>/seed<k>/`` holds ``tasks.json`` and one folder per task:
+
+    task<t>/reduction.safetensors   down-projections R_t of every adapted block (k and v)
+    task<t>/adapter.safetensors     trained up-projections E_t and head t
+    task<t>/train_log.csv           one row per epoch
+    task<t>/eval.json               accuracy on every seen task after task t
+
+The frozen backbone is never copied into a run: states name it and record its file's digest. The step functions
+at the end (:func:`reduction`, :func:`train_task`, :func:`evaluate_task`) are what the Snakemake rules call.
+"""
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import derive_seed
+from .data.loader import ManifestDataset, make_loader, make_transform
+from .files import file_sha256, read_json, write_csv, write_json
+from .models.vit_lora import ViTLoRA, load_backbone, random_reduction, reduction_state, split_reduction_state
+from .state import load_state, save_state
+from .training import per_task_accuracy, predict, train_classifier
+
+REDUCTION = "reduction.safetensors"
+ADAPTER = "adapter.safetensors"
+
+
+def task_dir(run_dir: str | Path, t: int) -> Path:
+    return Path(run_dir) / f"task{t}"
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch, NumPy and Python for one job (each job derives its own seed, reference DESIGN "deterministic")."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def pick_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    print("no CUDA device available: running on CPU", flush=True)
+    return torch.device("cpu")
+
+
+def build_model(backbone_spec: dict, backbone_weights: str | Path, experiment: dict) -> ViTLoRA:
+    vit = load_backbone(backbone_spec, backbone_weights)
+    return ViTLoRA(vit, rank=experiment["rank"], lora_blocks=experiment["lora_blocks"])
+
+
+def begin_task_from_file(model: ViTLoRA, reduction_file: str | Path, num_classes: int) -> None:
+    tensors, _ = load_state(reduction_file)
+    down_k, down_v = split_reduction_state(model.lora_blocks, tensors)
+    model.begin_task(down_k, down_v, num_classes)
+
+
+def replay(model: ViTLoRA, run_dir: str | Path, tasks: dict, upto: int) -> ViTLoRA:
+    """Install and merge the finished tasks 0..upto-1 from their files: the model after task upto-1."""
+    for s in range(upto):
+        begin_task_from_file(model, task_dir(run_dir, s) / REDUCTION, len(tasks["tasks"][s]))
+        adapter, _ = load_state(task_dir(run_dir, s) / ADAPTER)
+        model.load_current_adapter(adapter)
+        model.end_task()
+    return model
+
+
+def model_after_task(backbone_spec: dict, backbone_weights: str | Path, experiment: dict, run_dir: str | Path, t: int) -> ViTLoRA:
+    """"The model after task t" of a run, ready for inference (eval mode, CPU)."""
+    tasks = read_json(Path(run_dir) / "tasks.json")
+    model = build_model(backbone_spec, backbone_weights, experiment)
+    return replay(model, run_dir, tasks, t + 1).eval()
+
+
+# ---- steps of the chain (one Snakemake rule each) ----
+
+def random_reductions(experiment_name: str, seed: int, task: int, embed_dim: int, n_layers: int, rank: int):
+    """seq-lora's down-projections: LoRA's default init, one draw per adapted block for k and for v."""
+    gen = torch.Generator().manual_seed(derive_seed(experiment_name, seed, task, "reduction"))
+    down_k, down_v = [], []
+    for _ in range(n_layers):
+        down_k.append(random_reduction(embed_dim, rank, gen))
+        down_v.append(random_reduction(embed_dim, rank, gen))
+    return down_k, down_v
+
+
+def reduction(experiment_name: str, experiment: dict, seed: int, task: int, backbone_spec: dict, backbone_weights: str, out: str) -> None:
+    """Down-projections R_t of task t (frozen while the task trains)."""
+    model = build_model(backbone_spec, backbone_weights, experiment)
+    if experiment["method"] != "seq-lora":
+        raise ValueError(f"no reduction step for method {experiment['method']!r}")
+    down_k, down_v = random_reductions(experiment_name, seed, task, model.embed_dim, len(model.lora_blocks), experiment["rank"])
+    save_state(out, reduction_state(model.lora_blocks, down_k, down_v),
+               {"kind": "reduction", "method": experiment["method"], "task": task, "rank": experiment["rank"],
+                "backbone_sha256": file_sha256(backbone_weights)})
+
+
+def _loader(manifest, classes, tasks, dataset_spec, backbone_spec, train: bool, batch_size: int, seed: int = 0):
+    name = dataset_spec["train_transform"] if train else dataset_spec["test_transform"]
+    tf = make_transform(name, backbone_spec["image_size"], backbone_spec["mean"], backbone_spec["std"],
+                        dataset_spec["crop_scale"])
+    return make_loader(ManifestDataset(manifest, classes, tasks["class_order"], tf), batch_size, shuffle=train, seed=seed)
+
+
+def train_task(experiment_name: str, experiment: dict, seed: int, task: int, train_cfg: dict, dataset_spec: dict,
+               backbone_spec: dict, backbone_weights: str, run_dir: str, train_csv: str, adapter_out: str, log_out: str,
+               threads: int = 1) -> None:
+    """Train E_t (k and v of every adapted block) and head t on task t's classes, old tasks merged and frozen."""
+    torch.set_num_threads(threads)
+    job_seed = derive_seed(experiment_name, seed, task, "train")
+    seed_everything(job_seed)
+    tasks = read_json(Path(run_dir) / "tasks.json")
+    device = pick_device()
+    model = replay(build_model(backbone_spec, backbone_weights, experiment), run_dir, tasks, task)
+    begin_task_from_file(model, task_dir(run_dir, task) / REDUCTION, len(tasks["tasks"][task]))
+    model.set_trainable()
+    model.to(device).eval()  # no dropout/BN; the official loop also runs in eval mode (reference/inflora.md §4.2)
+    known = sum(len(c) for c in tasks["tasks"][:task])
+    loader = _loader(train_csv, tasks["tasks"][task], tasks, dataset_spec, backbone_spec, True, train_cfg["batch_size"], job_seed)
+    n_trainable = sum(p.numel() for p in model.trainable_parameters())
+    print(f"task {task}: {len(loader.dataset)} images, {n_trainable} trainable parameters")
+    rows = train_classifier(model.trainable_parameters(), model.forward_current, loader, train_cfg,
+                            label_offset=known, device=device, desc=f"task {task}")
+    write_csv(log_out, rows)
+    save_state(adapter_out, model.current_adapter_state(),
+               {"kind": "adapter", "method": experiment["method"], "task": task, "train": train_cfg,
+                "trainable_parameters": n_trainable, "backbone_sha256": file_sha256(backbone_weights)})
+
+
+def evaluate_task(experiment: dict, task: int, dataset_spec: dict, backbone_spec: dict, backbone_weights: str,
+                  run_dir: str, test_csv: str, out: str, threads: int = 1) -> None:
+    """Class-incremental evaluation after task t: arg-max over every seen head on the test images of all seen
+    classes (task-agnostic); one accuracy per seen task (a row of the accuracy matrix)."""
+    torch.set_num_threads(threads)
+    tasks = read_json(Path(run_dir) / "tasks.json")
+    device = pick_device()
+    model = replay(build_model(backbone_spec, backbone_weights, experiment), run_dir, tasks, task + 1)
+    model.to(device).eval()
+    seen = [c for t in tasks["tasks"][: task + 1] for c in t]
+    loader = _loader(test_csv, seen, tasks, dataset_spec, backbone_spec, False, experiment["eval_batch_size"])
+    start = time.perf_counter()
+    preds, targets = predict(model, loader, device)
+    accs, counts = per_task_accuracy(preds, targets, [len(c) for c in tasks["tasks"][: task + 1]])
+    total = 100.0 * float((preds == targets).float().mean())
+    print(f"after task {task}: accuracy {total:.2f}% on {len(targets)} images; per task {[round(a, 2) for a in accs]}")
+    write_json(out, {"task": task, "accuracy": total, "per_task_accuracy": accs, "per_task_count": counts,
+                     "seconds": time.perf_counter() - start})
+
+

@@ -1,0 +1,111 @@
+"""Configuration helpers: include merging, checks the JSON schema cannot express, per-task settings and seeds.
+
+The schema (workflow/schemas/config.schema.yaml) checks types, enums, ranges and required keys. :func:`check`
+adds the cross-references (an experiment's dataset and backbone exist, task counts divide the class counts,
+task overrides name existing tasks). Both run before any job starts; errors name the offending key.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; the message names the key."""
+
+
+def load_yaml(path: str | Path) -> dict:
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config file must hold a mapping")
+    return data
+
+
+def merge_includes(config: dict, root: str | Path = ".") -> dict:
+    """Return ``config`` with the files listed under ``include`` (relative to ``root``) merged in.
+
+    Registries (datasets, backbones, experiments) are merged by name; the same name defined differently in two
+    files is an error naming both. Included files may include further files.
+    """
+    merged = copy.deepcopy({k: v for k, v in config.items() if k != "include"})
+    sources = {}
+    for reg in ("datasets", "backbones", "experiments"):
+        for name in merged.get(reg) or {}:
+            sources[(reg, name)] = "the main config"
+    for rel in config.get("include") or []:
+        path = Path(root) / rel
+        if not path.is_file():
+            raise ConfigError(f"include: {rel} does not exist (paths are relative to {Path(root).resolve()})")
+        other = merge_includes(load_yaml(path), root)
+        for key, value in other.items():
+            if key not in ("datasets", "backbones", "experiments"):
+                raise ConfigError(f"{rel}: key '{key}' cannot be included (only datasets, backbones, experiments)")
+            target = merged.setdefault(key, {})
+            for name, spec in value.items():
+                if name in target and target[name] != spec:
+                    raise ConfigError(f"{key}.{name} is defined differently in {sources[(key, name)]} and in {rel}")
+                target[name] = spec
+                sources.setdefault((key, name), rel)
+    return merged
+
+
+def num_classes(dataset: dict) -> int | None:
+    """Number of classes of a dataset spec when it is known before any data is read (generated data)."""
+    if dataset["type"] == "generated":
+        return dataset["classes"]["count"]
+    return None
+
+
+def check(config: dict) -> None:
+    """Cross-key checks that the schema cannot do; raise :class:`ConfigError` naming the key."""
+    datasets, backbones = config["datasets"], config["backbones"]
+    for name, bb in backbones.items():
+        if bb["type"] == "pretrain" and bb["pretrain"]["dataset"] not in datasets:
+            raise ConfigError(
+                f"backbones.{name}.pretrain.dataset: unknown dataset '{bb['pretrain']['dataset']}' "
+                f"(defined: {', '.join(sorted(datasets))})"
+            )
+        if bb["type"] == "pretrain":
+            arch = bb["arch"]
+            if bb["image_size"] % arch["patch_size"]:
+                raise ConfigError(f"backbones.{name}.arch.patch_size: {arch['patch_size']} does not divide image_size {bb['image_size']}")
+            if arch["embed_dim"] % arch["num_heads"]:
+                raise ConfigError(f"backbones.{name}.arch.num_heads: {arch['num_heads']} does not divide embed_dim {arch['embed_dim']}")
+    for name, exp in config["experiments"].items():
+        key = f"experiments.{name}"
+        if "/" in name or name.startswith("."):
+            raise ConfigError(f"{key}: experiment names are folder names; no '/' or leading '.'")
+        if exp["dataset"] not in datasets:
+            raise ConfigError(f"{key}.dataset: unknown dataset '{exp['dataset']}' (defined: {', '.join(sorted(datasets))})")
+        if exp["backbone"] not in backbones:
+            raise ConfigError(f"{key}.backbone: unknown backbone '{exp['backbone']}' (defined: {', '.join(sorted(backbones))})")
+        n = num_classes(datasets[exp["dataset"]])
+        if n is not None and n % exp["num_tasks"]:
+            raise ConfigError(
+                f"{key}.num_tasks: {exp['num_tasks']} tasks do not divide the {n} classes of dataset '{exp['dataset']}'"
+            )
+        for t in exp.get("task_overrides") or {}:
+            if not isinstance(t, int) or not 0 <= t < exp["num_tasks"]:
+                raise ConfigError(f"{key}.task_overrides: key {t!r} is not a task index in 0..{exp['num_tasks'] - 1}")
+        if exp["lora_blocks"] != "all":
+            bb = backbones[exp["backbone"]]
+            depth = bb["arch"]["depth"] if bb["type"] == "pretrain" else None
+            if depth is not None and max(exp["lora_blocks"]) >= depth:
+                raise ConfigError(f"{key}.lora_blocks: block {max(exp['lora_blocks'])} does not exist (depth {depth})")
+
+
+def task_train_params(experiment: dict, task: int) -> dict:
+    """The optimisation settings of one task: ``train`` updated by ``task_overrides[task]``."""
+    params = dict(experiment["train"])
+    params.update((experiment.get("task_overrides") or {}).get(task, {}))
+    return params
+
+
+def derive_seed(*parts) -> int:
+    """A 63-bit seed from any printable parts, stable across processes and machines (unlike ``hash``)."""
+    digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1

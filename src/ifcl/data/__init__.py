@@ -1,0 +1,1 @@
+"""Datasets: generated images, manifests, loaders and task splits."""

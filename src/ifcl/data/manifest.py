@@ -1,0 +1,124 @@
+"""Manifests: one CSV per dataset and split with columns ``path,label,class_name``.
+
+Every dataset type ends in the same two files (``train.csv``, ``test.csv``) read by the same loader, so a
+user's own class-folder tree, the generated demo data and (later) the paper benchmarks all go through one path.
+Labels are 0-based positions in the dataset's class list (sorted folder names for ``folder`` data, catalogue
+order for generated data). Rows are sorted, so a manifest is byte-identical on every run.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..files import write_text
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+COLUMNS = ("path", "label", "class_name")
+
+
+class DatasetError(RuntimeError):
+    """Missing or malformed data; the message says what was expected where."""
+
+
+def write_manifest(path: str | Path, rows: list[tuple[str, int, str]]) -> None:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(COLUMNS)
+    w.writerows(rows)
+    write_text(path, buf.getvalue())
+
+
+def read_manifest(path: str | Path) -> list[tuple[str, int, str]]:
+    with open(path, newline="") as f:
+        r = csv.reader(f)
+        header = next(r, None)
+        if tuple(header or ()) != COLUMNS:
+            raise DatasetError(f"{path}: not an ifcl manifest (header {header}, expected {','.join(COLUMNS)})")
+        return [(p, int(label), name) for p, label, name in r]
+
+
+def class_names_of(rows: list[tuple[str, int, str]]) -> list[str]:
+    """Class names indexed by label; raise if labels are not 0..C-1 or a label has two names."""
+    names: dict[int, str] = {}
+    for _, label, name in rows:
+        if names.setdefault(label, name) != name:
+            raise DatasetError(f"label {label} has two class names: {names[label]!r} and {name!r}")
+    if sorted(names) != list(range(len(names))):
+        raise DatasetError(f"labels are not 0..{len(names) - 1}")
+    return [names[i] for i in range(len(names))]
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def _class_folders(root: Path) -> list[Path]:
+    if not root.is_dir():
+        raise DatasetError(f"dataset folder {root} does not exist")
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not folders:
+        raise DatasetError(f"{root} holds no class folders (expected {root}/<class name>/<image files>)")
+    return folders
+
+
+def folder_manifests(path: str | Path, split: dict) -> dict[str, list[tuple[str, int, str]]]:
+    """Manifests of a user's class-folder tree.
+
+    ``split = {"rule": "subfolders"}``: ``path/train/<class>/*`` and ``path/test/<class>/*`` (the same class
+    folders in both); ``{"rule": "random", "test_fraction": f, "seed": s}``: ``path/<class>/*``, and in each
+    class round(f * n) images (at least one, at most n - 1) are held out, chosen by a seeded permutation.
+    The stored paths are ``path`` joined with the relative file path, exactly as configured.
+    """
+    root = Path(path)
+    out: dict[str, list] = {"train": [], "test": []}
+    if split["rule"] == "subfolders":
+        train_classes = [p.name for p in _class_folders(root / "train")]
+        test_classes = [p.name for p in _class_folders(root / "test")]
+        if train_classes != test_classes:
+            raise DatasetError(f"{root}/train and {root}/test must hold the same class folders")
+        for label, name in enumerate(train_classes):
+            for part in ("train", "test"):
+                files = _images_in(root / part / name)
+                if not files:
+                    raise DatasetError(f"class folder {root / part / name} holds no images")
+                out[part] += [(str(root / part / name / f.name), label, name) for f in files]
+    else:
+        rng = np.random.RandomState(split["seed"])
+        for label, folder in enumerate(_class_folders(root)):
+            files = _images_in(folder)
+            if len(files) < 2:
+                raise DatasetError(f"class folder {folder} needs at least 2 images for a train/test split")
+            n_test = min(max(1, round(split["test_fraction"] * len(files))), len(files) - 1)
+            test_idx = set(rng.permutation(len(files))[:n_test].tolist())
+            for i, f in enumerate(files):
+                out["test" if i in test_idx else "train"].append((str(folder / f.name), label, folder.name))
+    return out
+
+
+def generated_manifests(root: str | Path, spec: dict) -> dict[str, list[tuple[str, int, str]]]:
+    """Draw a generated dataset (``spec`` as in the config) into ``root/{train,test}/`` and return its manifests."""
+    from .generated import class_slice, write_split
+
+    classes = class_slice(spec["domain"], spec["classes"]["start"], spec["classes"]["count"])
+    out = {}
+    for part, n, offset in (("train", spec["train_per_class"], 0), ("test", spec["test_per_class"], 1)):
+        rows = write_split(Path(root) / part, spec["domain"], classes, n, spec["image_size"], spec["seed"] * 2 + offset)
+        out[part] = [(os.path.join(str(root), part, rel), label, name) for rel, label, name in rows]
+    return out
+
+
+def prepare_dataset(spec: dict, train_csv: str, test_csv: str, images_dir: str | None = None) -> None:
+    """Manifests of a configured dataset (generated images are drawn into ``images_dir`` first)."""
+    if spec["type"] == "generated":
+        parts = generated_manifests(images_dir, spec)
+    elif spec["type"] == "folder":
+        parts = folder_manifests(spec["path"], spec["split"])
+    else:
+        raise ValueError(f"unknown dataset type {spec['type']!r}")
+    write_manifest(train_csv, parts["train"])
+    write_manifest(test_csv, parts["test"])
+    print(f"{len(class_names_of(parts['train']))} classes, {len(parts['train'])} train / {len(parts['test'])} test images")

@@ -1,0 +1,1 @@
+"""Continual-learning methods as functions on tensors, plus one-task training."""

@@ -1,0 +1,1 @@
+"""Backbones with per-task parameter-efficient branches."""

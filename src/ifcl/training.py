@@ -1,0 +1,103 @@
+"""One task's optimisation and the class-incremental evaluation, readable in one sitting.
+
+Training follows the official InfLoRA loop (reference/inflora.md §4.2): a fresh optimiser per task over the
+trainable parameters, the learning-rate multiplier of the epoch set before the epoch, mean cross-entropy of the
+current head against local labels (position of the class inside the task), batch order from a seeded generator.
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+
+def lr_multipliers(epochs: int, schedule: str = "inflora-cosine") -> list[float]:
+    """Per-epoch learning-rate multipliers.
+
+    ``inflora-cosine`` is the official ``CosineSchedule`` as it actually behaves: its base class applies epoch 0,
+    then resets, so the first two epochs both use the base lr; afterwards
+    η_e = η cos(99π (e - 1) / (200 (K - 1))) for 0-based epoch e of K (reference/inflora.md §4.2).
+    ``constant`` is 1 throughout.
+    """
+    if epochs < 1:
+        raise ValueError("epochs must be >= 1")
+    if schedule == "constant" or epochs == 1:
+        return [1.0] * epochs
+    if schedule == "inflora-cosine":
+        return [math.cos(99 * math.pi * max(e - 1, 0) / (200 * (epochs - 1))) for e in range(epochs)]
+    raise ValueError(f"unknown schedule {schedule!r}")
+
+
+def make_optimizer(params, cfg: dict) -> torch.optim.Optimizer:
+    if cfg["optimizer"] == "adam":
+        return torch.optim.Adam(params, lr=cfg["lr"], betas=(0.9, 0.999), weight_decay=cfg["weight_decay"])
+    if cfg["optimizer"] == "sgd":
+        return torch.optim.SGD(params, lr=cfg["lr"], momentum=cfg.get("momentum", 0.9), weight_decay=cfg["weight_decay"])
+    raise ValueError(f"unknown optimizer {cfg['optimizer']!r}")
+
+
+def train_classifier(
+    params: list[nn.Parameter],
+    logits_fn: Callable[[torch.Tensor], torch.Tensor],
+    loader: DataLoader,
+    cfg: dict,
+    label_offset: int = 0,
+    device: str | torch.device = "cpu",
+    desc: str = "train",
+) -> list[dict]:
+    """Minimise mean cross-entropy of ``logits_fn(x)`` against ``y - label_offset`` for ``cfg['epochs']`` epochs.
+
+    ``cfg``: optimizer, lr, weight_decay, (momentum), epochs, schedule. Returns one log row per epoch
+    (epoch, lr, loss, train accuracy, seconds).
+    """
+    opt = make_optimizer(params, cfg)
+    rows = []
+    for epoch, mult in enumerate(lr_multipliers(cfg["epochs"], cfg["schedule"])):
+        for group in opt.param_groups:
+            group["lr"] = cfg["lr"] * mult
+        start, total_loss, correct, seen = time.perf_counter(), 0.0, 0, 0
+        for x, y in tqdm(loader, desc=f"{desc} epoch {epoch + 1}/{cfg['epochs']}", leave=False, mininterval=5):
+            x, y = x.to(device, non_blocking=True), (y - label_offset).to(device, non_blocking=True)
+            logits = logits_fn(x)
+            loss = F.cross_entropy(logits, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total_loss += loss.item() * len(y)
+            correct += (logits.argmax(1) == y).sum().item()
+            seen += len(y)
+        rows.append({"epoch": epoch, "lr": cfg["lr"] * mult, "loss": total_loss / seen,
+                     "train_acc": 100.0 * correct / seen, "seconds": time.perf_counter() - start})
+        print(f"{desc} epoch {epoch + 1}/{cfg['epochs']}: loss {rows[-1]['loss']:.4f} "
+              f"acc {rows[-1]['train_acc']:.2f}% lr {rows[-1]['lr']:.3g}", flush=True)
+    return rows
+
+
+@torch.no_grad()
+def predict(logits_fn: Callable[[torch.Tensor], torch.Tensor], loader: DataLoader, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Arg-max predictions and targets over a loader."""
+    preds, targets = [], []
+    for x, y in tqdm(loader, desc="evaluate", leave=False, mininterval=5):
+        preds.append(logits_fn(x.to(device)).argmax(1).cpu())
+        targets.append(y)
+    return torch.cat(preds), torch.cat(targets)
+
+
+def per_task_accuracy(preds: torch.Tensor, targets: torch.Tensor, classes_per_task: list[int]) -> tuple[list[float], list[int]]:
+    """Accuracy (%) on the test samples of each task (targets are global class positions, task blocks in order)
+    under all-class prediction, and the number of samples of each task."""
+    bounds = [0]
+    for m in classes_per_task:
+        bounds.append(bounds[-1] + m)
+    accs, counts = [], []
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        mask = (targets >= lo) & (targets < hi)
+        counts.append(int(mask.sum()))
+        accs.append(100.0 * float((preds[mask] == targets[mask]).float().mean()) if counts[-1] else float("nan"))
+    return accs, counts

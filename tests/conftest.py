@@ -1,0 +1,54 @@
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A complete config small enough for CI: 6 generated classes in 3 tasks, 2 seeds, a 2-block ViT.
+TINY_CONFIG = {
+    "datasets": {
+        "tiny_pretrain": {"type": "generated", "domain": "shapes", "classes": {"start": 40, "count": 4},
+                          "train_per_class": 6, "test_per_class": 2, "image_size": 16, "seed": 7,
+                          "train_transform": "random-resized-crop-flip", "test_transform": "resize"},
+        "tiny_shapes": {"type": "generated", "domain": "shapes", "classes": {"start": 0, "count": 6},
+                        "train_per_class": 6, "test_per_class": 3, "image_size": 16, "seed": 0,
+                        "train_transform": "random-resized-crop-flip", "test_transform": "resize"},
+    },
+    "backbones": {
+        "tiny_vit": {"type": "pretrain", "image_size": 16, "mean": [0, 0, 0], "std": [1, 1, 1],
+                     "arch": {"patch_size": 8, "embed_dim": 16, "depth": 2, "num_heads": 2},
+                     "pretrain": {"dataset": "tiny_pretrain", "epochs": 1, "batch_size": 8, "lr": 1e-3,
+                                  "weight_decay": 0.0, "seed": 0}},
+    },
+    "experiments": {
+        "tiny_seq-lora": {"method": "seq-lora", "dataset": "tiny_shapes", "backbone": "tiny_vit", "seeds": [0, 1],
+                          "num_tasks": 3, "class_order": "shuffled", "rank": 2, "lora_blocks": "all",
+                          "train": {"optimizer": "adam", "lr": 1e-2, "weight_decay": 0.0, "epochs": 1,
+                                    "batch_size": 8, "schedule": "inflora-cosine"},
+                          "task_overrides": {}, "eval_batch_size": 16},
+    },
+}
+
+
+@pytest.fixture
+def tiny_config():
+    return copy.deepcopy(TINY_CONFIG)
+
+
+def snakemake(workdir: Path, config: dict, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Run the repository's workflow in ``workdir`` with ``config`` (written to workdir/config.yaml)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    cfg = workdir / "config.yaml"
+    cfg.write_text(yaml.safe_dump(config))
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir), "--cores", "2",
+           *args, "--configfile", str(cfg)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"snakemake failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+    return proc

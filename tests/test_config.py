@@ -1,0 +1,74 @@
+import pytest
+import yaml
+
+from conftest import REPO, TINY_CONFIG, snakemake
+from ifcl.config import ConfigError, check, derive_seed, merge_includes, task_train_params
+
+
+def test_check_accepts_the_tiny_and_demo_configs(tiny_config):
+    check(tiny_config)
+    demo = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
+    check(demo)
+
+
+@pytest.mark.parametrize("edit, key", [
+    (lambda c: c["experiments"]["tiny_seq-lora"].update(num_tasks=4), "experiments.tiny_seq-lora.num_tasks"),
+    (lambda c: c["experiments"]["tiny_seq-lora"].update(dataset="nope"), "experiments.tiny_seq-lora.dataset"),
+    (lambda c: c["experiments"]["tiny_seq-lora"].update(backbone="nope"), "experiments.tiny_seq-lora.backbone"),
+    (lambda c: c["experiments"]["tiny_seq-lora"].update(task_overrides={3: {"epochs": 2}}),
+     "experiments.tiny_seq-lora.task_overrides"),
+    (lambda c: c["experiments"]["tiny_seq-lora"].update(lora_blocks=[0, 5]), "experiments.tiny_seq-lora.lora_blocks"),
+    (lambda c: c["backbones"]["tiny_vit"]["pretrain"].update(dataset="nope"), "backbones.tiny_vit.pretrain.dataset"),
+    (lambda c: c["backbones"]["tiny_vit"]["arch"].update(patch_size=5), "backbones.tiny_vit.arch.patch_size"),
+])
+def test_check_names_the_bad_key(tiny_config, edit, key):
+    edit(tiny_config)
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        check(tiny_config)
+
+
+def test_includes_merge_by_name_and_reject_conflicts(tmp_path):
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump({"datasets": {"d": {"x": 1}}, "experiments": {"e1": {"y": 1}}}))
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump({"datasets": {"d": {"x": 1}}, "experiments": {"e2": {"y": 2}}}))
+    merged = merge_includes({"include": ["a.yaml", "b.yaml"]}, tmp_path)
+    assert merged == {"datasets": {"d": {"x": 1}}, "experiments": {"e1": {"y": 1}, "e2": {"y": 2}}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({"datasets": {"d": {"x": 2}}}))
+    with pytest.raises(ConfigError, match="datasets.d is defined differently"):
+        merge_includes({"include": ["a.yaml", "c.yaml"]}, tmp_path)
+    with pytest.raises(ConfigError, match="missing.yaml does not exist"):
+        merge_includes({"include": ["missing.yaml"]}, tmp_path)
+
+
+def test_task_overrides_and_seeds():
+    exp = {"train": {"lr": 0.1, "epochs": 3}, "task_overrides": {0: {"epochs": 5}}}
+    assert task_train_params(exp, 0) == {"lr": 0.1, "epochs": 5}
+    assert task_train_params(exp, 1) == {"lr": 0.1, "epochs": 3}
+    assert derive_seed("a", 0, 1) == derive_seed("a", 0, 1) != derive_seed("a", 1, 0)
+    assert 0 <= derive_seed("x") < 2**63
+
+
+def _set(config, path, value):
+    *parents, last = path.split(".")
+    node = config
+    for p in parents:
+        node = node[p]
+    if value is None:
+        del node[last]
+    else:
+        node[last] = value
+
+
+@pytest.mark.parametrize("path, value, expected", [
+    ("experiments.tiny_seq-lora.method", "magic-lora", "method"),
+    ("experiments.tiny_seq-lora.rank", 0, "rank"),
+    ("experiments.tiny_seq-lora.num_tasks", 4, "experiments.tiny_seq-lora.num_tasks"),
+    ("experiments.tiny_seq-lora.seeds", None, "seeds"),
+    ("datasets.tiny_shapes.train_per_class", None, "train_per_class"),
+])
+def test_bad_config_fails_before_any_job(tmp_path, tiny_config, path, value, expected):
+    _set(tiny_config, path, value)
+    proc = snakemake(tmp_path, tiny_config, "--dry-run", check=False)
+    assert proc.returncode != 0
+    out = proc.stdout + proc.stderr
+    assert expected in out, out[-3000:]
+    assert not any((tmp_path / d).exists() for d in ("data", "results", "logs"))

@@ -1,0 +1,96 @@
+"""The workflow end to end on the tiny generated config: per-task files for 2 seeds, metrics and summary; nothing to
+do on a second run; a task-level change re-runs exactly the affected tasks; re-running a task reproduces its files."""
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import TINY_CONFIG, snakemake
+from ifcl.files import read_json
+from ifcl.state import load_state
+
+pytestmark = pytest.mark.pipeline
+EXP = "tiny_seq-lora"
+TASK_FILES = ("reduction.safetensors", "adapter.safetensors", "train_log.csv", "eval.json")
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    wd = tmp_path_factory.mktemp("pipeline")
+    snakemake(wd, TINY_CONFIG)
+    return wd
+
+
+def run_dir(wd, seed):
+    return wd / "results" / "runs" / EXP / f"seed{seed}"
+
+
+def planned_jobs(proc):
+    """(rule, output) pairs of a dry run's job list."""
+    return re.findall(r"^rule (\w+):\n(?:    .*\n)*?    output: (.*)$", proc.stdout, flags=re.M)
+
+
+def test_every_run_has_per_task_files_matrix_and_metrics(workdir):
+    for seed in (0, 1):
+        run = run_dir(workdir, seed)
+        tasks = read_json(run / "tasks.json")
+        assert len(tasks["tasks"]) == 3 and sorted(sum(tasks["tasks"], [])) == list(range(6))
+        for t in range(3):
+            for name in TASK_FILES:
+                assert (run / f"task{t}" / name).is_file(), (seed, t, name)
+            adapter, meta = load_state(run / f"task{t}" / "adapter.safetensors")
+            assert meta["task"] == t and meta["trainable_parameters"] == 2 * 2 * 16 * 2 + 2 * 16 + 2  # blocks x (k, v) x d x rank + head
+        acc = pd.read_csv(run / "acc_matrix.csv", index_col=0).to_numpy()
+        assert acc.shape == (3, 3)
+        assert np.isnan(acc[np.triu_indices(3, 1)]).all() and not np.isnan(acc[np.tril_indices(3)]).any()
+        metrics = read_json(run / "metrics.json")
+        assert metrics["final"] == pytest.approx(read_json(run / "task2" / "eval.json")["accuracy"], abs=1e-6)
+        assert set(metrics) >= {"final", "average", "forgetting", "bwt", "curve"}
+        assert (workdir / "logs" / "train_task" / EXP / f"seed{seed}" / "task2.log").read_text().strip()
+    # the two seeds use different class orders (shuffled) and different random reductions
+    assert read_json(run_dir(workdir, 0) / "tasks.json") != read_json(run_dir(workdir, 1) / "tasks.json")
+    summary = pd.read_csv(workdir / "results" / "summary" / "summary.csv")
+    assert list(summary["experiment"]) == [EXP] and summary.loc[0, "seeds"] == 2
+    finals = [read_json(run_dir(workdir, s) / "metrics.json")["final"] for s in (0, 1)]
+    assert summary.loc[0, "final_mean"] == pytest.approx(np.mean(finals))
+    assert "± " in (workdir / "results" / "summary" / "summary.md").read_text()
+
+
+def test_second_run_has_nothing_to_do(workdir):
+    proc = snakemake(workdir, TINY_CONFIG)
+    assert "Nothing to be done" in proc.stdout + proc.stderr
+
+
+def test_a_task_level_change_reruns_only_that_task_and_its_dependants(workdir):
+    config = {**TINY_CONFIG, "experiments": {EXP: {**TINY_CONFIG["experiments"][EXP], "task_overrides": {1: {"epochs": 2}}}}}
+    jobs = planned_jobs(snakemake(workdir, config, "--dry-run"))
+    planned = {(rule, out.split(",")[0].strip()) for rule, out in jobs}
+    expected_tasks = {(rule, f"results/runs/{EXP}/seed{s}/task{t}/{name}")
+                      for s in (0, 1) for t in (1, 2)
+                      for rule, name in (("train_task", "adapter.safetensors"), ("evaluate_task", "eval.json"))}
+    task_jobs = {(r, o) for r, o in planned if r in ("reduction", "train_task", "evaluate_task")}
+    assert task_jobs == expected_tasks
+    assert {r for r, _ in planned} == {"train_task", "evaluate_task", "aggregate_run", "summarize"}
+
+    untouched = {p: p.read_bytes() for s in (0, 1) for p in (run_dir(workdir, s) / "task0").iterdir()}
+    old_t1 = (run_dir(workdir, 0) / "task1" / "train_log.csv").read_text()
+    snakemake(workdir, config)
+    assert all(p.read_bytes() == b for p, b in untouched.items())
+    new_t1 = (run_dir(workdir, 0) / "task1" / "train_log.csv").read_text()
+    assert len(new_t1.splitlines()) == 3 and len(old_t1.splitlines()) == 2  # header + one row per epoch
+
+
+def test_rerunning_a_task_from_earlier_files_reproduces_it_exactly(workdir):
+    run = run_dir(workdir, 1)
+    before = {(t, n): (run / f"task{t}" / n).read_bytes() for t in range(3) for n in ("reduction.safetensors", "adapter.safetensors")}
+    before_eval = (run / "task2" / "eval.json").read_text()
+    for t in (1, 2):
+        for n in ("reduction.safetensors", "adapter.safetensors", "train_log.csv", "eval.json"):
+            (run / f"task{t}" / n).unlink()
+    config = {**TINY_CONFIG, "experiments": {EXP: {**TINY_CONFIG["experiments"][EXP], "task_overrides": {1: {"epochs": 2}}}}}
+    snakemake(workdir, config)
+    after = {(t, n): (run / f"task{t}" / n).read_bytes() for t in range(3) for n in ("reduction.safetensors", "adapter.safetensors")}
+    assert after == before
+    strip = lambda text: re.sub(r'"seconds": [0-9.e-]+', "", text)
+    assert strip((run / "task2" / "eval.json").read_text()) == strip(before_eval)

@@ -1,0 +1,61 @@
+import json
+
+import pytest
+import torch
+
+from ifcl.files import atomic_path, write_json
+from ifcl.state import StateError, load_state, save_state
+
+
+def test_roundtrip_keeps_tensors_and_meta(tmp_path):
+    tensors = {"a": torch.randn(3, 4), "b": torch.arange(5), "empty": torch.zeros(0)}
+    save_state(tmp_path / "s.safetensors", tensors, {"task": 2, "name": "x"})
+    back, meta = load_state(tmp_path / "s.safetensors")
+    assert meta == {"task": 2, "name": "x"}
+    assert set(back) == set(tensors)
+    for k in tensors:
+        assert torch.equal(back[k], tensors[k])
+
+
+def test_same_content_gives_same_bytes(tmp_path):
+    t = {"w": torch.linspace(0, 1, 10)}
+    save_state(tmp_path / "a.safetensors", t, {"k": 1})
+    save_state(tmp_path / "b.safetensors", t, {"k": 1})
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+
+
+def test_tampered_tensor_bytes_are_refused(tmp_path):
+    path = tmp_path / "s.safetensors"
+    save_state(path, {"w": torch.ones(16)}, {})
+    raw = bytearray(path.read_bytes())
+    raw[-3] ^= 0xFF  # flip bits inside the tensor payload
+    path.write_bytes(bytes(raw))
+    with pytest.raises(StateError, match="s.safetensors.*modified"):
+        load_state(path)
+
+
+def test_truncated_or_foreign_files_are_refused(tmp_path):
+    path = tmp_path / "s.safetensors"
+    save_state(path, {"w": torch.ones(16)}, {})
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(StateError, match="s.safetensors"):
+        load_state(path)
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.ones(2)}, str(tmp_path / "plain.safetensors"))
+    with pytest.raises(StateError, match="not written by ifcl"):
+        load_state(tmp_path / "plain.safetensors")
+    with pytest.raises(StateError, match="does not exist"):
+        load_state(tmp_path / "missing.safetensors")
+
+
+def test_failed_write_leaves_nothing(tmp_path):
+    target = tmp_path / "out.json"
+    with pytest.raises(RuntimeError):
+        with atomic_path(target, "w") as f:
+            f.write("half")
+            raise RuntimeError("killed")
+    assert list(tmp_path.iterdir()) == []
+    write_json(target, {"a": 1})
+    assert json.loads(target.read_text()) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["out.json"]

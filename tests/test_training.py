@@ -1,0 +1,36 @@
+import math
+
+import pytest
+import torch
+
+from ifcl.training import lr_multipliers, per_task_accuracy
+
+
+def test_official_cosine_schedule_multipliers():
+    # reference/inflora.md §4.2: K=20 -> 1, 1, 0.9967, 0.9866, ..., 0.1784, 0.0974
+    m = lr_multipliers(20)
+    assert len(m) == 20
+    assert m[:4] == pytest.approx([1.0, 1.0, 0.9967, 0.9866], abs=1e-4)
+    assert m[-2:] == pytest.approx([0.1784, 0.0974], abs=1e-4)
+    # K=50 -> 1, 1, 0.9995, ..., 0.0791, 0.0474
+    m = lr_multipliers(50)
+    assert m[:3] == pytest.approx([1.0, 1.0, 0.9995], abs=1e-4)
+    assert m[-2:] == pytest.approx([0.0791, 0.0474], abs=1e-4)
+    assert m[10] == math.cos(99 * math.pi * 9 / (200 * 49))
+
+
+def test_other_schedules():
+    assert lr_multipliers(1) == [1.0]
+    assert lr_multipliers(3, "constant") == [1.0, 1.0, 1.0]
+    with pytest.raises(ValueError):
+        lr_multipliers(0)
+    with pytest.raises(ValueError):
+        lr_multipliers(3, "linear")
+
+
+def test_per_task_accuracy_splits_by_class_blocks():
+    targets = torch.tensor([0, 1, 2, 3, 4, 5, 5])
+    preds = torch.tensor([0, 0, 2, 2, 4, 5, 1])
+    accs, counts = per_task_accuracy(preds, targets, [2, 2, 2])
+    assert counts == [2, 2, 3]
+    assert accs == pytest.approx([50.0, 50.0, 200 / 3])

@@ -1,0 +1,138 @@
+# Config loading and validation, path helpers and input functions shared by the rule files.
+import os
+import re
+import sys
+
+from snakemake.exceptions import WorkflowError
+from snakemake.utils import validate
+
+# The library next to this workflow is the one every job uses (also inside the conda environment below and in
+# SLURM jobs, which receive the variables named by `envvars`).
+SRC = os.path.join(workflow.basedir, "src")
+sys.path.insert(0, SRC)
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [SRC, os.environ.get("PYTHONPATH")]))
+
+
+envvars:
+    "PYTHONPATH",
+
+
+# The software of every rule, for --software-deployment-method conda (paths relative to workflow/rules/).
+CONDA_ENV = "../../envs/ifcl.yaml"
+
+from ifcl.config import ConfigError, check, merge_includes, task_train_params
+
+_merged = merge_includes(config)
+config.clear()
+config.update(_merged)
+validate(config, "../schemas/config.schema.yaml")
+try:
+    check(config)
+except ConfigError as e:
+    raise WorkflowError(f"Invalid configuration: {e}")
+
+DATASETS = config["datasets"]
+BACKBONES = config["backbones"]
+EXPERIMENTS = config["experiments"]
+RUN = "results/runs/{exp}/seed{seed}"
+
+
+wildcard_constraints:
+    exp="[^/]+",
+    seed=r"\d+",
+    t=r"\d+",
+    dataset="[^/]+",
+    backbone="[^/]+",
+
+
+def names_of_type(registry, kind):
+    """Regex matching exactly the registry names of one type (never matches if there are none)."""
+    names = [n for n, spec in registry.items() if spec["type"] == kind]
+    return "|".join(re.escape(n) for n in names) if names else "(?!)"
+
+
+TRANSFORM_KEYS = ("train_transform", "test_transform", "crop_scale")
+
+
+def dataset_content(wildcards):
+    """What determines a dataset's files (its transforms only matter to the steps that load images)."""
+    return {k: v for k, v in DATASETS[wildcards.dataset].items() if k not in TRANSFORM_KEYS}
+
+
+def manifest(dataset, split):
+    return f"data/prepared/{dataset}/{split}.csv"
+
+
+def backbone_weights(name):
+    spec = BACKBONES[name]
+    if spec["type"] == "pretrain":
+        return f"results/backbones/{name}/backbone.safetensors"
+    return spec["weights"]
+
+
+def experiment(wildcards):
+    return EXPERIMENTS[wildcards.exp]
+
+
+def exp_dataset(wildcards):
+    return DATASETS[EXPERIMENTS[wildcards.exp]["dataset"]]
+
+
+def exp_backbone(wildcards):
+    return BACKBONES[EXPERIMENTS[wildcards.exp]["backbone"]]
+
+
+def exp_backbone_weights(wildcards):
+    return backbone_weights(EXPERIMENTS[wildcards.exp]["backbone"])
+
+
+def exp_manifest(split):
+    def files(wildcards):
+        return manifest(EXPERIMENTS[wildcards.exp]["dataset"], split)
+
+    return files
+
+
+def task_files(wildcards, upto, names=("reduction.safetensors", "adapter.safetensors")):
+    """State files of tasks 0..upto-1 of the run (what rebuilds the model after task upto-1)."""
+    run = RUN.format(exp=wildcards.exp, seed=wildcards.seed)
+    return [f"{run}/task{s}/{name}" for s in range(upto) for name in names]
+
+
+def run_evals(wildcards):
+    run = RUN.format(exp=wildcards.exp, seed=wildcards.seed)
+    return [f"{run}/task{t}/eval.json" for t in range(EXPERIMENTS[wildcards.exp]["num_tasks"])]
+
+
+def pretrain_manifest(split):
+    def files(wildcards):
+        return manifest(BACKBONES[wildcards.backbone]["pretrain"]["dataset"], split)
+
+    return files
+
+
+def previous_tasks(wildcards):
+    return task_files(wildcards, int(wildcards.t))
+
+
+def tasks_up_to_current(wildcards):
+    return task_files(wildcards, int(wildcards.t) + 1)
+
+
+def train_params(wildcards):
+    return task_train_params(EXPERIMENTS[wildcards.exp], int(wildcards.t))
+
+
+def model_params(wildcards):
+    """The experiment settings that shape the model (a change re-runs every task of the experiment)."""
+    exp = EXPERIMENTS[wildcards.exp]
+    return {k: exp[k] for k in ("method", "rank", "lora_blocks", "backbone")}
+
+
+def run_dirs(exp):
+    return [RUN.format(exp=exp, seed=s) for s in EXPERIMENTS[exp]["seeds"]]
+
+
+def all_targets():
+    targets = [f"{run}/{name}" for exp in EXPERIMENTS for run in run_dirs(exp) for name in ("acc_matrix.csv", "metrics.json")]
+    return targets + ["results/summary/summary.csv", "results/summary/summary.md"]

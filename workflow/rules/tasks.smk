@@ -1,0 +1,90 @@
+# The per-task chain of one run: split -> for each task t: reduction_t -> train_t -> evaluate_t.
+# A task's rules take the files of tasks < t as inputs, so the DAG is explicit and a changed parameter re-runs
+# exactly the tasks it affects and their dependants.
+
+
+rule split_tasks:
+    """Class order and the classes of each task (tasks.json)."""
+    input:
+        train=exp_manifest("train"),
+    output:
+        "results/runs/{exp}/seed{seed}/tasks.json",
+    params:
+        num_tasks=lambda wildcards: EXPERIMENTS[wildcards.exp]["num_tasks"],
+        class_order=lambda wildcards: EXPERIMENTS[wildcards.exp]["class_order"],
+    conda:
+        CONDA_ENV
+    log:
+        "logs/split_tasks/{exp}/seed{seed}.log",
+    script:
+        "../../scripts/split_tasks.py"
+
+
+rule reduction:
+    """Down-projections R_t of task t (seq-lora: LoRA's random init)."""
+    input:
+        tasks="results/runs/{exp}/seed{seed}/tasks.json",
+        backbone=exp_backbone_weights,
+    output:
+        "results/runs/{exp}/seed{seed}/task{t}/reduction.safetensors",
+    params:
+        model=model_params,
+        backbone=exp_backbone,
+    conda:
+        CONDA_ENV
+    log:
+        "logs/reduction/{exp}/seed{seed}/task{t}.log",
+    script:
+        "../../scripts/reduction.py"
+
+
+rule train_task:
+    """Train the up-projections E_t and head t, every older task merged and frozen."""
+    input:
+        tasks="results/runs/{exp}/seed{seed}/tasks.json",
+        backbone=exp_backbone_weights,
+        train=exp_manifest("train"),
+        reduction="results/runs/{exp}/seed{seed}/task{t}/reduction.safetensors",
+        previous=previous_tasks,
+    output:
+        adapter="results/runs/{exp}/seed{seed}/task{t}/adapter.safetensors",
+        log_csv="results/runs/{exp}/seed{seed}/task{t}/train_log.csv",
+    params:
+        model=model_params,
+        train=train_params,
+        backbone=exp_backbone,
+        dataset=exp_dataset,
+    threads: 1
+    resources:
+        gpu=1,
+    conda:
+        CONDA_ENV
+    log:
+        "logs/train_task/{exp}/seed{seed}/task{t}.log",
+    script:
+        "../../scripts/train_task.py"
+
+
+rule evaluate_task:
+    """Accuracy on every seen task after task t (one row of the accuracy matrix)."""
+    input:
+        tasks="results/runs/{exp}/seed{seed}/tasks.json",
+        backbone=exp_backbone_weights,
+        test=exp_manifest("test"),
+        states=tasks_up_to_current,
+    output:
+        "results/runs/{exp}/seed{seed}/task{t}/eval.json",
+    params:
+        model=model_params,
+        eval_batch_size=lambda wildcards: EXPERIMENTS[wildcards.exp]["eval_batch_size"],
+        backbone=exp_backbone,
+        dataset=exp_dataset,
+    threads: 1
+    resources:
+        gpu=1,
+    conda:
+        CONDA_ENV
+    log:
+        "logs/evaluate_task/{exp}/seed{seed}/task{t}.log",
+    script:
+        "../../scripts/evaluate_task.py"
