@@ -72,3 +72,9 @@ def test_bad_config_fails_before_any_job(tmp_path, tiny_config, path, value, exp
     out = proc.stdout + proc.stderr
     assert expected in out, out[-3000:]
     assert not any((tmp_path / d).exists() for d in ("data", "results", "logs"))
+
+
+def test_workflow_lint_is_clean(tmp_path, tiny_config):
+    proc = snakemake(tmp_path, tiny_config, "--lint", check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "Lints for" not in out, out[-3000:]

@@ -94,3 +94,21 @@ def test_random_reduction_is_lora_default_init():
     assert r.abs().max() <= 1 / 768 ** 0.5
     # expected row norm of U(-1/sqrt(d), 1/sqrt(d)) rows is 1/sqrt(3) (reference/inflora.md §2)
     assert r.norm(dim=1).mean().item() == pytest.approx(3 ** -0.5, rel=0.02)
+
+
+def test_timm_backbone_loads_from_a_local_file_only(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    from ifcl.models.vit_lora import load_backbone
+
+    torch.manual_seed(0)
+    src = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=7)
+    save_file(src.state_dict(), str(tmp_path / "w.safetensors"))
+    spec = {"type": "timm", "name": "vit_tiny_patch16_224", "weights": str(tmp_path / "w.safetensors"),
+            "image_size": 224, "mean": [0, 0, 0], "std": [1, 1, 1]}
+    vit = load_backbone(spec, tmp_path / "w.safetensors")
+    assert torch.equal(vit.blocks[3].attn.qkv.weight, src.blocks[3].attn.qkv.weight)
+    assert vit.num_classes == 0  # the classifier head of the file is dropped
+    with pytest.raises(FileNotFoundError, match="missing.safetensors"):
+        load_backbone(spec, tmp_path / "missing.safetensors")

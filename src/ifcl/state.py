@@ -1,8 +1,9 @@
 """Per-task artifacts: safetensors + JSON metadata, content hashes and atomic writes.
 
-A state file is one ``.safetensors`` file. Its header metadata holds two strings: ``ifcl_meta`` (a JSON object
-written by the caller: what the tensors are, which inputs produced them) and ``ifcl_payload_sha256`` (a digest of
-every tensor's name, dtype, shape and bytes). Loading recomputes that digest and refuses a file whose tensors were
+A state file is one ``.safetensors`` file. Its header metadata holds one string, ``ifcl``: a JSON object with
+``meta`` (written by the caller: what the tensors are, which inputs produced them) and ``payload_sha256`` (a digest
+of every tensor's name, dtype, shape and bytes). One key, because safetensors writes metadata keys in no fixed
+order and the same state must always be the same bytes. Loading recomputes that digest and refuses a file whose tensors were
 changed, so a tampered or truncated state is never used. Nothing here ever unpickles.
 
 Writes are atomic (:mod:`ifcl.files`).
@@ -20,8 +21,7 @@ from safetensors.torch import load as st_load, save as st_save
 
 from .files import atomic_path
 
-META_KEY = "ifcl_meta"
-DIGEST_KEY = "ifcl_payload_sha256"
+HEADER_KEY = "ifcl"
 
 
 class StateError(RuntimeError):
@@ -41,8 +41,8 @@ def payload_sha256(tensors: dict[str, torch.Tensor]) -> str:
 def save_state(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict) -> None:
     """Write ``tensors`` (CPU copies, contiguous) and the JSON-serialisable ``meta`` atomically to ``path``."""
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    header = {META_KEY: json.dumps(meta, sort_keys=True), DIGEST_KEY: payload_sha256(tensors)}
-    data = st_save(tensors, metadata=header)
+    header = json.dumps({"meta": meta, "payload_sha256": payload_sha256(tensors)}, sort_keys=True)
+    data = st_save(tensors, metadata={HEADER_KEY: header})
     with atomic_path(path) as f:
         f.write(data)
 
@@ -60,11 +60,14 @@ def load_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
         header = json.loads(raw[8 : 8 + n]).get("__metadata__") or {}
     except (SafetensorError, ValueError, UnicodeDecodeError) as e:
         raise StateError(f"state file {path} is not a valid safetensors file ({e}); delete it and re-run its rule") from e
-    if DIGEST_KEY not in header or META_KEY not in header:
-        raise StateError(f"state file {path} has no ifcl metadata; it was not written by ifcl")
-    if payload_sha256(tensors) != header[DIGEST_KEY]:
+    try:
+        record = json.loads(header[HEADER_KEY])
+        meta, digest = record["meta"], record["payload_sha256"]
+    except (KeyError, TypeError, ValueError):
+        raise StateError(f"state file {path} has no ifcl metadata; it was not written by ifcl") from None
+    if payload_sha256(tensors) != digest:
         raise StateError(
             f"state file {path} was modified after it was written (tensor digest mismatch); "
             "delete it and re-run its rule, or restore it with `dvc pull`"
         )
-    return tensors, json.loads(header[META_KEY])
+    return tensors, meta

@@ -133,6 +133,15 @@ def run_dirs(exp):
     return [RUN.format(exp=exp, seed=s) for s in EXPERIMENTS[exp]["seeds"]]
 
 
+TASK_OUTPUTS = ("reduction.safetensors", "adapter.safetensors", "train_log.csv", "eval.json")
+
+
 def all_targets():
-    targets = [f"{run}/{name}" for exp in EXPERIMENTS for run in run_dirs(exp) for name in ("acc_matrix.csv", "metrics.json")]
+    """Every file of every run, per-task files included: a deleted task file is regenerated (with what depends
+    on it), never silently skipped because the run's final results still exist."""
+    targets = []
+    for exp in EXPERIMENTS:
+        for run in run_dirs(exp):
+            targets += [f"{run}/tasks.json", f"{run}/acc_matrix.csv", f"{run}/metrics.json"]
+            targets += [f"{run}/task{t}/{name}" for t in range(EXPERIMENTS[exp]["num_tasks"]) for name in TASK_OUTPUTS]
     return targets + ["results/summary/summary.csv", "results/summary/summary.md"]

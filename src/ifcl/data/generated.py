@@ -168,7 +168,7 @@ def _render_shape(colour: str, shape: str, rng: np.random.Generator, size: int) 
         bx, by, br = rng.uniform(0, n), rng.uniform(0, n), rng.uniform(0.06, 0.12) * n
         draw.ellipse([bx - br, by - br * rng.uniform(0.6, 1.0), bx + br, by + br], fill=(g, g, g))
     fill = _jitter_colour(colour, rng)
-    r = rng.uniform(0.2, 0.4) * n  # object diameter 40-80 % of the image
+    r = rng.uniform(0.28, 0.45) * n  # object diameter 55-90 % of the image
     cx, cy = rng.uniform(0.9 * r, n - 0.9 * r), rng.uniform(0.9 * r, n - 0.9 * r)
     rot = rng.uniform(-0.35, 0.35)  # +-20 degrees: a square stays a square, a diamond a diamond
     if shape == "circle":
