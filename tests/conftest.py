@@ -31,6 +31,12 @@ TINY_CONFIG = {
                           "train": {"optimizer": "adam", "lr": 1e-2, "weight_decay": 0.0, "epochs": 1,
                                     "batch_size": 8, "schedule": "inflora-cosine"},
                           "task_overrides": {}, "eval_batch_size": 16},
+        "tiny_inflora": {"method": "inflora", "dataset": "tiny_shapes", "backbone": "tiny_vit", "seeds": [0],
+                         "num_tasks": 3, "class_order": "native", "rank": 2, "lora_blocks": [1],
+                         "memory": "dualgpm", "lamb": 0.9, "lame": 1.0,
+                         "train": {"optimizer": "adam", "lr": 1e-2, "weight_decay": 0.0, "epochs": 1,
+                                   "batch_size": 8, "schedule": "inflora-cosine"},
+                         "task_overrides": {}, "eval_batch_size": 16},
     },
 }
 

@@ -5,6 +5,7 @@ import re
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from conftest import TINY_CONFIG, snakemake
 from ifcl.files import read_json
@@ -51,9 +52,11 @@ def test_every_run_has_per_task_files_matrix_and_metrics(workdir):
     # the two seeds use different class orders (shuffled) and different random reductions
     assert read_json(run_dir(workdir, 0) / "tasks.json") != read_json(run_dir(workdir, 1) / "tasks.json")
     summary = pd.read_csv(workdir / "results" / "summary" / "summary.csv")
-    assert list(summary["experiment"]) == [EXP] and summary.loc[0, "seeds"] == 2
+    summary = summary.set_index("experiment")
+    assert sorted(summary.index) == ["tiny_inflora", EXP] and summary.loc[EXP, "seeds"] == 2
     finals = [read_json(run_dir(workdir, s) / "metrics.json")["final"] for s in (0, 1)]
-    assert summary.loc[0, "final_mean"] == pytest.approx(np.mean(finals))
+    assert summary.loc[EXP, "final_mean"] == pytest.approx(np.mean(finals))
+    assert summary.loc[EXP, "final_std"] == pytest.approx(np.std(finals, ddof=1))
     assert "± " in (workdir / "results" / "summary" / "summary.md").read_text()
 
 
@@ -63,7 +66,8 @@ def test_second_run_has_nothing_to_do(workdir):
 
 
 def test_a_task_level_change_reruns_only_that_task_and_its_dependants(workdir):
-    config = {**TINY_CONFIG, "experiments": {EXP: {**TINY_CONFIG["experiments"][EXP], "task_overrides": {1: {"epochs": 2}}}}}
+    config = {**TINY_CONFIG, "experiments": {**TINY_CONFIG["experiments"],
+                                             EXP: {**TINY_CONFIG["experiments"][EXP], "task_overrides": {1: {"epochs": 2}}}}}
     jobs = planned_jobs(snakemake(workdir, config, "--dry-run"))
     planned = {(rule, out.split(",")[0].strip()) for rule, out in jobs}
     expected_tasks = {(rule, f"results/runs/{EXP}/seed{s}/task{t}/{name}")
@@ -81,16 +85,40 @@ def test_a_task_level_change_reruns_only_that_task_and_its_dependants(workdir):
     assert len(new_t1.splitlines()) == 3 and len(old_t1.splitlines()) == 2  # header + one row per epoch
 
 
-def test_rerunning_a_task_from_earlier_files_reproduces_it_exactly(workdir):
-    run = run_dir(workdir, 1)
-    before = {(t, n): (run / f"task{t}" / n).read_bytes() for t in range(3) for n in ("reduction.safetensors", "adapter.safetensors")}
+def test_inflora_run_has_designed_reductions_and_memories(workdir):
+    from ifcl.chain import load_memory
+
+    run = workdir / "results" / "runs" / "tiny_inflora" / "seed0"
+    assert not (run / "task2" / "memory.safetensors").exists()  # nothing reads the memory after the last task
+    for t in range(3):
+        red, meta = load_state(run / f"task{t}" / "reduction.safetensors")
+        assert set(red) == {"blocks.1.down_k", "blocks.1.down_v"} and torch.equal(red["blocks.1.down_k"], red["blocks.1.down_v"])
+        assert red["blocks.1.down_k"].norm(dim=1) == pytest.approx(torch.full((2,), 3 ** -0.5), abs=1e-5)
+        if t:  # designed orthogonal to the old space of the memory after task t-1
+            (mem,) = load_memory(run / f"task{t - 1}" / "memory.safetensors", [1])
+            old_space = mem.basis if mem.kind == "remove" else torch.eye(16) - mem.projector()
+            assert (red["blocks.1.down_k"] @ old_space).abs().max() < 1e-5
+    (m0,) = load_memory(run / "task0" / "memory.safetensors", [1])
+    (m1,) = load_memory(run / "task1" / "memory.safetensors", [1])
+    assert m1.old_space_dim() >= m0.old_space_dim() >= 1
+
+
+@pytest.mark.parametrize("exp, seed, names", [
+    (EXP, 1, ("reduction.safetensors", "adapter.safetensors")),
+    ("tiny_inflora", 0, ("reduction.safetensors", "adapter.safetensors", "memory.safetensors")),
+])
+def test_rerunning_a_task_from_earlier_files_reproduces_it_exactly(workdir, exp, seed, names):
+    run = workdir / "results" / "runs" / exp / f"seed{seed}"
+    files = [run / f"task{t}" / n for t in range(3) for n in names if (run / f"task{t}" / n).exists()]
+    before = {p: p.read_bytes() for p in files}
     before_eval = (run / "task2" / "eval.json").read_text()
-    for t in (1, 2):
-        for n in ("reduction.safetensors", "adapter.safetensors", "train_log.csv", "eval.json"):
-            (run / f"task{t}" / n).unlink()
-    config = {**TINY_CONFIG, "experiments": {EXP: {**TINY_CONFIG["experiments"][EXP], "task_overrides": {1: {"epochs": 2}}}}}
+    for p in files:
+        if not p.parent.name == "task0":
+            p.unlink()
+    (run / "task2" / "eval.json").unlink()
+    config = {**TINY_CONFIG, "experiments": {**TINY_CONFIG["experiments"],
+                                             EXP: {**TINY_CONFIG["experiments"][EXP], "task_overrides": {1: {"epochs": 2}}}}}
     snakemake(workdir, config)
-    after = {(t, n): (run / f"task{t}" / n).read_bytes() for t in range(3) for n in ("reduction.safetensors", "adapter.safetensors")}
-    assert after == before
+    assert {p: p.read_bytes() for p in files} == before
     strip = lambda text: re.sub(r'"seconds": [0-9.e-]+', "", text)
     assert strip((run / "task2" / "eval.json").read_text()) == strip(before_eval)

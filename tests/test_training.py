@@ -34,3 +34,24 @@ def test_per_task_accuracy_splits_by_class_blocks():
     accs, counts = per_task_accuracy(preds, targets, [2, 2, 2])
     assert counts == [2, 2, 3]
     assert accs == pytest.approx([50.0, 50.0, 200 / 3])
+
+
+def test_sgd_schedules_and_head_group():
+    # CosineAnnealingLR(T_max=K) stepped per epoch, and MultiStepLR([18], 0.1) of InfLoRA_CA1 (reference §5.2)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=5)
+    expected = []
+    for _ in range(5):
+        expected.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lr_multipliers(5, "cosine") == pytest.approx(expected)
+    m = lr_multipliers(20, "multistep", milestones=[18], gamma=0.1)
+    assert m[:18] == [1.0] * 18 and m[18:] == pytest.approx([0.1, 0.1])
+
+    from ifcl.training import make_optimizer
+
+    w, head = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(3))
+    opt = make_optimizer([w, head], {"optimizer": "sgd", "lr": 0.001, "head_lr": 0.01, "weight_decay": 0.0}, [head])
+    assert [g["lr"] for g in opt.param_groups] == [0.001, 0.01]
+    assert opt.param_groups[1]["params"] == [head] and opt.param_groups[0]["params"] == [w]

@@ -5,6 +5,7 @@ A run directory ``results/runs/<experiment>/seed<k>/`` holds ``tasks.json`` and 
     task<t>/reduction.safetensors   down-projections R_t of every adapted block (k and v)
     task<t>/adapter.safetensors     trained up-projections E_t and head t
     task<t>/train_log.csv           one row per epoch
+    task<t>/memory.safetensors      InfLoRA: the (Dual)GPM memory after task t (not written after the last task)
     task<t>/eval.json               accuracy on every seen task after task t
 
 The frozen backbone is never copied into a run: states name it and record its file's digest. The step functions
@@ -18,16 +19,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
-from .config import derive_seed
+from .config import derive_seed, task_train_params
 from .data.loader import ManifestDataset, make_loader, make_transform
 from .files import file_sha256, read_json, write_csv, write_json
+from .methods.inflora import LayerMemory, design_reduction, threshold, update_memory
 from .models.vit_lora import ViTLoRA, load_backbone, random_reduction, reduction_state, split_reduction_state
 from .state import load_state, save_state
 from .training import per_task_accuracy, predict, train_classifier
 
 REDUCTION = "reduction.safetensors"
 ADAPTER = "adapter.safetensors"
+MEMORY = "memory.safetensors"
 
 
 def task_dir(run_dir: str | Path, t: int) -> Path:
@@ -88,15 +92,77 @@ def random_reductions(experiment_name: str, seed: int, task: int, embed_dim: int
     return down_k, down_v
 
 
-def reduction(experiment_name: str, experiment: dict, seed: int, task: int, backbone_spec: dict, backbone_weights: str, out: str) -> None:
-    """Down-projections R_t of task t (frozen while the task trains)."""
-    model = build_model(backbone_spec, backbone_weights, experiment)
-    if experiment["method"] != "seq-lora":
-        raise ValueError(f"no reduction step for method {experiment['method']!r}")
-    down_k, down_v = random_reductions(experiment_name, seed, task, model.embed_dim, len(model.lora_blocks), experiment["rank"])
-    save_state(out, reduction_state(model.lora_blocks, down_k, down_v),
-               {"kind": "reduction", "method": experiment["method"], "task": task, "rank": experiment["rank"],
-                "backbone_sha256": file_sha256(backbone_weights)})
+@torch.no_grad()
+def collect_second_moments(model: ViTLoRA, loader, device) -> list[torch.Tensor]:
+    """C = XᵀX / n of every adapted layer's input over every token of every image of ``loader``
+    (reference/inflora.md §2.2; summed in float32, divided once at the end)."""
+    for layer in model.lora_layers:
+        layer.start_collecting()
+    for x, _ in tqdm(loader, desc="collect inputs", leave=False, mininterval=5):
+        model.features(x.to(device))
+    return [layer.stop_collecting() for layer in model.lora_layers]
+
+
+def save_memory(path: str | Path, lora_blocks: list[int], memories: list[LayerMemory], meta: dict) -> None:
+    tensors = {f"blocks.{i}.basis": m.basis for i, m in zip(lora_blocks, memories)}
+    kinds = {str(i): m.kind for i, m in zip(lora_blocks, memories)}
+    old_dims = {str(i): m.old_space_dim() for i, m in zip(lora_blocks, memories)}
+    save_state(path, tensors, {**meta, "kind": "memory", "layer_kinds": kinds, "old_space_dims": old_dims})
+
+
+def load_memory(path: str | Path, lora_blocks: list[int]) -> list[LayerMemory]:
+    tensors, meta = load_state(path)
+    return [LayerMemory(tensors[f"blocks.{i}.basis"], meta["layer_kinds"][str(i)]) for i in lora_blocks]
+
+
+def _collect(experiment_name, experiment, seed, task, stage, dataset_spec, backbone_spec, backbone_weights, run_dir,
+             train_csv, upto, threads):
+    """Second moments of every adapted layer over task t's augmented training images (the official collection
+    passes: training transform, shuffled loader) with the finished tasks < ``upto`` merged."""
+    torch.set_num_threads(threads)
+    job_seed = derive_seed(experiment_name, seed, task, stage)
+    seed_everything(job_seed)
+    tasks = read_json(Path(run_dir) / "tasks.json")
+    device = pick_device()
+    model = replay(build_model(backbone_spec, backbone_weights, experiment), run_dir, tasks, upto).to(device).eval()
+    batch_size = task_train_params(experiment, task)["batch_size"]
+    loader = _loader(train_csv, tasks["tasks"][task], tasks, dataset_spec, backbone_spec, True, batch_size, job_seed)
+    return model.lora_blocks, collect_second_moments(model, loader, device)
+
+
+def reduction(experiment_name: str, experiment: dict, seed: int, task: int, dataset_spec: dict, backbone_spec: dict,
+              backbone_weights: str, run_dir: str, train_csv: str, out: str, threads: int = 1) -> None:
+    """Down-projections R_t of task t, frozen while the task trains.
+
+    seq-lora: LoRA's random init. InfLoRA: designed from the task's inputs, orthogonal to the old tasks' space
+    kept in the memory of task t-1 (reference/inflora.md §2); the same R_t for k and v."""
+    meta = {"kind": "reduction", "method": experiment["method"], "task": task, "rank": experiment["rank"],
+            "backbone_sha256": file_sha256(backbone_weights)}
+    if experiment["method"] == "seq-lora":
+        model = build_model(backbone_spec, backbone_weights, experiment)
+        down_k, down_v = random_reductions(experiment_name, seed, task, model.embed_dim, len(model.lora_blocks),
+                                           experiment["rank"])
+        save_state(out, reduction_state(model.lora_blocks, down_k, down_v), meta)
+        return
+    blocks, covs = _collect(experiment_name, experiment, seed, task, "design", dataset_spec, backbone_spec,
+                            backbone_weights, run_dir, train_csv, task, threads)
+    memories = load_memory(task_dir(run_dir, task - 1) / MEMORY, blocks) if task else [None] * len(blocks)
+    downs = [design_reduction(c, m, experiment["rank"]) for c, m in zip(covs, memories)]
+    save_state(out, reduction_state(blocks, downs, downs), meta)
+
+
+def memory(experiment_name: str, experiment: dict, seed: int, task: int, dataset_spec: dict, backbone_spec: dict,
+           backbone_weights: str, run_dir: str, train_csv: str, out: str, threads: int = 1) -> None:
+    """The (Dual)GPM memory after task t, from the task's inputs with its trained branch (reference/inflora.md §3)."""
+    blocks, covs = _collect(experiment_name, experiment, seed, task, "memory", dataset_spec, backbone_spec,
+                            backbone_weights, run_dir, train_csv, task + 1, threads)
+    previous = load_memory(task_dir(run_dir, task - 1) / MEMORY, blocks) if task else [None] * len(blocks)
+    eps = threshold(task, experiment["num_tasks"], experiment["lamb"], experiment["lame"])
+    dual = experiment["memory"] == "dualgpm"
+    memories = [update_memory(p, c, eps, dual=dual) for p, c in zip(previous, covs)]
+    print(f"threshold {eps:.4f}; old-space dimensions per layer: {[m.old_space_dim() for m in memories]}")
+    save_memory(out, blocks, memories, {"method": experiment["method"], "task": task, "threshold": eps,
+                                        "update": experiment["memory"], "backbone_sha256": file_sha256(backbone_weights)})
 
 
 def _loader(manifest, classes, tasks, dataset_spec, backbone_spec, train: bool, batch_size: int, seed: int = 0):
@@ -124,7 +190,8 @@ def train_task(experiment_name: str, experiment: dict, seed: int, task: int, tra
     n_trainable = sum(p.numel() for p in model.trainable_parameters())
     print(f"task {task}: {len(loader.dataset)} images, {n_trainable} trainable parameters")
     rows = train_classifier(model.trainable_parameters(), model.forward_current, loader, train_cfg,
-                            label_offset=known, device=device, desc=f"task {task}")
+                            label_offset=known, device=device, desc=f"task {task}",
+                            head_params=list(model.heads[-1].parameters()))
     write_csv(log_out, rows)
     save_state(adapter_out, model.current_adapter_state(),
                {"kind": "adapter", "method": experiment["method"], "task": task, "train": train_cfg,

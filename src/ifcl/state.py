@@ -40,7 +40,8 @@ def payload_sha256(tensors: dict[str, torch.Tensor]) -> str:
 
 def save_state(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict) -> None:
     """Write ``tensors`` (CPU copies, contiguous) and the JSON-serialisable ``meta`` atomically to ``path``."""
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    # each tensor gets its own contiguous storage (InfLoRA shares one R_t for k and v)
+    tensors = {k: v.detach().to("cpu").clone(memory_format=torch.contiguous_format) for k, v in tensors.items()}
     header = json.dumps({"meta": meta, "payload_sha256": payload_sha256(tensors)}, sort_keys=True)
     data = st_save(tensors, metadata={HEADER_KEY: header})
     with atomic_path(path) as f:

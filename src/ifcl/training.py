@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -17,28 +17,47 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 
-def lr_multipliers(epochs: int, schedule: str = "inflora-cosine") -> list[float]:
-    """Per-epoch learning-rate multipliers.
+def lr_multipliers(epochs: int, schedule: str = "inflora-cosine", milestones: Sequence[int] = (), gamma: float = 0.1) -> list[float]:
+    """Per-epoch learning-rate multipliers (the schedulers are stepped once per epoch in the official code).
 
-    ``inflora-cosine`` is the official ``CosineSchedule`` as it actually behaves: its base class applies epoch 0,
-    then resets, so the first two epochs both use the base lr; afterwards
-    η_e = η cos(99π (e - 1) / (200 (K - 1))) for 0-based epoch e of K (reference/inflora.md §4.2).
-    ``constant`` is 1 throughout.
+    - ``inflora-cosine``: the official ``CosineSchedule`` as it actually behaves: its base class applies epoch 0,
+      then resets, so the first two epochs both use the base lr; afterwards η_e = η cos(99π (e - 1) / (200 (K - 1)))
+      for 0-based epoch e of K (reference/inflora.md §4.2);
+    - ``cosine``: ``CosineAnnealingLR(T_max=K)``: (1 + cos(π e / K)) / 2 (the official SGD branches);
+    - ``multistep``: ``MultiStepLR``: γ to the number of milestones ≤ e (InfLoRA_CA1, DomainNet: §5.2, §5.3);
+    - ``constant``: 1 throughout.
     """
     if epochs < 1:
         raise ValueError("epochs must be >= 1")
-    if schedule == "constant" or epochs == 1:
+    if schedule == "constant":
         return [1.0] * epochs
     if schedule == "inflora-cosine":
+        if epochs == 1:
+            return [1.0]
         return [math.cos(99 * math.pi * max(e - 1, 0) / (200 * (epochs - 1))) for e in range(epochs)]
+    if schedule == "cosine":
+        return [(1 + math.cos(math.pi * e / epochs)) / 2 for e in range(epochs)]
+    if schedule == "multistep":
+        return [gamma ** sum(m <= e for m in milestones) for e in range(epochs)]
     raise ValueError(f"unknown schedule {schedule!r}")
 
 
-def make_optimizer(params, cfg: dict) -> torch.optim.Optimizer:
+def make_optimizer(params: list, cfg: dict, head_params: list | None = None) -> torch.optim.Optimizer:
+    """Adam (betas 0.9, 0.999) or SGD (momentum, 0.9 by default). With ``cfg['head_lr']`` the heads form a second
+    parameter group with that lr (the official ``fc_lrate`` of the SGD recipes, reference/inflora.md §5.2)."""
+    head_params = head_params or []
+    head_ids = {id(p) for p in head_params}
+    if cfg.get("head_lr") is not None and head_params:
+        groups = [{"params": [p for p in params if id(p) not in head_ids], "lr": cfg["lr"]},
+                  {"params": head_params, "lr": cfg["head_lr"]}]
+    else:
+        groups = [{"params": params, "lr": cfg["lr"]}]
+    for g in groups:
+        g["base_lr"] = g["lr"]
     if cfg["optimizer"] == "adam":
-        return torch.optim.Adam(params, lr=cfg["lr"], betas=(0.9, 0.999), weight_decay=cfg["weight_decay"])
+        return torch.optim.Adam(groups, betas=(0.9, 0.999), weight_decay=cfg["weight_decay"])
     if cfg["optimizer"] == "sgd":
-        return torch.optim.SGD(params, lr=cfg["lr"], momentum=cfg.get("momentum", 0.9), weight_decay=cfg["weight_decay"])
+        return torch.optim.SGD(groups, momentum=cfg.get("momentum", 0.9), weight_decay=cfg["weight_decay"])
     raise ValueError(f"unknown optimizer {cfg['optimizer']!r}")
 
 
@@ -50,17 +69,19 @@ def train_classifier(
     label_offset: int = 0,
     device: str | torch.device = "cpu",
     desc: str = "train",
+    head_params: list[nn.Parameter] | None = None,
 ) -> list[dict]:
     """Minimise mean cross-entropy of ``logits_fn(x)`` against ``y - label_offset`` for ``cfg['epochs']`` epochs.
 
-    ``cfg``: optimizer, lr, weight_decay, (momentum), epochs, schedule. Returns one log row per epoch
-    (epoch, lr, loss, train accuracy, seconds).
+    ``cfg``: optimizer, lr, weight_decay, (momentum, head_lr), epochs, schedule (milestones, gamma). Returns one
+    log row per epoch (epoch, lr, loss, train accuracy, seconds).
     """
-    opt = make_optimizer(params, cfg)
+    opt = make_optimizer(params, cfg, head_params)
+    multipliers = lr_multipliers(cfg["epochs"], cfg["schedule"], cfg.get("milestones", ()), cfg.get("gamma", 0.1))
     rows = []
-    for epoch, mult in enumerate(lr_multipliers(cfg["epochs"], cfg["schedule"])):
+    for epoch, mult in enumerate(multipliers):
         for group in opt.param_groups:
-            group["lr"] = cfg["lr"] * mult
+            group["lr"] = group["base_lr"] * mult
         start, total_loss, correct, seen = time.perf_counter(), 0.0, 0, 0
         for x, y in tqdm(loader, desc=f"{desc} epoch {epoch + 1}/{cfg['epochs']}", leave=False, mininterval=5):
             x, y = x.to(device, non_blocking=True), (y - label_offset).to(device, non_blocking=True)

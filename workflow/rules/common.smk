@@ -115,6 +115,39 @@ def previous_tasks(wildcards):
     return task_files(wildcards, int(wildcards.t))
 
 
+def uses_memory(exp):
+    return EXPERIMENTS[exp]["method"] == "inflora"
+
+
+def previous_memory(wildcards):
+    """InfLoRA: the memory after task t-1 (none for task 0 and for methods without memory)."""
+    t = int(wildcards.t)
+    if not uses_memory(wildcards.exp) or t == 0:
+        return []
+    run = RUN.format(exp=wildcards.exp, seed=wildcards.seed)
+    return f"{run}/task{t - 1}/memory.safetensors"
+
+
+def reduction_inputs(wildcards):
+    """seq-lora draws R_t at random; InfLoRA designs it from the task's data, the finished tasks and the memory."""
+    run = RUN.format(exp=wildcards.exp, seed=wildcards.seed)
+    inputs = {"tasks": f"{run}/tasks.json", "backbone": exp_backbone_weights(wildcards)}
+    if uses_memory(wildcards.exp):
+        inputs.update(train=exp_manifest("train")(wildcards), previous=previous_tasks(wildcards),
+                      memory=previous_memory(wildcards))
+    return inputs
+
+
+def collect_params(wildcards):
+    """What a collection pass over task t's training images depends on (batch size and transforms)."""
+    return {"batch_size": train_params(wildcards)["batch_size"], "dataset": exp_dataset(wildcards)}
+
+
+def memory_params(wildcards):
+    exp = EXPERIMENTS[wildcards.exp]
+    return {k: exp[k] for k in ("lamb", "lame", "memory", "num_tasks")}
+
+
 def tasks_up_to_current(wildcards):
     return task_files(wildcards, int(wildcards.t) + 1)
 
@@ -136,6 +169,12 @@ def run_dirs(exp):
 TASK_OUTPUTS = ("reduction.safetensors", "adapter.safetensors", "train_log.csv", "eval.json")
 
 
+def task_outputs(exp, t):
+    """The files of task t; InfLoRA adds the memory (not after the last task: nothing would read it)."""
+    extra = ("memory.safetensors",) if uses_memory(exp) and t < EXPERIMENTS[exp]["num_tasks"] - 1 else ()
+    return TASK_OUTPUTS + extra
+
+
 def all_targets():
     """Every file of every run, per-task files included: a deleted task file is regenerated (with what depends
     on it), never silently skipped because the run's final results still exist."""
@@ -143,5 +182,5 @@ def all_targets():
     for exp in EXPERIMENTS:
         for run in run_dirs(exp):
             targets += [f"{run}/tasks.json", f"{run}/acc_matrix.csv", f"{run}/metrics.json"]
-            targets += [f"{run}/task{t}/{name}" for t in range(EXPERIMENTS[exp]["num_tasks"]) for name in TASK_OUTPUTS]
+            targets += [f"{run}/task{t}/{name}" for t in range(EXPERIMENTS[exp]["num_tasks"]) for name in task_outputs(exp, t)]
     return targets + ["results/summary/summary.csv", "results/summary/summary.md"]

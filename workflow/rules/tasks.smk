@@ -1,4 +1,4 @@
-# The per-task chain of one run: split -> for each task t: reduction_t -> train_t -> evaluate_t.
+# The per-task chain of one run: split -> for each task t: reduction_t -> train_t (-> memory_t) -> evaluate_t.
 # A task's rules take the files of tasks < t as inputs, so the DAG is explicit and a changed parameter re-runs
 # exactly the tasks it affects and their dependants.
 
@@ -21,15 +21,18 @@ rule split_tasks:
 
 
 rule reduction:
-    """Down-projections R_t of task t (seq-lora: LoRA's random init)."""
+    """Down-projections R_t of task t (seq-lora: LoRA's random init; InfLoRA: designed subspace)."""
     input:
-        tasks="results/runs/{exp}/seed{seed}/tasks.json",
-        backbone=exp_backbone_weights,
+        unpack(reduction_inputs),
     output:
         "results/runs/{exp}/seed{seed}/task{t}/reduction.safetensors",
     params:
         model=model_params,
+        collect=collect_params,
         backbone=exp_backbone,
+    threads: 1
+    resources:
+        gpu=1,
     conda:
         CONDA_ENV
     log:
@@ -88,3 +91,29 @@ rule evaluate_task:
         "logs/evaluate_task/{exp}/seed{seed}/task{t}.log",
     script:
         "../../scripts/evaluate_task.py"
+
+
+rule memory:
+    """InfLoRA: the (Dual)GPM memory after task t, from the task's inputs with its trained branch."""
+    input:
+        tasks="results/runs/{exp}/seed{seed}/tasks.json",
+        backbone=exp_backbone_weights,
+        train=exp_manifest("train"),
+        states=tasks_up_to_current,
+        memory=previous_memory,
+    output:
+        "results/runs/{exp}/seed{seed}/task{t}/memory.safetensors",
+    params:
+        model=model_params,
+        memory=memory_params,
+        collect=collect_params,
+        backbone=exp_backbone,
+    threads: 1
+    resources:
+        gpu=1,
+    conda:
+        CONDA_ENV
+    log:
+        "logs/memory/{exp}/seed{seed}/task{t}.log",
+    script:
+        "../../scripts/memory.py"
