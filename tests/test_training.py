@@ -55,3 +55,18 @@ def test_sgd_schedules_and_head_group():
     opt = make_optimizer([w, head], {"optimizer": "sgd", "lr": 0.001, "head_lr": 0.01, "weight_decay": 0.0}, [head])
     assert [g["lr"] for g in opt.param_groups] == [0.001, 0.01]
     assert opt.param_groups[1]["params"] == [head] and opt.param_groups[0]["params"] == [w]
+
+
+def test_task_aware_predictions_and_task_of():
+    from ifcl.training import task_aware_predictions, task_of
+
+    sizes = [2, 3]
+    targets = torch.tensor([0, 1, 2, 4])
+    logits = torch.tensor([
+        [0.0, 1.0, 5.0, 0.0, 0.0],  # CIL says 2 (task 1); inside task 0 the best is 1
+        [0.0, 2.0, 0.0, 0.0, 0.0],
+        [9.0, 0.0, 1.0, 3.0, 0.0],  # CIL says 0; inside task 1 the best is 3
+        [0.0, 0.0, 0.0, 0.0, 1.0],
+    ])
+    assert task_aware_predictions(logits, targets, sizes).tolist() == [1, 1, 3, 4]
+    assert task_of(torch.tensor([0, 1, 2, 3, 4]), sizes).tolist() == [0, 0, 1, 1, 1]

@@ -27,7 +27,7 @@ from .files import file_sha256, read_json, write_csv, write_json
 from .methods.inflora import LayerMemory, design_reduction, threshold, update_memory
 from .models.vit_lora import ViTLoRA, load_backbone, random_reduction, reduction_state, split_reduction_state
 from .state import load_state, save_state
-from .training import per_task_accuracy, predict, train_classifier
+from .training import per_task_accuracy, predict_logits, task_aware_predictions, task_of, train_classifier
 
 REDUCTION = "reduction.safetensors"
 ADAPTER = "adapter.safetensors"
@@ -210,11 +210,17 @@ def evaluate_task(experiment: dict, task: int, dataset_spec: dict, backbone_spec
     seen = [c for t in tasks["tasks"][: task + 1] for c in t]
     loader = _loader(test_csv, seen, tasks, dataset_spec, backbone_spec, False, experiment["eval_batch_size"])
     start = time.perf_counter()
-    preds, targets = predict(model, loader, device)
-    accs, counts = per_task_accuracy(preds, targets, [len(c) for c in tasks["tasks"][: task + 1]])
+    logits, targets = predict_logits(model, loader, device)
+    sizes = [len(c) for c in tasks["tasks"][: task + 1]]
+    preds = logits.argmax(1)
+    accs, counts = per_task_accuracy(preds, targets, sizes)
+    til_accs, _ = per_task_accuracy(task_aware_predictions(logits, targets, sizes), targets, sizes)
     total = 100.0 * float((preds == targets).float().mean())
-    print(f"after task {task}: accuracy {total:.2f}% on {len(targets)} images; per task {[round(a, 2) for a in accs]}")
+    task_id = 100.0 * float((task_of(preds, sizes) == task_of(targets, sizes)).float().mean())
+    print(f"after task {task}: accuracy {total:.2f}% on {len(targets)} images; per task {[round(a, 2) for a in accs]}; "
+          f"task-aware per task {[round(a, 2) for a in til_accs]}; task-id accuracy {task_id:.2f}%")
     write_json(out, {"task": task, "accuracy": total, "per_task_accuracy": accs, "per_task_count": counts,
+                     "per_task_accuracy_task_aware": til_accs, "task_id_accuracy": task_id,
                      "seconds": time.perf_counter() - start})
 
 

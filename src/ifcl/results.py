@@ -17,13 +17,17 @@ def aggregate_run(eval_files: list[str], matrix_out: str, metrics_out: str) -> N
     sizes = evals[-1]["per_task_count"]
     metrics = cil_metrics(acc, sizes)
     metrics["test_samples_per_task"] = sizes
+    # task-aware accuracy of the last row (what the features still support given the task) and task-id accuracy
+    til = np.asarray(evals[-1]["per_task_accuracy_task_aware"])
+    metrics["final_task_aware"] = float(np.dot(til, sizes) / np.sum(sizes))
+    metrics["task_id_accuracy"] = evals[-1]["task_id_accuracy"]
     header = ",".join(["after_task"] + [f"task{j}" for j in range(T)])
     lines = [header] + [",".join([str(i)] + ["" if np.isnan(v) else f"{v:.4f}" for v in acc[i]]) for i in range(T)]
     write_text(matrix_out, "\n".join(lines) + "\n")
     write_json(metrics_out, metrics)
 
 
-SUMMARY_METRICS = ("final", "average", "forgetting", "bwt")
+SUMMARY_METRICS = ("final", "average", "forgetting", "bwt", "final_task_aware")
 
 
 def summarize(runs: dict[str, dict[int, str]], experiments: dict, csv_out: str, md_out: str) -> None:
@@ -38,7 +42,8 @@ def summarize(runs: dict[str, dict[int, str]], experiments: dict, csv_out: str, 
             row[f"{k}_std"] = float(np.std(v, ddof=1)) if len(v) > 1 else 0.0
         rows.append(row)
     write_csv(csv_out, rows)
-    md = ["| experiment | method | dataset | tasks | seeds | A_T (%) | Ā (%) | forgetting | BWT |", "|---|---|---|---|---|---|---|---|---|"]
+    md = ["| experiment | method | dataset | tasks | seeds | A_T (%) | Ā (%) | forgetting | BWT | A_T task-aware (%) |",
+          "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         cells = [f"{r[f'{k}_mean']:.2f} ± {r[f'{k}_std']:.2f}" for k in SUMMARY_METRICS]
         md.append(f"| {r['experiment']} | {r['method']} | {r['dataset']} | {r['tasks']} | {r['seeds']} | " + " | ".join(cells) + " |")

@@ -101,13 +101,36 @@ def train_classifier(
 
 
 @torch.no_grad()
+def predict_logits(logits_fn: Callable[[torch.Tensor], torch.Tensor], loader: DataLoader, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and targets over a loader."""
+    logits, targets = [], []
+    for x, y in tqdm(loader, desc="evaluate", leave=False, mininterval=5):
+        logits.append(logits_fn(x.to(device)).float().cpu())
+        targets.append(y)
+    return torch.cat(logits), torch.cat(targets)
+
+
 def predict(logits_fn: Callable[[torch.Tensor], torch.Tensor], loader: DataLoader, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """Arg-max predictions and targets over a loader."""
-    preds, targets = [], []
-    for x, y in tqdm(loader, desc="evaluate", leave=False, mininterval=5):
-        preds.append(logits_fn(x.to(device)).argmax(1).cpu())
-        targets.append(y)
-    return torch.cat(preds), torch.cat(targets)
+    logits, targets = predict_logits(logits_fn, loader, device)
+    return logits.argmax(1), targets
+
+
+def task_of(classes: torch.Tensor, classes_per_task: list[int]) -> torch.Tensor:
+    """Task index of global class positions (tasks are consecutive blocks)."""
+    bounds = torch.tensor(classes_per_task).cumsum(0)
+    return torch.bucketize(classes, bounds, right=True)
+
+
+def task_aware_predictions(logits: torch.Tensor, targets: torch.Tensor, classes_per_task: list[int]) -> torch.Tensor:
+    """Arg-max inside the true task's head only (task-incremental accuracy, the official
+    ``CNN top1 with task curve``, reference/inflora.md §4.4)."""
+    starts = torch.tensor([0] + classes_per_task[:-1]).cumsum(0)
+    sizes = torch.tensor(classes_per_task)
+    task = task_of(targets, classes_per_task)
+    cols = torch.arange(logits.shape[1])
+    inside = (cols >= starts[task, None]) & (cols < (starts + sizes)[task, None])
+    return logits.masked_fill(~inside, float("-inf")).argmax(1)
 
 
 def per_task_accuracy(preds: torch.Tensor, targets: torch.Tensor, classes_per_task: list[int]) -> tuple[list[float], list[int]]:
