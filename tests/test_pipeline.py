@@ -122,3 +122,24 @@ def test_rerunning_a_task_from_earlier_files_reproduces_it_exactly(workdir, exp,
     assert {p: p.read_bytes() for p in files} == before
     strip = lambda text: re.sub(r'"seconds": [0-9.e-]+', "", text)
     assert strip((run / "task2" / "eval.json").read_text()) == strip(before_eval)
+
+
+def test_a_users_class_folder_tree_goes_through_the_same_manifest_and_split_rules(tmp_path, tiny_config):
+    from PIL import Image
+
+    root = tmp_path / "my_images"
+    for c, colour in enumerate([(255, 0, 0), (0, 255, 0), (0, 0, 255)]):
+        (root / f"class_{c}").mkdir(parents=True)
+        for i in range(5):
+            Image.new("RGB", (20, 20), colour).save(root / f"class_{c}" / f"{i}.jpg")
+    tiny_config["datasets"]["mine"] = {"type": "folder", "path": str(root),
+                                       "split": {"rule": "random", "test_fraction": 0.2, "seed": 0},
+                                       "train_transform": "random-resized-crop-flip", "test_transform": "resize"}
+    tiny_config["experiments"] = {"mine_seq-lora": {**tiny_config["experiments"][EXP], "dataset": "mine"}}
+    wd = tmp_path / "wd"
+    snakemake(wd, tiny_config, "results/runs/mine_seq-lora/seed0/tasks.json")
+    train = pd.read_csv(wd / "data" / "prepared" / "mine" / "train.csv")
+    assert len(train) == 12 and sorted(train["class_name"].unique()) == ["class_0", "class_1", "class_2"]
+    tasks = read_json(wd / "results" / "runs" / "mine_seq-lora" / "seed0" / "tasks.json")
+    assert tasks["class_names"] == ["class_0", "class_1", "class_2"] and len(tasks["tasks"]) == 3
+    assert not (wd / "data" / "generated").exists() and sorted(p.name for p in root.iterdir()) == ["class_0", "class_1", "class_2"]
