@@ -37,6 +37,14 @@ TINY_CONFIG = {
                          "train": {"optimizer": "adam", "lr": 1e-2, "weight_decay": 0.0, "epochs": 1,
                                    "batch_size": 8, "schedule": "inflora-cosine"},
                          "task_overrides": {}, "eval_batch_size": 16},
+        "tiny_inflora-ca": {"method": "inflora-ca", "dataset": "tiny_shapes", "backbone": "tiny_vit", "seeds": [0],
+                            "num_tasks": 3, "class_order": "native", "rank": 2, "lora_blocks": "all",
+                            "memory": "gpm", "lamb": 0.9, "lame": 1.0,
+                            "train": {"optimizer": "sgd", "lr": 1e-2, "head_lr": 2e-2, "weight_decay": 0.0,
+                                      "epochs": 1, "batch_size": 8, "schedule": "cosine"},
+                            "task_overrides": {}, "eval_batch_size": 16,
+                            "ca": {"samples_per_class": 16, "epochs": 2, "lr": 0.01, "momentum": 0.9,
+                                   "weight_decay": 5e-4, "logit_norm": 0.1, "covariance_eps": 1e-4}},
     },
 }
 
@@ -50,7 +58,7 @@ def snakemake(workdir: Path, config: dict, *args: str, check: bool = True) -> su
     """Run the repository's workflow in ``workdir`` with ``config`` (written to workdir/config.yaml)."""
     workdir.mkdir(parents=True, exist_ok=True)
     cfg = workdir / "config.yaml"
-    cfg.write_text(yaml.safe_dump(config))
+    cfg.write_text(yaml.safe_dump(config, sort_keys=False))
     cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir), "--cores", "2",
            *args, "--configfile", str(cfg)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

@@ -53,16 +53,24 @@ def test_every_run_has_per_task_files_matrix_and_metrics(workdir):
     assert read_json(run_dir(workdir, 0) / "tasks.json") != read_json(run_dir(workdir, 1) / "tasks.json")
     summary = pd.read_csv(workdir / "results" / "summary" / "summary.csv")
     summary = summary.set_index("experiment")
-    assert sorted(summary.index) == ["tiny_inflora", EXP] and summary.loc[EXP, "seeds"] == 2
+    assert sorted(summary.index) == ["tiny_inflora", "tiny_inflora-ca", EXP] and summary.loc[EXP, "seeds"] == 2
     finals = [read_json(run_dir(workdir, s) / "metrics.json")["final"] for s in (0, 1)]
     assert summary.loc[EXP, "final_mean"] == pytest.approx(np.mean(finals))
     assert summary.loc[EXP, "final_std"] == pytest.approx(np.std(finals, ddof=1))
     assert "± " in (workdir / "results" / "summary" / "summary.md").read_text()
 
 
-def test_second_run_has_nothing_to_do(workdir):
+def reversed_keys(obj):
+    if isinstance(obj, dict):
+        return {k: reversed_keys(obj[k]) for k in reversed(list(obj))}
+    return obj
+
+
+def test_second_run_has_nothing_to_do_whatever_the_key_order_of_the_config(workdir):
     proc = snakemake(workdir, TINY_CONFIG)
     assert "Nothing to be done" in proc.stdout + proc.stderr
+    proc = snakemake(workdir, reversed_keys(TINY_CONFIG))
+    assert "Nothing to be done" in proc.stdout + proc.stderr, proc.stderr[-3000:]
 
 
 def test_a_task_level_change_reruns_only_that_task_and_its_dependants(workdir):
@@ -103,9 +111,24 @@ def test_inflora_run_has_designed_reductions_and_memories(workdir):
     assert m1.old_space_dim() >= m0.old_space_dim() >= 1
 
 
+def test_inflora_ca_aligns_every_head_after_each_task(workdir):
+    run = workdir / "results" / "runs" / "tiny_inflora-ca" / "seed0"
+    stats, meta = load_state(run / "task1" / "class_stats.safetensors")
+    assert stats["means"].shape == (2, 16) and stats["covs"].shape == (2, 16, 16) and meta["classes"] == [2, 3]
+    assert not (run / "task0" / "aligned_heads.safetensors").exists()
+    for t in (1, 2):
+        heads, _ = load_state(run / f"task{t}" / "aligned_heads.safetensors")
+        assert sorted(heads) == sorted(f"heads.{s}.{k}" for s in range(t + 1) for k in ("weight", "bias"))
+        adapter, _ = load_state(run / f"task{t}" / "adapter.safetensors")
+        assert not torch.equal(heads[f"heads.{t}.weight"], adapter["head.weight"])  # the new head was aligned too
+    assert len(pd.read_csv(run / "task2" / "align_log.csv")) == 2
+
+
 @pytest.mark.parametrize("exp, seed, names", [
     (EXP, 1, ("reduction.safetensors", "adapter.safetensors")),
     ("tiny_inflora", 0, ("reduction.safetensors", "adapter.safetensors", "memory.safetensors")),
+    ("tiny_inflora-ca", 0, ("reduction.safetensors", "adapter.safetensors", "memory.safetensors",
+                            "class_stats.safetensors", "aligned_heads.safetensors")),
 ])
 def test_rerunning_a_task_from_earlier_files_reproduces_it_exactly(workdir, exp, seed, names):
     run = workdir / "results" / "runs" / exp / f"seed{seed}"

@@ -6,6 +6,8 @@ A run directory ``results/runs/<experiment>/seed<k>/`` holds ``tasks.json`` and 
     task<t>/adapter.safetensors     trained up-projections E_t and head t
     task<t>/train_log.csv           one row per epoch
     task<t>/memory.safetensors      InfLoRA: the (Dual)GPM memory after task t (not written after the last task)
+    task<t>/class_stats.safetensors InfLoRA+CA: mean and covariance of the features of task t's classes
+    task<t>/aligned_heads.safetensors InfLoRA+CA (t ≥ 1): every head after classifier alignment
     task<t>/eval.json               accuracy on every seen task after task t
 
 The frozen backbone is never copied into a run: states name it and record its file's digest. The step functions
@@ -25,13 +27,17 @@ from .config import derive_seed, task_train_params
 from .data.loader import ManifestDataset, make_loader, make_transform
 from .files import file_sha256, read_json, write_csv, write_json
 from .methods.inflora import LayerMemory, design_reduction, threshold, update_memory
-from .models.vit_lora import ViTLoRA, load_backbone, random_reduction, reduction_state, split_reduction_state
+from .methods.classifier_alignment import align_heads, class_statistics
+from .models.vit_lora import (ViTLoRA, heads_state, load_backbone, load_heads, random_reduction, reduction_state,
+                              split_reduction_state)
 from .state import load_state, save_state
 from .training import per_task_accuracy, predict_logits, task_aware_predictions, task_of, train_classifier
 
 REDUCTION = "reduction.safetensors"
 ADAPTER = "adapter.safetensors"
 MEMORY = "memory.safetensors"
+CLASS_STATS = "class_stats.safetensors"
+ALIGNED_HEADS = "aligned_heads.safetensors"
 
 
 def task_dir(run_dir: str | Path, t: int) -> Path:
@@ -73,11 +79,21 @@ def replay(model: ViTLoRA, run_dir: str | Path, tasks: dict, upto: int) -> ViTLo
     return model
 
 
+def aligned_heads_file(experiment: dict, run_dir: str | Path, t: int) -> Path | None:
+    """InfLoRA+CA replaces every head after task t ≥ 1 by its aligned version."""
+    if experiment["method"] == "inflora-ca" and t >= 1:
+        return task_dir(run_dir, t) / ALIGNED_HEADS
+    return None
+
+
 def model_after_task(backbone_spec: dict, backbone_weights: str | Path, experiment: dict, run_dir: str | Path, t: int) -> ViTLoRA:
     """"The model after task t" of a run, ready for inference (eval mode, CPU)."""
     tasks = read_json(Path(run_dir) / "tasks.json")
-    model = build_model(backbone_spec, backbone_weights, experiment)
-    return replay(model, run_dir, tasks, t + 1).eval()
+    model = replay(build_model(backbone_spec, backbone_weights, experiment), run_dir, tasks, t + 1)
+    heads = aligned_heads_file(experiment, run_dir, t)
+    if heads is not None:
+        load_heads(model.heads, load_state(heads)[0])
+    return model.eval()
 
 
 # ---- steps of the chain (one Snakemake rule each) ----
@@ -205,8 +221,7 @@ def evaluate_task(experiment: dict, task: int, dataset_spec: dict, backbone_spec
     torch.set_num_threads(threads)
     tasks = read_json(Path(run_dir) / "tasks.json")
     device = pick_device()
-    model = replay(build_model(backbone_spec, backbone_weights, experiment), run_dir, tasks, task + 1)
-    model.to(device).eval()
+    model = model_after_task(backbone_spec, backbone_weights, experiment, run_dir, task).to(device)
     seen = [c for t in tasks["tasks"][: task + 1] for c in t]
     loader = _loader(test_csv, seen, tasks, dataset_spec, backbone_spec, False, experiment["eval_batch_size"])
     start = time.perf_counter()
@@ -224,3 +239,47 @@ def evaluate_task(experiment: dict, task: int, dataset_spec: dict, backbone_spec
                      "seconds": time.perf_counter() - start})
 
 
+
+
+@torch.no_grad()
+def class_stats(experiment: dict, task: int, dataset_spec: dict, backbone_spec: dict, backbone_weights: str,
+                run_dir: str, train_csv: str, out: str, threads: int = 1) -> None:
+    """InfLoRA+CA: per-class Gaussian of the features (all branches 0..t) of task t's training images under the
+    test transform (reference/inflora.md §5.2); old classes keep the statistics of their own task."""
+    torch.set_num_threads(threads)
+    tasks = read_json(Path(run_dir) / "tasks.json")
+    device = pick_device()
+    model = replay(build_model(backbone_spec, backbone_weights, experiment), run_dir, tasks, task + 1).to(device).eval()
+    classes = tasks["tasks"][task]
+    loader = _loader(train_csv, classes, tasks, dataset_spec, backbone_spec, False, 64)
+    feats, targets = predict_logits(model.features, loader, device)
+    known = sum(len(c) for c in tasks["tasks"][:task])
+    stats = [class_statistics(feats[targets == known + i], experiment["ca"]["covariance_eps"]) for i in range(len(classes))]
+    save_state(out, {"means": torch.stack([m for m, _ in stats]), "covs": torch.stack([c for _, c in stats])},
+               {"kind": "class_stats", "task": task, "classes": classes, "backbone_sha256": file_sha256(backbone_weights)})
+
+
+def align(experiment_name: str, experiment: dict, seed: int, task: int, run_dir: str, out: str, log_out: str,
+          threads: int = 1) -> None:
+    """InfLoRA+CA after task t ≥ 1: align every head 0..t on features sampled from the class Gaussians, starting
+    from the heads after task t-1's alignment and head t as trained (reference/inflora.md §5.2)."""
+    torch.set_num_threads(threads)
+    generator = torch.Generator().manual_seed(derive_seed(experiment_name, seed, task, "align"))
+    heads = torch.nn.ModuleList()
+    for s in range(task + 1):
+        adapter, _ = load_state(task_dir(run_dir, s) / ADAPTER)
+        heads.append(torch.nn.Linear(adapter["head.weight"].shape[1], adapter["head.weight"].shape[0]))
+        with torch.no_grad():
+            heads[-1].weight.copy_(adapter["head.weight"])
+            heads[-1].bias.copy_(adapter["head.bias"])
+    previous = aligned_heads_file(experiment, run_dir, task - 1)
+    if previous is not None:
+        old = load_state(previous)[0]
+        load_heads(heads[:task], old)
+    stats = [load_state(task_dir(run_dir, s) / CLASS_STATS)[0] for s in range(task + 1)]
+    means = torch.cat([st["means"] for st in stats])
+    covs = torch.cat([st["covs"] for st in stats])
+    class_tasks = [s for s, st in enumerate(stats) for _ in range(st["means"].shape[0])]
+    rows = align_heads(heads, means, covs, class_tasks, experiment["ca"], generator)
+    write_csv(log_out, rows)
+    save_state(out, heads_state(heads), {"kind": "aligned_heads", "task": task, "ca": experiment["ca"]})

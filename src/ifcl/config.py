@@ -98,6 +98,19 @@ def check(config: dict) -> None:
                 raise ConfigError(f"{key}.lora_blocks: block {max(exp['lora_blocks'])} does not exist (depth {depth})")
 
 
+def canonical(obj):
+    """The same value with every mapping's keys sorted (recursively).
+
+    Snakemake records a job's params with sorted keys and compares them with the current ones in their own order,
+    so a dict param whose keys are not sorted looks changed on every run and re-runs the whole workflow. Every
+    param of the rules is therefore passed through this function (the config itself included)."""
+    if isinstance(obj, dict):
+        return {k: canonical(obj[k]) for k in sorted(obj, key=str)}
+    if isinstance(obj, list):
+        return [canonical(v) for v in obj]
+    return obj
+
+
 def task_train_params(experiment: dict, task: int) -> dict:
     """The optimisation settings of one task: ``train`` updated by ``task_overrides[task]``."""
     params = dict(experiment["train"])

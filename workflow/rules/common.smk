@@ -20,7 +20,7 @@ envvars:
 # The software of every rule, for --software-deployment-method conda (paths relative to workflow/rules/).
 CONDA_ENV = "../../envs/ifcl.yaml"
 
-from ifcl.config import ConfigError, check, merge_includes, task_train_params
+from ifcl.config import ConfigError, canonical, check, merge_includes, task_train_params
 
 _merged = merge_includes(config)
 config.clear()
@@ -30,6 +30,10 @@ try:
     check(config)
 except ConfigError as e:
     raise WorkflowError(f"Invalid configuration: {e}")
+# sorted keys everywhere: Snakemake compares dict params in recorded (sorted) order (see ifcl.config.canonical)
+_canonical = canonical(config)
+config.clear()
+config.update(_canonical)
 
 DATASETS = config["datasets"]
 BACKBONES = config["backbones"]
@@ -56,7 +60,7 @@ TRANSFORM_KEYS = ("train_transform", "test_transform", "crop_scale")
 
 def dataset_content(wildcards):
     """What determines a dataset's files (its transforms only matter to the steps that load images)."""
-    return {k: v for k, v in DATASETS[wildcards.dataset].items() if k not in TRANSFORM_KEYS}
+    return canonical({k: v for k, v in DATASETS[wildcards.dataset].items() if k not in TRANSFORM_KEYS})
 
 
 def manifest(dataset, split):
@@ -116,7 +120,32 @@ def previous_tasks(wildcards):
 
 
 def uses_memory(exp):
-    return EXPERIMENTS[exp]["method"] == "inflora"
+    return EXPERIMENTS[exp]["method"] in ("inflora", "inflora-ca")
+
+
+def uses_alignment(exp):
+    return EXPERIMENTS[exp]["method"] == "inflora-ca"
+
+
+def aligned_heads(wildcards, t=None):
+    """InfLoRA+CA: the aligned heads after task t (default: the wildcard's task) when t >= 1."""
+    t = int(wildcards.t) if t is None else t
+    if not uses_alignment(wildcards.exp) or t < 1:
+        return []
+    run = RUN.format(exp=wildcards.exp, seed=wildcards.seed)
+    return f"{run}/task{t}/aligned_heads.safetensors"
+
+
+def previous_aligned_heads(wildcards):
+    return aligned_heads(wildcards, int(wildcards.t) - 1)
+
+
+def class_stats_up_to_current(wildcards):
+    return task_files(wildcards, int(wildcards.t) + 1, names=("class_stats.safetensors",))
+
+
+def adapters_up_to_current(wildcards):
+    return task_files(wildcards, int(wildcards.t) + 1, names=("adapter.safetensors",))
 
 
 def previous_memory(wildcards):
@@ -140,12 +169,12 @@ def reduction_inputs(wildcards):
 
 def collect_params(wildcards):
     """What a collection pass over task t's training images depends on (batch size and transforms)."""
-    return {"batch_size": train_params(wildcards)["batch_size"], "dataset": exp_dataset(wildcards)}
+    return canonical({"batch_size": train_params(wildcards)["batch_size"], "dataset": exp_dataset(wildcards)})
 
 
 def memory_params(wildcards):
     exp = EXPERIMENTS[wildcards.exp]
-    return {k: exp[k] for k in ("lamb", "lame", "memory", "num_tasks")}
+    return canonical({k: exp[k] for k in ("lamb", "lame", "memory", "num_tasks")})
 
 
 def tasks_up_to_current(wildcards):
@@ -153,13 +182,13 @@ def tasks_up_to_current(wildcards):
 
 
 def train_params(wildcards):
-    return task_train_params(EXPERIMENTS[wildcards.exp], int(wildcards.t))
+    return canonical(task_train_params(EXPERIMENTS[wildcards.exp], int(wildcards.t)))
 
 
 def model_params(wildcards):
     """The experiment settings that shape the model (a change re-runs every task of the experiment)."""
     exp = EXPERIMENTS[wildcards.exp]
-    return {k: exp[k] for k in ("method", "rank", "lora_blocks", "backbone")}
+    return canonical({k: exp[k] for k in ("method", "rank", "lora_blocks", "backbone")})
 
 
 def run_dirs(exp):
@@ -170,8 +199,11 @@ TASK_OUTPUTS = ("reduction.safetensors", "adapter.safetensors", "train_log.csv",
 
 
 def task_outputs(exp, t):
-    """The files of task t; InfLoRA adds the memory (not after the last task: nothing would read it)."""
+    """The files of task t; InfLoRA adds the memory (not after the last task: nothing would read it), InfLoRA+CA
+    the class statistics and, from task 1 on, the aligned heads."""
     extra = ("memory.safetensors",) if uses_memory(exp) and t < EXPERIMENTS[exp]["num_tasks"] - 1 else ()
+    if uses_alignment(exp):
+        extra += ("class_stats.safetensors",) + (("aligned_heads.safetensors", "align_log.csv") if t >= 1 else ())
     return TASK_OUTPUTS + extra
 
 

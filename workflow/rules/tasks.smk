@@ -75,6 +75,7 @@ rule evaluate_task:
         backbone=exp_backbone_weights,
         test=exp_manifest("test"),
         states=tasks_up_to_current,
+        heads=aligned_heads,
     output:
         "results/runs/{exp}/seed{seed}/task{t}/eval.json",
     params:
@@ -117,3 +118,49 @@ rule memory:
         "logs/memory/{exp}/seed{seed}/task{t}.log",
     script:
         "../../scripts/memory.py"
+
+
+rule class_stats:
+    """InfLoRA+CA: mean and covariance of the features of task t's classes (all branches 0..t)."""
+    input:
+        tasks="results/runs/{exp}/seed{seed}/tasks.json",
+        backbone=exp_backbone_weights,
+        train=exp_manifest("train"),
+        states=tasks_up_to_current,
+    output:
+        "results/runs/{exp}/seed{seed}/task{t}/class_stats.safetensors",
+    params:
+        model=model_params,
+        covariance_eps=lambda wildcards: EXPERIMENTS[wildcards.exp]["ca"]["covariance_eps"],
+        backbone=exp_backbone,
+        dataset=exp_dataset,
+    threads: 1
+    resources:
+        gpu=1,
+    conda:
+        CONDA_ENV
+    log:
+        "logs/class_stats/{exp}/seed{seed}/task{t}.log",
+    script:
+        "../../scripts/class_stats.py"
+
+
+rule align:
+    """InfLoRA+CA (task t >= 1): every head re-trained on features sampled from the class Gaussians."""
+    input:
+        tasks="results/runs/{exp}/seed{seed}/tasks.json",
+        stats=class_stats_up_to_current,
+        adapters=adapters_up_to_current,
+        previous=previous_aligned_heads,
+    output:
+        heads="results/runs/{exp}/seed{seed}/task{t}/aligned_heads.safetensors",
+        log_csv="results/runs/{exp}/seed{seed}/task{t}/align_log.csv",
+    params:
+        ca=lambda wildcards: EXPERIMENTS[wildcards.exp]["ca"],
+    threads: 1
+    conda:
+        CONDA_ENV
+    log:
+        "logs/align/{exp}/seed{seed}/task{t}.log",
+    script:
+        "../../scripts/align.py"

@@ -179,6 +179,20 @@ class ViTLoRA(nn.Module):
             self.heads[-1].bias.copy_(state["head.bias"])
 
 
+def heads_state(heads: nn.ModuleList) -> dict[str, torch.Tensor]:
+    """Every head's weight and bias (``heads.<s>.weight``), e.g. after classifier alignment."""
+    return {f"heads.{s}.{k}": v.detach().clone() for s, h in enumerate(heads) for k, v in h.state_dict().items()}
+
+
+def load_heads(heads: nn.ModuleList, state: dict[str, torch.Tensor]) -> None:
+    if len({k.split(".")[1] for k in state}) != len(heads):
+        raise ValueError(f"the heads state holds {len({k.split('.')[1] for k in state})} heads, the model {len(heads)}")
+    with torch.no_grad():
+        for s, h in enumerate(heads):
+            h.weight.copy_(state[f"heads.{s}.weight"])
+            h.bias.copy_(state[f"heads.{s}.bias"])
+
+
 def reduction_state(lora_blocks: Iterable[int], down_k: Sequence[torch.Tensor], down_v: Sequence[torch.Tensor]) -> dict:
     return {**{f"blocks.{i}.down_k": r for i, r in zip(lora_blocks, down_k)},
             **{f"blocks.{i}.down_v": r for i, r in zip(lora_blocks, down_v)}}
