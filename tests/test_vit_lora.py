@@ -112,3 +112,21 @@ def test_timm_backbone_loads_from_a_local_file_only(tmp_path):
     assert vit.num_classes == 0  # the classifier head of the file is dropped
     with pytest.raises(FileNotFoundError, match="missing.safetensors"):
         load_backbone(spec, tmp_path / "missing.safetensors")
+
+
+def test_final_norm_reset_is_the_official_cifar_ca_recipe(tmp_path):
+    from ifcl.chain import build_model
+    from ifcl.state import save_state
+
+    vit = tiny_vit()
+    with torch.no_grad():
+        vit.norm.weight.fill_(2.0)
+    save_state(tmp_path / "b.safetensors", vit.state_dict(), {})
+    spec = {"type": "pretrain", "image_size": 16, "mean": [0, 0, 0], "std": [1, 1, 1],
+            "arch": {"patch_size": 4, "embed_dim": 32, "depth": 3, "num_heads": 4}}
+    exp = {"rank": 2, "lora_blocks": "all"}
+    kept = build_model(spec, tmp_path / "b.safetensors", exp)
+    reset = build_model(spec, tmp_path / "b.safetensors", {**exp, "final_norm": "reset"})
+    assert torch.all(kept.vit.norm.weight == 2.0)
+    assert torch.all(reset.vit.norm.weight == 1.0) and torch.all(reset.vit.norm.bias == 0.0)
+    assert reset.vit.norm.eps == 1e-5 and not reset.vit.norm.weight.requires_grad

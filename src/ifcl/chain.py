@@ -60,6 +60,9 @@ def pick_device() -> torch.device:
 
 def build_model(backbone_spec: dict, backbone_weights: str | Path, experiment: dict) -> ViTLoRA:
     vit = load_backbone(backbone_spec, backbone_weights)
+    if experiment.get("final_norm", "pretrained") == "reset":
+        # InfLoRA_CA1 (CIFAR-100) replaces the pretrained final LayerNorm by a fresh one, never trained
+        vit.norm = torch.nn.LayerNorm(vit.embed_dim).requires_grad_(False)
     return ViTLoRA(vit, rank=experiment["rank"], lora_blocks=experiment["lora_blocks"])
 
 

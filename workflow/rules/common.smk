@@ -188,7 +188,7 @@ def train_params(wildcards):
 def model_params(wildcards):
     """The experiment settings that shape the model (a change re-runs every task of the experiment)."""
     exp = EXPERIMENTS[wildcards.exp]
-    return canonical({k: exp[k] for k in ("method", "rank", "lora_blocks", "backbone")})
+    return canonical({k: exp[k] for k in ("method", "rank", "lora_blocks", "backbone", "final_norm")})
 
 
 def run_dirs(exp):
