@@ -74,10 +74,6 @@ def backbone_weights(name):
     return spec["weights"]
 
 
-def experiment(wildcards):
-    return EXPERIMENTS[wildcards.exp]
-
-
 def exp_dataset(wildcards):
     return DATASETS[EXPERIMENTS[wildcards.exp]["dataset"]]
 
