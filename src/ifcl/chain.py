@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .config import derive_seed, task_train_params
+from .config import derive_seed, task_train_params, uses_alignment, uses_memory
 from .data.loader import ManifestDataset, make_loader, make_transform
 from .files import file_sha256, read_json, write_csv, write_json
 from .methods.inflora import LayerMemory, design_reduction, threshold, update_memory
@@ -84,7 +84,7 @@ def replay(model: ViTLoRA, run_dir: str | Path, tasks: dict, upto: int) -> ViTLo
 
 def aligned_heads_file(experiment: dict, run_dir: str | Path, t: int) -> Path | None:
     """InfLoRA+CA replaces every head after task t ≥ 1 by its aligned version."""
-    if experiment["method"] == "inflora-ca" and t >= 1:
+    if uses_alignment(experiment) and t >= 1:
         return task_dir(run_dir, t) / ALIGNED_HEADS
     return None
 
@@ -157,7 +157,7 @@ def reduction(experiment_name: str, experiment: dict, seed: int, task: int, data
     kept in the memory of task t-1 (reference/inflora.md §2); the same R_t for k and v."""
     meta = {"kind": "reduction", "method": experiment["method"], "task": task, "rank": experiment["rank"],
             "backbone_sha256": file_sha256(backbone_weights)}
-    if experiment["method"] == "seq-lora":
+    if not uses_memory(experiment):  # seq-lora
         model = build_model(backbone_spec, backbone_weights, experiment)
         down_k, down_v = random_reductions(experiment_name, seed, task, model.embed_dim, len(model.lora_blocks),
                                            experiment["rank"])
@@ -242,8 +242,6 @@ def evaluate_task(experiment: dict, task: int, dataset_spec: dict, backbone_spec
                      "seconds": time.perf_counter() - start})
 
 
-
-
 @torch.no_grad()
 def class_stats(experiment: dict, task: int, dataset_spec: dict, backbone_spec: dict, backbone_weights: str,
                 run_dir: str, train_csv: str, out: str, threads: int = 1) -> None:
@@ -271,14 +269,12 @@ def align(experiment_name: str, experiment: dict, seed: int, task: int, run_dir:
     heads = torch.nn.ModuleList()
     for s in range(task + 1):
         adapter, _ = load_state(task_dir(run_dir, s) / ADAPTER)
-        heads.append(torch.nn.Linear(adapter["head.weight"].shape[1], adapter["head.weight"].shape[0]))
-        with torch.no_grad():
-            heads[-1].weight.copy_(adapter["head.weight"])
-            heads[-1].bias.copy_(adapter["head.bias"])
+        out_features, in_features = adapter["head.weight"].shape
+        heads.append(torch.nn.Linear(in_features, out_features))
+        heads[-1].load_state_dict({"weight": adapter["head.weight"], "bias": adapter["head.bias"]})
     previous = aligned_heads_file(experiment, run_dir, task - 1)
     if previous is not None:
-        old = load_state(previous)[0]
-        load_heads(heads[:task], old)
+        load_heads(heads[:task], load_state(previous)[0])
     stats = [load_state(task_dir(run_dir, s) / CLASS_STATS)[0] for s in range(task + 1)]
     means = torch.cat([st["means"] for st in stats])
     covs = torch.cat([st["covs"] for st in stats])

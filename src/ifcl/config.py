@@ -53,6 +53,16 @@ def merge_includes(config: dict, root: str | Path = ".") -> dict:
     return merged
 
 
+def uses_memory(experiment: dict) -> bool:
+    """InfLoRA and InfLoRA+CA design R_t from the data and keep a (Dual)GPM memory; seq-lora draws R_t at random."""
+    return experiment["method"] in ("inflora", "inflora-ca")
+
+
+def uses_alignment(experiment: dict) -> bool:
+    """InfLoRA+CA adds class statistics and classifier alignment after each task."""
+    return experiment["method"] == "inflora-ca"
+
+
 def num_classes(dataset: dict) -> int | None:
     """Number of classes of a dataset spec when it is known before any data is read (generated data)."""
     if dataset["type"] == "generated":

@@ -20,7 +20,8 @@ envvars:
 # The software of every rule, for --software-deployment-method conda (paths relative to workflow/rules/).
 CONDA_ENV = "../../envs/ifcl.yaml"
 
-from ifcl.config import ConfigError, canonical, check, merge_includes, task_train_params
+from ifcl.config import (ConfigError, canonical, check, merge_includes, task_train_params, uses_alignment,
+                         uses_memory)
 
 _merged = merge_includes(config)
 config.clear()
@@ -115,18 +116,10 @@ def previous_tasks(wildcards):
     return task_files(wildcards, int(wildcards.t))
 
 
-def uses_memory(exp):
-    return EXPERIMENTS[exp]["method"] in ("inflora", "inflora-ca")
-
-
-def uses_alignment(exp):
-    return EXPERIMENTS[exp]["method"] == "inflora-ca"
-
-
 def aligned_heads(wildcards, t=None):
     """InfLoRA+CA: the aligned heads after task t (default: the wildcard's task) when t >= 1."""
     t = int(wildcards.t) if t is None else t
-    if not uses_alignment(wildcards.exp) or t < 1:
+    if not uses_alignment(EXPERIMENTS[wildcards.exp]) or t < 1:
         return []
     run = RUN.format(exp=wildcards.exp, seed=wildcards.seed)
     return f"{run}/task{t}/aligned_heads.safetensors"
@@ -147,7 +140,7 @@ def adapters_up_to_current(wildcards):
 def previous_memory(wildcards):
     """InfLoRA: the memory after task t-1 (none for task 0 and for methods without memory)."""
     t = int(wildcards.t)
-    if not uses_memory(wildcards.exp) or t == 0:
+    if not uses_memory(EXPERIMENTS[wildcards.exp]) or t == 0:
         return []
     run = RUN.format(exp=wildcards.exp, seed=wildcards.seed)
     return f"{run}/task{t - 1}/memory.safetensors"
@@ -157,7 +150,7 @@ def reduction_inputs(wildcards):
     """seq-lora draws R_t at random; InfLoRA designs it from the task's data, the finished tasks and the memory."""
     run = RUN.format(exp=wildcards.exp, seed=wildcards.seed)
     inputs = {"tasks": f"{run}/tasks.json", "backbone": exp_backbone_weights(wildcards)}
-    if uses_memory(wildcards.exp):
+    if uses_memory(EXPERIMENTS[wildcards.exp]):
         inputs.update(train=exp_manifest("train")(wildcards), previous=previous_tasks(wildcards),
                       memory=previous_memory(wildcards))
     return inputs
@@ -191,14 +184,19 @@ def run_dirs(exp):
     return [RUN.format(exp=exp, seed=s) for s in EXPERIMENTS[exp]["seeds"]]
 
 
+def run_metrics():
+    """metrics.json of every run, by experiment and seed."""
+    return {exp: {s: f"{RUN.format(exp=exp, seed=s)}/metrics.json" for s in EXPERIMENTS[exp]["seeds"]} for exp in EXPERIMENTS}
+
+
 TASK_OUTPUTS = ("reduction.safetensors", "adapter.safetensors", "train_log.csv", "eval.json")
 
 
 def task_outputs(exp, t):
     """The files of task t; InfLoRA adds the memory (not after the last task: nothing would read it), InfLoRA+CA
     the class statistics and, from task 1 on, the aligned heads."""
-    extra = ("memory.safetensors",) if uses_memory(exp) and t < EXPERIMENTS[exp]["num_tasks"] - 1 else ()
-    if uses_alignment(exp):
+    extra = ("memory.safetensors",) if uses_memory(EXPERIMENTS[exp]) and t < EXPERIMENTS[exp]["num_tasks"] - 1 else ()
+    if uses_alignment(EXPERIMENTS[exp]):
         extra += ("class_stats.safetensors",) + (("aligned_heads.safetensors", "align_log.csv") if t >= 1 else ())
     return TASK_OUTPUTS + extra
 

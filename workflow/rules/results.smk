@@ -19,11 +19,12 @@ rule aggregate_run:
 rule summarize:
     """Mean ± std over seeds of every metric, one row per configured experiment."""
     input:
-        [f"{run}/metrics.json" for exp in EXPERIMENTS for run in run_dirs(exp)],
+        [path for by_seed in run_metrics().values() for path in by_seed.values()],
     output:
         csv="results/summary/summary.csv",
         md="results/summary/summary.md",
     params:
+        runs=run_metrics(),
         experiments=EXPERIMENTS,
     conda:
         CONDA_ENV
