@@ -1,8 +1,8 @@
-# Rule generate_dataset / folder_manifest: a configured dataset -> train/test manifests.
+# Rules generate_dataset / folder_manifest / decode_cifar100 / list_benchmark: a configured dataset -> manifests.
 from ifcl.runlog import logging_to
 
 with logging_to(snakemake.log[0]):
     from ifcl.data.manifest import prepare_dataset
 
-    out = snakemake.output
-    prepare_dataset(snakemake.params.spec, out.train, out.test, getattr(out, "images", None))
+    out, p = snakemake.output, snakemake.params
+    prepare_dataset(p.spec, out.train, out.test, getattr(out, "images", None), getattr(p, "raw", "data/raw"))

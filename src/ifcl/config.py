@@ -63,11 +63,14 @@ def uses_alignment(experiment: dict) -> bool:
     return experiment["method"] == "inflora-ca"
 
 
+BENCHMARK_CLASSES = {"cifar100": 100, "imagenet-r": 200, "domainnet": 345}
+
+
 def num_classes(dataset: dict) -> int | None:
-    """Number of classes of a dataset spec when it is known before any data is read (generated data)."""
+    """Number of classes of a dataset spec when it is known before any data is read (generated data, benchmarks)."""
     if dataset["type"] == "generated":
         return dataset["classes"]["count"]
-    return None
+    return BENCHMARK_CLASSES.get(dataset["type"])
 
 
 def check(config: dict) -> None:

@@ -22,6 +22,8 @@ CONDA_ENV = "../../envs/ifcl.yaml"
 
 from ifcl.config import (ConfigError, canonical, check, merge_includes, task_train_params, uses_alignment,
                          uses_memory)
+from ifcl.data.benchmarks import sources_of
+from ifcl.data.sources import MARKER as SOURCE_MARKER, SOURCES
 
 _merged = merge_includes(config)
 config.clear()
@@ -40,6 +42,8 @@ DATASETS = config["datasets"]
 BACKBONES = config["backbones"]
 EXPERIMENTS = config["experiments"]
 RUN = "results/runs/{exp}/seed{seed}"
+RAW = "data/raw"
+DOWNLOAD_MIRROR = (config.get("downloads") or {}).get("mirror")
 
 
 wildcard_constraints:
@@ -69,10 +73,21 @@ def manifest(dataset, split):
 
 
 def backbone_weights(name):
+    """The weights file of a backbone: pretrained here, given by the user, or fetched to data/weights/."""
     spec = BACKBONES[name]
     if spec["type"] == "pretrain":
         return f"results/backbones/{name}/backbone.safetensors"
-    return spec["weights"]
+    return spec.get("weights") or f"data/weights/{spec['name']}.safetensors"
+
+
+def fetched_models():
+    """timm models whose weights the fetch_weights rule downloads (backbones without a local weights file)."""
+    return sorted({s["name"] for s in BACKBONES.values() if s["type"] == "timm" and not s.get("weights")})
+
+
+def source_markers(wildcards):
+    """The raw sources a paper benchmark is built from, each ready once its marker exists."""
+    return [f"data/raw/{s}/{SOURCE_MARKER}" for s in sources_of(DATASETS[wildcards.dataset])]
 
 
 def exp_dataset(wildcards):

@@ -1,4 +1,80 @@
-# Datasets -> manifests (data/prepared/<dataset>/{train,test}.csv), and backbones pretrained in the pipeline.
+# Datasets -> manifests (data/prepared/<dataset>/{train,test}.csv); pretrained weights: fetched or pretrained here.
+# The fetch rules are local rules (on a cluster they run where the network is: the login node).
+
+
+rule fetch_source:
+    """Download, verify and extract one raw source of the paper benchmarks (or accept a copy placed by hand)."""
+    output:
+        f"{RAW}/{{source}}/{SOURCE_MARKER}",
+    params:
+        mirror=DOWNLOAD_MIRROR,
+    wildcard_constraints:
+        source="|".join(re.escape(s) for s in SOURCES),
+    localrule: True
+    conda:
+        CONDA_ENV
+    log:
+        "logs/fetch_source/{source}.log",
+    script:
+        "../../scripts/fetch_source.py"
+
+
+rule fetch_weights:
+    """Download a timm model's pretrained weights once (training jobs only ever read this file)."""
+    output:
+        "data/weights/{model}.safetensors",
+    params:
+        mirror=DOWNLOAD_MIRROR,
+    wildcard_constraints:
+        model="|".join(re.escape(m) for m in fetched_models()) or "(?!)",
+    localrule: True
+    conda:
+        CONDA_ENV
+    log:
+        "logs/fetch_weights/{model}.log",
+    script:
+        "../../scripts/fetch_weights.py"
+
+
+rule decode_cifar100:
+    """CIFAR-100's python arrays -> PNG files and manifests (decoded once; the raw files stay as they are)."""
+    input:
+        source_markers,
+    output:
+        images=directory("data/prepared/{dataset}/images"),
+        train="data/prepared/{dataset}/train.csv",
+        test="data/prepared/{dataset}/test.csv",
+    params:
+        spec=dataset_content,
+        raw=RAW,
+    wildcard_constraints:
+        dataset=names_of_type(DATASETS, "cifar100"),
+    conda:
+        CONDA_ENV
+    log:
+        "logs/decode_cifar100/{dataset}.log",
+    script:
+        "../../scripts/prepare_dataset.py"
+
+
+rule list_benchmark:
+    """ImageNet-R / DomainNet: manifests from the split lists (or the seeded split) over the raw images."""
+    input:
+        source_markers,
+    output:
+        train="data/prepared/{dataset}/train.csv",
+        test="data/prepared/{dataset}/test.csv",
+    params:
+        spec=dataset_content,
+        raw=RAW,
+    wildcard_constraints:
+        dataset="|".join(filter(None, [names_of_type(DATASETS, "imagenet-r"), names_of_type(DATASETS, "domainnet")])),
+    conda:
+        CONDA_ENV
+    log:
+        "logs/list_benchmark/{dataset}.log",
+    script:
+        "../../scripts/prepare_dataset.py"
 
 
 rule generate_dataset:

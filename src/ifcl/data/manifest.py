@@ -1,7 +1,7 @@
 """Manifests: one CSV per dataset and split with columns ``path,label,class_name``.
 
 Every dataset type ends in the same two files (``train.csv``, ``test.csv``) read by the same loader, so a
-user's own class-folder tree, the generated demo data and (later) the paper benchmarks all go through one path.
+user's own class-folder tree, the generated demo data and the paper benchmarks all go through one path.
 Labels are 0-based positions in the dataset's class list (sorted folder names for ``folder`` data, catalogue
 order for generated data). Rows are sorted, so a manifest is byte-identical on every run.
 """
@@ -111,14 +111,18 @@ def generated_manifests(root: str | Path, spec: dict) -> dict[str, list[tuple[st
     return out
 
 
-def prepare_dataset(spec: dict, train_csv: str, test_csv: str, images_dir: str | None = None) -> None:
-    """Manifests of a configured dataset (generated images are drawn into ``images_dir`` first)."""
+def prepare_dataset(spec: dict, train_csv: str, test_csv: str, images_dir: str | None = None,
+                    raw_root: str = "data/raw") -> None:
+    """Manifests of a configured dataset (generated and CIFAR images are written into ``images_dir`` first; the
+    paper benchmarks are read from their sources under ``raw_root``, see ifcl.data.benchmarks)."""
     if spec["type"] == "generated":
         parts = generated_manifests(images_dir, spec)
     elif spec["type"] == "folder":
         parts = folder_manifests(spec["path"], spec["split"])
     else:
-        raise ValueError(f"unknown dataset type {spec['type']!r}")
+        from .benchmarks import benchmark_manifests
+
+        parts = benchmark_manifests(spec, raw_root, images_dir)
     write_manifest(train_csv, parts["train"])
     write_manifest(test_csv, parts["test"])
     print(f"{len(class_names_of(parts['train']))} classes, {len(parts['train'])} train / {len(parts['test'])} test images")

@@ -1,0 +1,253 @@
+"""Where the paper benchmarks' raw files come from, and fetching them safely into ``data/raw/<source>/``.
+
+A *source* is a set of remote files (URL, expected size, checksum) plus the layout they produce once extracted.
+:func:`fetch_source` makes a source ready:
+
+* already marked ready (``ifcl-source.json`` written by an earlier fetch) -> nothing to do;
+* the expected layout already in place (the user copied the data by hand) -> accepted and marked;
+* otherwise each file is downloaded to a ``.part`` file (resumed with an HTTP range request when the server allows
+  it), its size and checksum verified, then moved into ``data/raw/<source>/downloads/``; archives are extracted into
+  a temporary folder (refusing members that would escape it: absolute paths, ``..``, links, devices) and moved into
+  place only when complete. The marker is written last, so nothing half-done looks ready.
+
+Every error names the file or URL and says how to place the data by hand (compute nodes often have no internet).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tarfile
+import time
+import urllib.error
+import urllib.request
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from ..files import read_json, write_json
+
+MARKER = "ifcl-source.json"
+CODA_PROMPT_SPLITS = ("https://raw.githubusercontent.com/GT-RIPL/CODA-Prompt/"
+                      "6417d4f68754be68b697c7ca2323ee61e791e1a3/dataloaders/splits/")
+DOMAINNET = "http://csr.bu.edu/ftp/visda/2019/multi-source/"
+
+
+class FetchError(RuntimeError):
+    """A source could not be made ready; the message says which file and what to do."""
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    url: str
+    size: int | None          # bytes; None where no trustworthy figure is published
+    digest: str | None        # "md5:<hex>", "sha256:<hex>" or "gitblob:<sha1 of the git blob>"; None: unknown
+    extract: bool = False     # an archive to unpack into the source folder
+
+    @property
+    def name(self) -> str:
+        return PurePosixPath(self.url).name
+
+
+@dataclass(frozen=True)
+class Source:
+    name: str
+    files: tuple[RemoteFile, ...]
+    layout: tuple[str, ...]   # paths (relative to data/raw/<name>/) that must exist when the source is ready
+    note: str = ""            # what a user placing the files by hand should know
+
+
+SOURCES: dict[str, Source] = {s.name: s for s in (
+    Source("cifar100",
+           (RemoteFile("https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz", 169001437,
+                       "md5:eb9058c3a382ffc7106e4002c42a8d85", extract=True),),
+           ("cifar-100-python/train", "cifar-100-python/test", "cifar-100-python/meta"),
+           "the python version of CIFAR-100, extracted: data/raw/cifar100/cifar-100-python/{train,test,meta}"),
+    Source("imagenet-r",
+           (RemoteFile("https://people.eecs.berkeley.edu/~hendrycks/imagenet-r.tar", None,
+                       "md5:a61312130a589d0ca1a8fca1f2bd3337", extract=True),),
+           ("imagenet-r/n01443537", "imagenet-r/n12267677"),
+           "imagenet-r.tar extracted: data/raw/imagenet-r/imagenet-r/<wnid>/<image>.jpg (200 class folders)"),
+    Source("coda-prompt-imagenet-r",
+           (RemoteFile(CODA_PROMPT_SPLITS + "imagenet-r_train.yaml", 1137662,
+                       "sha256:6bcaa14ca9359915ac3a44c48ae71388146385686eb15da79a37844421a0b845"),
+            RemoteFile(CODA_PROMPT_SPLITS + "imagenet-r_test.yaml", 284216,
+                       "sha256:57275ac242d68983a4f39ccb81ec34f48b1bd920b9cd79e6e8040d7c042db02a")),
+           ("downloads/imagenet-r_train.yaml", "downloads/imagenet-r_test.yaml"),
+           "CODA-Prompt's fixed ImageNet-R split (24,000 / 6,000 images), dataloaders/splits/ of GT-RIPL/CODA-Prompt"),
+    Source("domainnet",
+           tuple(RemoteFile(DOMAINNET + path, None, None, extract=True) for path in (
+               "groundtruth/clipart.zip", "infograph.zip", "groundtruth/painting.zip", "quickdraw.zip", "real.zip",
+               "sketch.zip")),
+           ("clipart", "infograph", "painting", "quickdraw", "real", "sketch"),
+           "the six DomainNet domains (cleaned version), extracted: data/raw/domainnet/<domain>/<class>/<image>.jpg. "
+           "No checksums are published for these archives: ifcl records the sha256 of what it downloaded"),
+    Source("coda-prompt-domainnet",
+           (RemoteFile(CODA_PROMPT_SPLITS + "domainnet_train.yaml", None,
+                       "gitblob:bf86d2fb6a4cafaa8dc413bc25998e9ec9728809"),
+            RemoteFile(CODA_PROMPT_SPLITS + "domainnet_test.yaml", None,
+                       "gitblob:3c5407918567c97203c85b074ccc323ed4643a7e")),
+           ("downloads/domainnet_train.yaml", "downloads/domainnet_test.yaml"),
+           "CODA-Prompt's DomainNet split lists (the ones InfLoRA uses), dataloaders/splits/ of GT-RIPL/CODA-Prompt"),
+)}
+
+
+def source_dir(raw_root: str | Path, name: str) -> Path:
+    return Path(raw_root) / name
+
+
+def _manual_hint(source: Source, raw_root: Path) -> str:
+    folder = source_dir(raw_root, source.name)
+    urls = "\n".join(f"  {f.url}" for f in source.files)
+    return (f"To install it by hand, download\n{urls}\ninto {folder}/downloads/ (they are verified and extracted), or "
+            f"place the extracted data so that {folder} holds: {source.note}")
+
+
+def _digest_of(path: Path, kind: str) -> str:
+    if kind == "gitblob":
+        h = hashlib.sha1(f"blob {path.stat().st_size}\0".encode())
+    else:
+        h = hashlib.new(kind)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify_file(path: Path, remote: RemoteFile) -> str:
+    """Check size and checksum of a downloaded file; return its sha256 (recorded in the marker)."""
+    size = path.stat().st_size
+    if remote.size is not None and size != remote.size:
+        raise FetchError(f"{path} has {size} bytes, expected {remote.size} (from {remote.url}): "
+                         "the transfer was cut short or the file changed upstream")
+    if remote.digest is not None:
+        kind, expected = remote.digest.split(":", 1)
+        actual = _digest_of(path, kind)
+        if actual != expected.lower():
+            raise FetchError(f"{path} (from {remote.url}) fails its {kind} check: {actual} != {expected}")
+    return _digest_of(path, "sha256")
+
+
+def download(url: str, dest: Path, remote: RemoteFile, progress: bool = True, timeout: float = 60.0) -> str:
+    """Download ``url`` to ``dest`` through ``dest.part`` (resumed if present), verify, rename; return the sha256."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    have = part.stat().st_size if part.exists() else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            if have and response.status != 206:  # the server ignored the range: start again
+                have = 0
+            total = response.headers.get("Content-Length")
+            total = int(total) + have if total is not None else remote.size
+            with open(part, "ab" if have else "wb") as f:
+                _copy_with_progress(response, f, have, total, dest.name if progress else None)
+    except urllib.error.HTTPError as e:
+        if e.code == 416 and have:  # range past the end: the part file is already complete
+            pass
+        else:
+            raise FetchError(f"downloading {url} failed: HTTP {e.code} {e.reason}") from e
+    except (urllib.error.URLError, OSError) as e:
+        raise FetchError(f"downloading {url} failed: {getattr(e, 'reason', e)} (no network on this node?)") from e
+    try:
+        sha256 = verify_file(part, remote)
+    except FetchError:
+        part.unlink(missing_ok=True)  # a corrupt part must not be resumed next time
+        raise
+    os.replace(part, dest)
+    return sha256
+
+
+def _copy_with_progress(src, dst, done: int, total: int | None, label: str | None) -> None:
+    last = time.monotonic()
+    while chunk := src.read(1 << 20):
+        dst.write(chunk)
+        done += len(chunk)
+        if label and time.monotonic() - last > 10:
+            share = f" of {total / 1e6:.0f} MB ({100 * done / total:.0f} %)" if total else ""
+            print(f"{label}: {done / 1e6:.0f} MB{share}", flush=True)
+            last = time.monotonic()
+
+
+def _check_member(name: str, target: Path) -> None:
+    p = PurePosixPath(name)
+    if p.is_absolute() or ".." in p.parts or not (target / p).resolve().is_relative_to(target.resolve()):
+        raise FetchError(f"archive member {name!r} would be written outside {target}: refusing the archive")
+
+
+def extract(archive: Path, target: Path) -> None:
+    """Unpack a tar or zip archive into ``target`` (created empty), refusing members that could escape it."""
+    target.mkdir(parents=True)
+    if zipfile.is_zipfile(archive):
+        with zipfile.ZipFile(archive) as z:
+            for info in z.infolist():
+                _check_member(info.filename, target)
+                if (info.external_attr >> 16) & 0o170000 == 0o120000:
+                    raise FetchError(f"{archive}: member {info.filename!r} is a symbolic link: refusing the archive")
+            z.extractall(target)
+        return
+    try:
+        with tarfile.open(archive) as t:
+            for m in t.getmembers():
+                _check_member(m.name, target)
+                if not (m.isfile() or m.isdir()):
+                    raise FetchError(f"{archive}: member {m.name!r} is a link or a device file: refusing the archive")
+            t.extractall(target, filter="data")
+    except tarfile.TarError as e:
+        raise FetchError(f"{archive} is not a readable tar or zip archive: {e}") from e
+
+
+def layout_present(source: Source, folder: Path) -> bool:
+    return all((folder / rel).exists() for rel in source.layout)
+
+
+def fetch_source(name: str, raw_root: str | Path = "data/raw", mirror: str | None = None) -> Path:
+    """Make ``data/raw/<name>/`` ready (see the module docstring) and return it.
+
+    ``mirror``: a base URL that replaces ``scheme://`` of every URL (``https://host/path`` -> ``<mirror>/host/path``),
+    for a lab's internal mirror or a local test server."""
+    source = SOURCES[name]
+    raw_root = Path(raw_root)
+    folder = source_dir(raw_root, name)
+    marker = folder / MARKER
+    if marker.exists():
+        return folder
+    if layout_present(source, folder):
+        print(f"{name}: found the expected files in {folder} (placed by hand); accepting them")
+        write_json(marker, {"source": name, "placed_by_hand": True, "files": {}})
+        return folder
+    downloads = folder / "downloads"
+    record = {}
+    for remote in source.files:
+        dest = downloads / remote.name
+        url = remote.url if mirror is None else mirror.rstrip("/") + "/" + remote.url.split("://", 1)[1]
+        placed = dest.exists()  # an archive the user put there is verified, extracted and kept
+        try:
+            record[remote.name] = verify_file(dest, remote) if placed else download(url, dest, remote)
+        except FetchError as e:
+            raise FetchError(f"{name}: {e}\n{_manual_hint(source, raw_root)}") from e
+        if remote.extract:
+            tmp = folder / f".extract-{remote.name}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            try:
+                extract(dest, tmp)
+                for item in sorted(tmp.iterdir()):
+                    if (folder / item.name).exists():
+                        shutil.rmtree(folder / item.name)
+                    os.replace(item, folder / item.name)
+            except FetchError as e:
+                raise FetchError(f"{name}: {e}\n{_manual_hint(source, raw_root)}") from e
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+            if not placed:
+                dest.unlink()  # extracted and its sha256 recorded: keeping it would only double the disk space
+    if not layout_present(source, folder):
+        missing = [rel for rel in source.layout if not (folder / rel).exists()]
+        raise FetchError(f"{name}: after download, {folder} lacks {missing}\n{_manual_hint(source, raw_root)}")
+    write_json(marker, {"source": name, "placed_by_hand": False,
+                        "files": {n: {"sha256": h} for n, h in sorted(record.items())}})
+    return folder
+
+
+def read_marker(folder: str | Path) -> dict:
+    return read_json(Path(folder) / MARKER)

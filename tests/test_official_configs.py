@@ -1,0 +1,99 @@
+"""The official InfLoRA configs (config/experiments/*.yaml): valid, faithful to reference/inflora.md §7, and a dry run
+builds every task of every seed, from the download rules on."""
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from snakemake.utils import validate
+
+from conftest import REPO
+from ifcl.config import check, load_yaml, merge_includes
+
+EXPERIMENT_FILES = sorted((REPO / "config" / "experiments").glob("*.yaml"))
+SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
+
+
+def load(path: Path) -> dict:
+    config = merge_includes(load_yaml(path), REPO)
+    validate(config, str(SCHEMA))
+    check(config)
+    return config
+
+
+# name: (method, dataset, tasks, rank, lamb, memory, lora_blocks, optimizer, lr, epochs) from the released JSON files
+RELEASED = {
+    "cifar100_inflora": ("inflora", "cifar100", 10, 10, 0.95, "dualgpm", "all", "adam", 5e-4, 20),
+    "cifar100_inflorab5": ("inflora", "cifar100", 10, 10, 0.95, "gpm", [0, 1, 2, 3, 4], "adam", 1e-3, 20),
+    "cifar100_infloraca": ("inflora-ca", "cifar100", 10, 5, 0.95, "gpm", "all", "sgd", 1e-3, 20),
+    "domainnet_inflora": ("inflora", "domainnet", 5, 30, 0.95, "gpm", "all", "sgd", 5e-3, 5),
+    "domainnet_inflorab5": ("inflora", "domainnet", 5, 30, 0.95, "gpm", [0, 1, 2, 3, 4], "sgd", 5e-3, 5),
+    "mimg5_inflora": ("inflora", "imagenet-r", 5, 10, 0.98, "dualgpm", "all", "adam", 5e-4, 50),
+    "mimg5_inflorab5": ("inflora", "imagenet-r", 5, 10, 0.98, "gpm", [0, 1, 2, 3, 4], "adam", 5e-4, 50),
+    "mimg10_inflora": ("inflora", "imagenet-r", 10, 10, 0.98, "dualgpm", "all", "adam", 5e-4, 50),
+    "mimg10_inflorab5": ("inflora", "imagenet-r", 10, 10, 0.99, "gpm", [0, 1, 2, 3, 4], "adam", 5e-4, 50),
+    "mimg10_infloraca": ("inflora-ca", "imagenet-r", 10, 10, 0.95, "gpm", "all", "sgd", 1e-3, 50),
+    "mimg20_inflora": ("inflora", "imagenet-r", 20, 10, 0.98, "dualgpm", "all", "adam", 5e-4, 50),
+    "mimg20_inflorab5": ("inflora", "imagenet-r", 20, 10, 0.99, "gpm", [0, 1, 2, 3, 4], "adam", 5e-4, 50),
+}
+
+
+def test_one_file_per_released_config_and_all_included_by_default():
+    assert [p.stem for p in EXPERIMENT_FILES] == sorted(RELEASED)
+    default = load_yaml(REPO / "config" / "config.yaml")
+    assert sorted(Path(p).stem for p in default["include"]) == sorted(RELEASED)
+
+
+@pytest.mark.parametrize("path", EXPERIMENT_FILES, ids=lambda p: p.stem)
+def test_official_config_is_valid_and_faithful(path):
+    config = load(path)
+    (name, exp), = config["experiments"].items()
+    assert name == path.stem
+    method, dataset, tasks, rank, lamb, memory, blocks, optimizer, lr, epochs = RELEASED[name]
+    assert (exp["method"], exp["dataset"], exp["num_tasks"], exp["rank"], exp["lamb"], exp["memory"], exp["lora_blocks"]) == \
+        (method, dataset, tasks, rank, lamb, memory, blocks)
+    train = exp["train"]
+    assert (train["optimizer"], train["lr"], train["epochs"], train["batch_size"]) == (optimizer, lr, epochs, 128)
+    assert exp["seeds"] == [0, 1, 2, 3, 4] and exp["class_order"] == "native" and exp["lame"] == 1.0
+    backbone = config["backbones"][exp["backbone"]]
+    assert backbone["name"] == "vit_base_patch16_224.augreg_in21k"
+    assert backbone["mean"] == [0.0, 0.0, 0.0] and backbone["std"] == [1.0, 1.0, 1.0]  # inputs in [0, 1] (§1.1)
+    if optimizer == "adam":
+        assert train["schedule"] == "inflora-cosine" and train["weight_decay"] == 0.0
+    if method == "inflora-ca":
+        assert exp["ca"]["samples_per_class"] == 256 and exp["ca"]["logit_norm"] == 0.1 and exp["ca"]["epochs"] == 5
+    # the recipes that differ (§5.2, §5.3)
+    if name == "cifar100_infloraca":
+        assert exp["final_norm"] == "reset"
+        assert (train["head_lr"], train["weight_decay"], train["schedule"], train["milestones"]) == (0.01, 1e-3, "multistep", [18])
+    if name == "mimg10_infloraca":
+        assert train["schedule"] == "cosine" and "head_lr" not in train and train["weight_decay"] == 0.0
+    if dataset == "domainnet":
+        assert (train["head_lr"], train["schedule"], train["milestones"]) == (0.01, "multistep", [4])
+
+
+def test_dry_run_builds_every_task_of_every_seed(tmp_path):
+    """`snakemake -n` on config/config.yaml (all twelve files): the full DAG, 5 seeds x T tasks per experiment,
+    starting at the fetch rules, with nothing downloaded."""
+    shutil.copytree(REPO / "config", tmp_path / "config")
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path), "-n", "--quiet", "rules",
+           "--configfile", str(tmp_path / "config" / "config.yaml")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    counts = {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", proc.stdout + proc.stderr, re.M)}
+    exps = [RELEASED[name] for name in RELEASED]
+    runs = 5 * len(exps)
+    tasks = sum(5 * e[2] for e in exps)
+    ca_tasks = sum(5 * e[2] for e in exps if e[0] == "inflora-ca")
+    expected = {
+        "fetch_source": 5,  # cifar100, imagenet-r + CODA-Prompt lists, domainnet + CODA-Prompt lists
+        "fetch_weights": 1, "decode_cifar100": 1, "list_benchmark": 2,
+        "split_tasks": runs, "reduction": tasks, "train_task": tasks, "evaluate_task": tasks,
+        "memory": tasks - runs, "class_stats": ca_tasks, "align": ca_tasks - 5 * 2,
+        "aggregate_run": runs, "summarize": 1, "all": 1,
+    }
+    assert counts == {**expected, "total": sum(expected.values())}
+    assert not (tmp_path / "data").exists() and not (tmp_path / "results").exists()
