@@ -15,6 +15,7 @@ Every error names the file or URL and says how to place the data by hand (comput
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
 import shutil
 import tarfile
@@ -141,14 +142,19 @@ def download(url: str, dest: Path, remote: RemoteFile, progress: bool = True, ti
             total = response.headers.get("Content-Length")
             total = int(total) + have if total is not None else remote.size
             with open(part, "ab" if have else "wb") as f:
-                _copy_with_progress(response, f, have, total, dest.name if progress else None)
+                received = _copy_with_progress(response, f, have, total, dest.name if progress else None)
     except urllib.error.HTTPError as e:
         if e.code == 416 and have:  # range past the end: the part file is already complete
             pass
         else:
             raise FetchError(f"downloading {url} failed: HTTP {e.code} {e.reason}") from e
-    except (urllib.error.URLError, OSError) as e:
-        raise FetchError(f"downloading {url} failed: {getattr(e, 'reason', e)} (no network on this node?)") from e
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
+        raise FetchError(f"downloading {url} failed: {getattr(e, 'reason', e)} (no network on this node?); "
+                         f"what arrived is kept in {part} and a new run resumes from it") from e
+    else:
+        if total is not None and received < total:
+            raise FetchError(f"downloading {url} failed: the transfer stopped after {received} of {total} bytes; "
+                             f"what arrived is kept in {part} and a new run resumes from it")
     try:
         sha256 = verify_file(part, remote)
     except FetchError:
@@ -158,7 +164,7 @@ def download(url: str, dest: Path, remote: RemoteFile, progress: bool = True, ti
     return sha256
 
 
-def _copy_with_progress(src, dst, done: int, total: int | None, label: str | None) -> None:
+def _copy_with_progress(src, dst, done: int, total: int | None, label: str | None) -> int:
     last = time.monotonic()
     while chunk := src.read(1 << 20):
         dst.write(chunk)
@@ -167,6 +173,7 @@ def _copy_with_progress(src, dst, done: int, total: int | None, label: str | Non
             share = f" of {total / 1e6:.0f} MB ({100 * done / total:.0f} %)" if total else ""
             print(f"{label}: {done / 1e6:.0f} MB{share}", flush=True)
             last = time.monotonic()
+    return done
 
 
 def _check_member(name: str, target: Path) -> None:

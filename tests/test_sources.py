@@ -1,0 +1,248 @@
+"""Fetching raw sources from a local HTTP server (127.0.0.1) that serves small fabricated archives at the real URLs'
+paths (through the `mirror` setting), and building the benchmark manifests from them."""
+import dataclasses
+import hashlib
+import io
+import pickle
+import tarfile
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from ifcl.data import sources
+from ifcl.data.benchmarks import cifar100_manifests, domainnet_manifests, imagenet_r_manifests
+from ifcl.data.manifest import DatasetError
+from ifcl.data.sources import MARKER, FetchError, RemoteFile, Source, fetch_source
+
+
+class Server:
+    """Serves ``files`` (URL path -> bytes) with Range support; ``truncate`` paths send half their bytes."""
+
+    def __init__(self):
+        self.files, self.truncate, self.requests = {}, set(), []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                server.requests.append(self.path)
+                body = server.files.get(self.path)
+                if body is None:
+                    self.send_error(404)
+                    return
+                start = int(self.headers["Range"].split("=")[1].split("-")[0]) if self.headers.get("Range") else 0
+                self.send_response(206 if start else 200)
+                self.send_header("Content-Length", str(len(body) - start))
+                self.end_headers()
+                payload = body[start:]
+                self.wfile.write(payload[: len(payload) // 2] if self.path in server.truncate else payload)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_port}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def serve(self, public_url: str, body: bytes) -> None:
+        self.files["/" + public_url.split("://", 1)[1]] = body
+
+
+@pytest.fixture
+def server():
+    s = Server()
+    yield s
+    s.httpd.shutdown()
+
+
+def tar_bytes(members: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as t:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def fake_cifar(n_classes=3, per_class=2, seed=0) -> tuple[bytes, dict]:
+    rng = np.random.default_rng(seed)
+    batches = {}
+    for part in ("train", "test"):
+        labels = [c for c in range(n_classes) for _ in range(per_class)]
+        data = rng.integers(0, 256, (len(labels), 3072), dtype=np.uint8)
+        batches[part] = {"data": data, "fine_labels": labels, "coarse_labels": [0] * len(labels)}
+    meta = {"fine_label_names": [f"class{c}" for c in range(n_classes)], "coarse_label_names": ["all"]}
+    members = {f"cifar-100-python/{k}": pickle.dumps(v) for k, v in {**batches, "meta": meta}.items()}
+    return tar_bytes(members), batches
+
+
+def with_source(monkeypatch, name: str, body: bytes, digest_of=None) -> RemoteFile:
+    """Point the registry's source at fabricated bytes (same URL, their size and md5)."""
+    real = sources.SOURCES[name]
+    remote = dataclasses.replace(real.files[0], size=len(body),
+                                 digest="md5:" + hashlib.md5(digest_of if digest_of is not None else body).hexdigest())
+    monkeypatch.setitem(sources.SOURCES, name, dataclasses.replace(real, files=(remote,)))
+    return remote
+
+
+def test_download_verify_extract_then_manifests_and_no_second_download(server, monkeypatch, tmp_path):
+    archive, batches = fake_cifar()
+    remote = with_source(monkeypatch, "cifar100", archive)
+    server.serve(remote.url, archive)
+    folder = fetch_source("cifar100", tmp_path / "raw", mirror=server.url)
+    assert (folder / MARKER).is_file() and (folder / "cifar-100-python" / "train").is_file()
+    assert not (folder / "downloads" / remote.name).exists()  # extracted and recorded, not kept twice
+    parts = cifar100_manifests(folder, tmp_path / "images")
+    assert len(parts["train"]) == 6 and sorted({r[2] for r in parts["test"]}) == ["class0", "class1", "class2"]
+    path, label, name = parts["train"][0]
+    index = int(Path(path).stem)
+    pixels = batches["train"]["data"][index].reshape(3, 32, 32).transpose(1, 2, 0)
+    assert np.array_equal(np.asarray(Image.open(path)), pixels) and label == batches["train"]["fine_labels"][index]
+    n = len(server.requests)
+    fetch_source("cifar100", tmp_path / "raw", mirror=server.url)
+    assert len(server.requests) == n
+
+
+def expect_clean_failure(tmp_path, mirror, name, match):
+    with pytest.raises(FetchError, match=match) as info:
+        fetch_source(name, tmp_path / "raw", mirror=mirror)
+    folder = tmp_path / "raw" / name
+    assert not (folder / MARKER).exists()
+    assert not (folder / "cifar-100-python").exists()
+    assert not any(p.name.startswith(".extract") for p in folder.glob("*"))
+    assert "by hand" in str(info.value)
+    return str(info.value)
+
+
+def test_wrong_checksum_404_and_escaping_archive_fail_cleanly(server, monkeypatch, tmp_path):
+    archive, _ = fake_cifar()
+    remote = with_source(monkeypatch, "cifar100", archive, digest_of=b"something else")
+    server.serve(remote.url, archive)
+    message = expect_clean_failure(tmp_path, server.url, "cifar100", "md5 check")
+    assert remote.url.split("://")[1] in message
+    assert not list((tmp_path / "raw" / "cifar100" / "downloads").glob("*"))  # a corrupt file is not kept to resume
+
+    with_source(monkeypatch, "cifar100", archive)
+    server.files.clear()
+    message = expect_clean_failure(tmp_path, server.url, "cifar100", "HTTP 404")
+    assert server.url + "/" + remote.url.split("://")[1] in message
+
+    evil = tar_bytes({"cifar-100-python/train": b"x", "../escaped": b"x"})
+    with_source(monkeypatch, "cifar100", evil)
+    server.serve(remote.url, evil)
+    expect_clean_failure(tmp_path, server.url, "cifar100", "outside")
+    assert not (tmp_path / "raw" / "escaped").exists()
+
+
+def test_a_cut_transfer_fails_then_resumes(server, monkeypatch, tmp_path):
+    archive, _ = fake_cifar(n_classes=20, per_class=5)
+    remote = with_source(monkeypatch, "cifar100", archive)
+    server.serve(remote.url, archive)
+    server.truncate.add("/" + remote.url.split("://", 1)[1])
+    expect_clean_failure(tmp_path, server.url, "cifar100", f"stopped after {len(archive) // 2} of {len(archive)} bytes")
+    part = tmp_path / "raw" / "cifar100" / "downloads" / (remote.name + ".part")
+    assert part.stat().st_size == len(archive) // 2
+    server.truncate.clear()
+    fetch_source("cifar100", tmp_path / "raw", mirror=server.url)
+    assert (tmp_path / "raw" / "cifar100" / MARKER).exists() and not part.exists()
+
+
+def test_resume_from_a_part_file(server, monkeypatch, tmp_path):
+    archive, _ = fake_cifar(n_classes=20, per_class=5)
+    remote = with_source(monkeypatch, "cifar100", archive)
+    server.serve(remote.url, archive)
+    part = tmp_path / "raw" / "cifar100" / "downloads" / (remote.name + ".part")
+    part.parent.mkdir(parents=True)
+    part.write_bytes(archive[:1000])
+    fetch_source("cifar100", tmp_path / "raw", mirror=server.url)
+    assert (tmp_path / "raw" / "cifar100" / MARKER).exists() and not part.exists()
+
+
+def test_data_placed_by_hand_is_accepted_offline(tmp_path):
+    folder = tmp_path / "raw" / "cifar100" / "cifar-100-python"
+    folder.mkdir(parents=True)
+    for f in ("train", "test", "meta"):
+        (folder / f).write_bytes(b"")
+    fetch_source("cifar100", tmp_path / "raw", mirror="http://127.0.0.1:9")  # nothing listens there
+    assert (tmp_path / "raw" / "cifar100" / MARKER).exists()
+
+
+def test_cifar_unpickler_refuses_code(tmp_path):
+    base = tmp_path / "cifar-100-python"
+    base.mkdir()
+    (base / "meta").write_bytes(pickle.dumps({"fine_label_names": [Path("x")]}))
+    with pytest.raises(DatasetError, match="refusing to unpickle"):
+        cifar100_manifests(tmp_path, tmp_path / "images")
+
+
+def write_split_lists(folder: Path, prefix: str, entries: dict[str, list[tuple[str, int]]]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for part, rows in entries.items():
+        doc = {"data": [p for p, _ in rows], "targets": [t for _, t in rows]}
+        (folder / f"{prefix}_{part}.yaml").write_text(yaml.safe_dump(doc))
+
+
+def test_imagenet_r_coda_prompt_lists_and_official_random_split(tmp_path):
+    raw = tmp_path / "raw" / "imagenet-r"
+    files = [(w, f"{w}_{i}.jpg") for w in ("n01443537", "n01484850") for i in range(5)]
+    for w, f in files:
+        (raw / "imagenet-r" / w).mkdir(parents=True, exist_ok=True)
+        (raw / "imagenet-r" / w / f).write_bytes(b"")
+    lists = tmp_path / "lists"
+    rows = [(f"data/imagenet-r/{w}/{f}", 0 if w == "n01443537" else 1) for w, f in files]
+    write_split_lists(lists, "imagenet-r", {"train": rows[::2], "test": rows[1::2]})
+    parts = imagenet_r_manifests(raw, {"rule": "coda-prompt"}, lists)
+    assert len(parts["train"]) == 5 and parts["test"][0] == (str(raw / "imagenet-r/n01443537/n01443537_1.jpg"), 0, "n01443537")
+
+    split = imagenet_r_manifests(raw, {"rule": "random", "seed": 0, "train_fraction": 0.8})
+    import torch
+
+    torch.manual_seed(0)  # the official code: random_split with the global generator right after seeding
+    order = sorted(str(raw / "imagenet-r" / w / f) for w, f in files)
+    train = sorted(order[i] for i in torch.randperm(10).tolist()[:8])
+    assert [r[0] for r in split["train"]] == train and len(split["test"]) == 2
+    assert all((raw / "imagenet-r" / w / f).exists() for w, f in files)  # nothing moved
+
+
+def test_domainnet_lists_and_missing_images(tmp_path):
+    raw = tmp_path / "domainnet"
+    rows = [(f"data/DomainNet/{d}/{c}/{d}_{t:03d}_{i}.jpg", t) for d in ("clipart", "sketch")
+            for t, c in enumerate(("aircraft_carrier", "airplane")) for i in range(2)]
+    for p, _ in rows:
+        (raw / Path(p).relative_to("data/DomainNet")).parent.mkdir(parents=True, exist_ok=True)
+        (raw / Path(p).relative_to("data/DomainNet")).write_bytes(b"")
+    write_split_lists(tmp_path / "lists", "domainnet", {"train": rows[:6], "test": rows[6:]})
+    parts = domainnet_manifests(raw, tmp_path / "lists")
+    assert {r[2] for r in parts["train"]} == {"aircraft_carrier", "airplane"} and len(parts["test"]) == 2
+    (raw / Path(rows[0][0]).relative_to("data/DomainNet")).unlink()
+    with pytest.raises(DatasetError, match="1 images listed in .*domainnet_train.yaml are missing"):
+        domainnet_manifests(raw, tmp_path / "lists")
+
+
+def test_timm_weights_fetched_recorded_and_loadable(server, tmp_path):
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    from ifcl.models.vit_lora import load_backbone
+    from ifcl.models.weights import fetch_timm_weights, timm_weights_url
+
+    name = "vit_tiny_patch16_224.augreg_in21k"
+    url = timm_weights_url(name)
+    assert url == "https://huggingface.co/timm/vit_tiny_patch16_224.augreg_in21k/resolve/main/model.safetensors"
+    state = {k: v.contiguous() for k, v in timm.create_model(name, pretrained=False).state_dict().items()}
+    save_file(state, tmp_path / "served.safetensors")
+    server.serve(url, (tmp_path / "served.safetensors").read_bytes())
+    out = tmp_path / "weights" / f"{name}.safetensors"
+    sha = fetch_timm_weights(name, out, mirror=server.url)
+    assert sha == hashlib.sha256(out.read_bytes()).hexdigest()
+    vit = load_backbone({"type": "timm", "name": name}, out)
+    assert torch.equal(vit.pos_embed, state["pos_embed"])
+    out.write_bytes(out.read_bytes()[:-1] + b"\0")  # the recorded file changed behind our back
+    with pytest.raises(FetchError, match="differs from the file recorded"):
+        fetch_timm_weights(name, out, mirror=server.url)
