@@ -69,6 +69,28 @@ def test_generated_dataset_manifests_are_reproducible(tmp_path):
     assert Image.open(rows[0][0]).tobytes() != Image.open(test_rows[0][0]).tobytes()
 
 
+def test_generated_parts_span_domains_with_labels_in_listed_order(tmp_path):
+    from ifcl.config import num_classes
+    from ifcl.data.generated import class_slice
+
+    spec = {"type": "generated", "parts": [{"domain": "textures", "start": 0, "count": 2},
+                                           {"domain": "shapes", "start": 3, "count": 2}],
+            "train_per_class": 2, "test_per_class": 1, "image_size": 16, "seed": 0}
+    prepare_dataset(spec, tmp_path / "train.csv", tmp_path / "test.csv", str(tmp_path / "img"))
+    names = class_names_of(read_manifest(tmp_path / "train.csv"))
+    assert names == class_slice("textures", 0, 2) + class_slice("shapes", 3, 2) and num_classes(spec) == 4
+    # a single-domain part draws the same pixels as the plain spec
+    single = {"type": "generated", "domain": "shapes", "classes": {"start": 3, "count": 2}, "train_per_class": 2,
+              "test_per_class": 1, "image_size": 16, "seed": 0}
+    prepare_dataset(single, tmp_path / "s_train.csv", tmp_path / "s_test.csv", str(tmp_path / "s_img"))
+    mixed_rows = [r for r in read_manifest(tmp_path / "train.csv") if r[1] >= 2]
+    for (p1, _, n1), (p2, _, n2) in zip(mixed_rows, read_manifest(tmp_path / "s_train.csv")):
+        assert n1 == n2 and Image.open(p1).tobytes() == Image.open(p2).tobytes()
+    spec["parts"].append({"domain": "shapes", "start": 4, "count": 1})
+    with pytest.raises(DatasetError, match="appear in two parts"):
+        prepare_dataset(spec, tmp_path / "x.csv", tmp_path / "y.csv", str(tmp_path / "img2"))
+
+
 def test_task_split_native_and_official_shuffle(tmp_path):
     t = make_tasks([f"c{i}" for i in range(6)], 3, "native", seed=0)
     assert t["tasks"] == [[0, 1], [2, 3], [4, 5]]

@@ -97,3 +97,23 @@ def test_dry_run_builds_every_task_of_every_seed(tmp_path):
     }
     assert counts == {**expected, "total": sum(expected.values())}
     assert not (tmp_path / "data").exists() and not (tmp_path / "results").exists()
+
+
+def test_offline_paper_config_stops_in_the_fetch_rule_with_instructions(tmp_path):
+    """No network (a mirror where nothing listens): the run fails in a fetch rule, saying where to put the files;
+    no preparation, training or evaluation job starts."""
+    shutil.copytree(REPO / "config", tmp_path / "config")
+    cfg = tmp_path / "offline.yaml"
+    cfg.write_text(yaml.safe_dump({"include": ["config/experiments/cifar100_inflora.yaml"],
+                                   "downloads": {"mirror": "http://127.0.0.1:9"}}))
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path), "--cores", "2",
+           "--configfile", str(cfg)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "Error in rule fetch_" in out and "To install it by hand, download" in out
+    assert "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz" in out
+    started = set(re.findall(r"^(?:local)?rule (\w+):", out, re.M))
+    assert started <= {"fetch_source", "fetch_weights"}, started
+    assert not (tmp_path / "data" / "prepared").exists() and not (tmp_path / "results").exists()
+    assert not list((tmp_path / "data" / "raw").glob(f"*/{'ifcl-source.json'}"))

@@ -69,7 +69,7 @@ BENCHMARK_CLASSES = {"cifar100": 100, "imagenet-r": 200, "domainnet": 345}
 def num_classes(dataset: dict) -> int | None:
     """Number of classes of a dataset spec when it is known before any data is read (generated data, benchmarks)."""
     if dataset["type"] == "generated":
-        return dataset["classes"]["count"]
+        return sum(p["count"] for p in dataset["parts"]) if "parts" in dataset else dataset["classes"]["count"]
     return BENCHMARK_CLASSES.get(dataset["type"])
 
 

@@ -99,15 +99,30 @@ def folder_manifests(path: str | Path, split: dict) -> dict[str, list[tuple[str,
     return out
 
 
+def generated_parts(spec: dict) -> list[dict]:
+    """The class slices of a generated dataset: ``parts`` (several domains, labels in the listed order), or the
+    single ``domain`` + ``classes``."""
+    if "parts" in spec:
+        return spec["parts"]
+    return [{"domain": spec["domain"], **spec["classes"]}]
+
+
 def generated_manifests(root: str | Path, spec: dict) -> dict[str, list[tuple[str, int, str]]]:
     """Draw a generated dataset (``spec`` as in the config) into ``root/{train,test}/`` and return its manifests."""
     from .generated import class_slice, write_split
 
-    classes = class_slice(spec["domain"], spec["classes"]["start"], spec["classes"]["count"])
-    out = {}
-    for part, n, offset in (("train", spec["train_per_class"], 0), ("test", spec["test_per_class"], 1)):
-        rows = write_split(Path(root) / part, spec["domain"], classes, n, spec["image_size"], spec["seed"] * 2 + offset)
-        out[part] = [(os.path.join(str(root), part, rel), label, name) for rel, label, name in rows]
+    out: dict[str, list] = {"train": [], "test": []}
+    offset, seen = 0, set()
+    for part in generated_parts(spec):
+        classes = class_slice(part["domain"], part["start"], part["count"])
+        if seen & set(classes):
+            raise DatasetError(f"generated dataset: classes {sorted(seen & set(classes))} appear in two parts")
+        seen.update(classes)
+        for split, n, seed_offset in (("train", spec["train_per_class"], 0), ("test", spec["test_per_class"], 1)):
+            rows = write_split(Path(root) / split, part["domain"], classes, n, spec["image_size"],
+                               spec["seed"] * 2 + seed_offset)
+            out[split] += [(os.path.join(str(root), split, rel), offset + label, name) for rel, label, name in rows]
+        offset += len(classes)
     return out
 
 

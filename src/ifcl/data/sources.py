@@ -63,25 +63,25 @@ SOURCES: dict[str, Source] = {s.name: s for s in (
            (RemoteFile("https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz", 169001437,
                        "md5:eb9058c3a382ffc7106e4002c42a8d85", extract=True),),
            ("cifar-100-python/train", "cifar-100-python/test", "cifar-100-python/meta"),
-           "the python version of CIFAR-100, extracted: data/raw/cifar100/cifar-100-python/{train,test,meta}"),
+           "cifar-100-python/{train,test,meta} (the python version of CIFAR-100, extracted)"),
     Source("imagenet-r",
            (RemoteFile("https://people.eecs.berkeley.edu/~hendrycks/imagenet-r.tar", None,
                        "md5:a61312130a589d0ca1a8fca1f2bd3337", extract=True),),
            ("imagenet-r/n01443537", "imagenet-r/n12267677"),
-           "imagenet-r.tar extracted: data/raw/imagenet-r/imagenet-r/<wnid>/<image>.jpg (200 class folders)"),
+           "imagenet-r/<wnid>/<image>.jpg (imagenet-r.tar extracted: 200 class folders)"),
     Source("coda-prompt-imagenet-r",
            (RemoteFile(CODA_PROMPT_SPLITS + "imagenet-r_train.yaml", 1137662,
                        "sha256:6bcaa14ca9359915ac3a44c48ae71388146385686eb15da79a37844421a0b845"),
             RemoteFile(CODA_PROMPT_SPLITS + "imagenet-r_test.yaml", 284216,
                        "sha256:57275ac242d68983a4f39ccb81ec34f48b1bd920b9cd79e6e8040d7c042db02a")),
            ("downloads/imagenet-r_train.yaml", "downloads/imagenet-r_test.yaml"),
-           "CODA-Prompt's fixed ImageNet-R split (24,000 / 6,000 images), dataloaders/splits/ of GT-RIPL/CODA-Prompt"),
+           "downloads/imagenet-r_{train,test}.yaml (CODA-Prompt's fixed ImageNet-R split lists, 24,000 / 6,000 images)"),
     Source("domainnet",
            tuple(RemoteFile(DOMAINNET + path, None, None, extract=True) for path in (
                "groundtruth/clipart.zip", "infograph.zip", "groundtruth/painting.zip", "quickdraw.zip", "real.zip",
                "sketch.zip")),
            ("clipart", "infograph", "painting", "quickdraw", "real", "sketch"),
-           "the six DomainNet domains (cleaned version), extracted: data/raw/domainnet/<domain>/<class>/<image>.jpg. "
+           "<domain>/<class>/<image>.jpg for the six DomainNet domains (cleaned version, extracted). "
            "No checksums are published for these archives: ifcl records the sha256 of what it downloaded"),
     Source("coda-prompt-domainnet",
            (RemoteFile(CODA_PROMPT_SPLITS + "domainnet_train.yaml", None,
@@ -89,7 +89,7 @@ SOURCES: dict[str, Source] = {s.name: s for s in (
             RemoteFile(CODA_PROMPT_SPLITS + "domainnet_test.yaml", None,
                        "gitblob:3c5407918567c97203c85b074ccc323ed4643a7e")),
            ("downloads/domainnet_train.yaml", "downloads/domainnet_test.yaml"),
-           "CODA-Prompt's DomainNet split lists (the ones InfLoRA uses), dataloaders/splits/ of GT-RIPL/CODA-Prompt"),
+           "downloads/domainnet_{train,test}.yaml (CODA-Prompt's DomainNet split lists, the ones InfLoRA uses)"),
 )}
 
 
@@ -149,8 +149,9 @@ def download(url: str, dest: Path, remote: RemoteFile, progress: bool = True, ti
         else:
             raise FetchError(f"downloading {url} failed: HTTP {e.code} {e.reason}") from e
     except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
-        raise FetchError(f"downloading {url} failed: {getattr(e, 'reason', e)} (no network on this node?); "
-                         f"what arrived is kept in {part} and a new run resumes from it") from e
+        kept = f"; the {part.stat().st_size} bytes that arrived are kept in {part} and a new run resumes from them" \
+            if part.exists() and part.stat().st_size else ""
+        raise FetchError(f"downloading {url} failed: {getattr(e, 'reason', e)} (no network on this node?){kept}") from e
     else:
         if total is not None and received < total:
             raise FetchError(f"downloading {url} failed: the transfer stopped after {received} of {total} bytes; "

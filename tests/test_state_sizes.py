@@ -1,0 +1,38 @@
+"""Per-task state files at the papers' scale: ViT-B/16, rank 10, 10 or 20 classes per task (reference/inflora.md
+§4.1: the official code saves ≈445 MB per task)."""
+import timm
+import torch
+
+from ifcl.chain import save_memory
+from ifcl.methods.inflora import LayerMemory
+from ifcl.models.vit_lora import ViTLoRA, random_reduction, reduction_state
+from ifcl.state import load_state, save_state
+
+MB = 1e6
+
+
+def test_reduction_and_adapter_of_a_vit_b16_task_take_under_2_mb(tmp_path):
+    vit = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0)
+    model = ViTLoRA(vit, rank=10)
+    gen = torch.Generator().manual_seed(0)
+    downs = [random_reduction(768, 10, gen) for _ in model.lora_blocks]
+    model.begin_task(downs, downs, num_classes=20)
+    save_state(tmp_path / "reduction.safetensors", reduction_state(model.lora_blocks, downs, downs), {"kind": "reduction"})
+    save_state(tmp_path / "adapter.safetensors", model.current_adapter_state(), {"kind": "adapter"})
+    sizes = {p.name: p.stat().st_size for p in tmp_path.iterdir()}
+    # 12 blocks x (k, v) x 10 x 768 float32 = 737,280 bytes each, plus a 20 x 768 head in the adapter
+    assert 737_280 < sizes["reduction.safetensors"] < 760_000
+    assert 737_280 + 20 * 769 * 4 < sizes["adapter.safetensors"] < 820_000
+    assert sum(sizes.values()) < 2 * MB
+    tensors, _ = load_state(tmp_path / "adapter.safetensors")
+    assert sum(t.numel() for t in tensors.values()) == 12 * 2 * 768 * 10 + 20 * 769
+
+
+def test_memory_file_size_follows_its_columns(tmp_path):
+    """The memory stores, per layer, the old-space basis (remove) or its complement (retain): at most 384 columns of
+    768 floats. With the first-task sizes of the official ImageNet-R log (§3.8) that is 1.1 MB."""
+    columns = [7, 11, 14, 19, 28, 26, 30, 31, 50, 60, 28, 81]
+    memories = [LayerMemory(torch.linalg.qr(torch.randn(768, m))[0], "remove") for m in columns]
+    save_memory(tmp_path / "memory.safetensors", list(range(12)), memories, {"task": 0})
+    size = (tmp_path / "memory.safetensors").stat().st_size
+    assert sum(columns) * 768 * 4 < size < sum(columns) * 768 * 4 + 20_000
