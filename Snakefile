@@ -13,6 +13,7 @@ if not workflow.overwrite_configfiles:
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/tasks.smk"
+include: "workflow/rules/diki.smk"
 include: "workflow/rules/results.smk"
 
 

@@ -4,4 +4,6 @@ from ifcl.runlog import logging_to
 with logging_to(snakemake.log[0]):
     from ifcl.results import aggregate_run
 
-    aggregate_run(list(snakemake.input), snakemake.output.matrix, snakemake.output.metrics)
+    inp = snakemake.input
+    aggregate_run(list(inp.evals), snakemake.output.matrix, snakemake.output.metrics, snakemake.params.protocol,
+                  list(getattr(inp, "zero_shot", [])))

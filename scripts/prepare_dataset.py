@@ -5,4 +5,5 @@ with logging_to(snakemake.log[0]):
     from ifcl.data.manifest import prepare_dataset
 
     out, p = snakemake.output, snakemake.params
-    prepare_dataset(p.spec, out.train, out.test, getattr(out, "images", None), getattr(p, "raw", "data/raw"))
+    prepare_dataset(p.spec, out.train, out.test, getattr(out, "images", None), getattr(p, "raw", "data/raw"),
+                    getattr(out, "val", None))

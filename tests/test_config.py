@@ -1,7 +1,7 @@
 import pytest
 import yaml
 
-from conftest import REPO, TINY_CONFIG, snakemake
+from conftest import REPO, TINY_CONFIG, TINY_DIKI_CONFIG, snakemake
 from ifcl.config import ConfigError, check, derive_seed, merge_includes, task_train_params
 
 
@@ -25,6 +25,24 @@ def test_check_names_the_bad_key(tiny_config, edit, key):
     edit(tiny_config)
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         check(tiny_config)
+
+
+def test_diki_experiments_need_clip_backbones_and_known_datasets(tiny_config):
+    import copy
+
+    diki = copy.deepcopy(TINY_DIKI_CONFIG)
+    check(diki)
+    diki["experiments"]["tiny_diki"]["sequence"].append("nope")
+    with pytest.raises(ConfigError, match=r"experiments\.tiny_diki\.sequence\[2\]: unknown dataset 'nope'"):
+        check(diki)
+    both = {k: {**tiny_config[k], **TINY_DIKI_CONFIG[k]} for k in ("datasets", "backbones", "experiments")}
+    both["experiments"]["tiny_diki"] = {**both["experiments"]["tiny_diki"], "backbone": "tiny_vit"}
+    with pytest.raises(ConfigError, match="tiny_diki.backbone: DIKI needs a CLIP backbone"):
+        check(both)
+    both["experiments"]["tiny_diki"]["backbone"] = "tiny_clip"
+    both["experiments"]["tiny_seq-lora"]["backbone"] = "tiny_clip"
+    with pytest.raises(ConfigError, match="tiny_seq-lora.backbone: seq-lora needs a ViT backbone"):
+        check(both)
 
 
 def test_includes_merge_by_name_and_reject_conflicts(tmp_path):

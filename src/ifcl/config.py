@@ -63,6 +63,7 @@ def uses_alignment(experiment: dict) -> bool:
     return experiment["method"] == "inflora-ca"
 
 
+CLIP_BACKBONES = ("open_clip", "pretrain_clip")
 BENCHMARK_CLASSES = {"cifar100": 100, "imagenet-r": 200, "domainnet": 345}
 
 
@@ -77,7 +78,7 @@ def check(config: dict) -> None:
     """Cross-key checks that the schema cannot do; raise :class:`ConfigError` naming the key."""
     datasets, backbones = config["datasets"], config["backbones"]
     for name, bb in backbones.items():
-        if bb["type"] == "pretrain" and bb["pretrain"]["dataset"] not in datasets:
+        if bb["type"] in ("pretrain", "pretrain_clip") and bb["pretrain"]["dataset"] not in datasets:
             raise ConfigError(
                 f"backbones.{name}.pretrain.dataset: unknown dataset '{bb['pretrain']['dataset']}' "
                 f"(defined: {', '.join(sorted(datasets))})"
@@ -92,10 +93,22 @@ def check(config: dict) -> None:
         key = f"experiments.{name}"
         if "/" in name or name.startswith("."):
             raise ConfigError(f"{key}: experiment names are folder names; no '/' or leading '.'")
-        if exp["dataset"] not in datasets:
-            raise ConfigError(f"{key}.dataset: unknown dataset '{exp['dataset']}' (defined: {', '.join(sorted(datasets))})")
         if exp["backbone"] not in backbones:
             raise ConfigError(f"{key}.backbone: unknown backbone '{exp['backbone']}' (defined: {', '.join(sorted(backbones))})")
+        kind = backbones[exp["backbone"]]["type"]
+        if exp["method"] == "diki":
+            for i, ds in enumerate(exp["sequence"]):
+                if ds not in datasets:
+                    raise ConfigError(f"{key}.sequence[{i}]: unknown dataset '{ds}' (defined: {', '.join(sorted(datasets))})")
+            if len(set(exp["sequence"])) != len(exp["sequence"]):
+                raise ConfigError(f"{key}.sequence: a dataset appears twice")
+            if kind not in CLIP_BACKBONES:
+                raise ConfigError(f"{key}.backbone: DIKI needs a CLIP backbone (type open_clip or pretrain_clip), not {kind}")
+            continue
+        if kind in CLIP_BACKBONES:
+            raise ConfigError(f"{key}.backbone: {exp['method']} needs a ViT backbone (type timm or pretrain), not {kind}")
+        if exp["dataset"] not in datasets:
+            raise ConfigError(f"{key}.dataset: unknown dataset '{exp['dataset']}' (defined: {', '.join(sorted(datasets))})")
         n = num_classes(datasets[exp["dataset"]])
         if n is not None and n % exp["num_tasks"]:
             raise ConfigError(

@@ -54,17 +54,31 @@ wildcard_constraints:
     backbone="[^/]+",
 
 
+def experiments_where(keep):
+    """Regex matching exactly the experiments for which keep(spec) holds (never matches if there are none)."""
+    names = [n for n, spec in EXPERIMENTS.items() if keep(spec)]
+    return "|".join(re.escape(n) for n in names) if names else "(?!)"
+
+
+def is_diki(spec):
+    return spec["method"] == "diki"
+
+
+CIL_EXPERIMENTS = experiments_where(lambda spec: not is_diki(spec))
+DIKI_EXPERIMENTS = experiments_where(is_diki)
+
+
 def names_of_type(registry, kind):
     """Regex matching exactly the registry names of one type (never matches if there are none)."""
     names = [n for n, spec in registry.items() if spec["type"] == kind]
     return "|".join(re.escape(n) for n in names) if names else "(?!)"
 
 
-TRANSFORM_KEYS = ("train_transform", "test_transform", "crop_scale")
+TRANSFORM_KEYS = ("train_transform", "test_transform", "crop_scale", "template")
 
 
 def dataset_content(wildcards):
-    """What determines a dataset's files (its transforms only matter to the steps that load images)."""
+    """What determines a dataset's files (transforms and prompt template only matter to the steps that use images)."""
     return canonical({k: v for k, v in DATASETS[wildcards.dataset].items() if k not in TRANSFORM_KEYS})
 
 
@@ -75,7 +89,7 @@ def manifest(dataset, split):
 def backbone_weights(name):
     """The weights file of a backbone: pretrained here, given by the user, or fetched to data/weights/."""
     spec = BACKBONES[name]
-    if spec["type"] == "pretrain":
+    if spec["type"] in ("pretrain", "pretrain_clip"):
         return f"results/backbones/{name}/backbone.safetensors"
     return spec.get("weights") or f"data/weights/{spec['name']}.safetensors"
 
@@ -115,9 +129,22 @@ def task_files(wildcards, upto, names=("reduction.safetensors", "adapter.safeten
     return [f"{run}/task{s}/{name}" for s in range(upto) for name in names]
 
 
+def num_tasks(spec):
+    return len(spec["sequence"]) if is_diki(spec) else spec["num_tasks"]
+
+
 def run_evals(wildcards):
+    """The run's per-task evaluations, and for DIKI the frozen test features (they hold the zero-shot accuracy)."""
+    spec = EXPERIMENTS[wildcards.exp]
     run = RUN.format(exp=wildcards.exp, seed=wildcards.seed)
-    return [f"{run}/task{t}/eval.json" for t in range(EXPERIMENTS[wildcards.exp]["num_tasks"])]
+    inputs = {"evals": [f"{run}/task{t}/eval.json" for t in range(num_tasks(spec))]}
+    if is_diki(spec):
+        inputs["zero_shot"] = [features(spec["backbone"], ds, "test") for ds in spec["sequence"]]
+    return inputs
+
+
+def features(backbone, dataset, split):
+    return f"results/features/{backbone}/{dataset}/{split}.safetensors"
 
 
 def pretrain_manifest(split):
@@ -216,12 +243,60 @@ def task_outputs(exp, t):
     return TASK_OUTPUTS + extra
 
 
+DIKI_TASK_OUTPUTS = ("gaussian.safetensors", "prefix.safetensors", "train_log.csv", "eval.json")
+
+
 def all_targets():
     """Every file of every run, per-task files included: a deleted task file is regenerated (with what depends
     on it), never silently skipped because the run's final results still exist."""
     targets = []
-    for exp in EXPERIMENTS:
+    for exp, spec in EXPERIMENTS.items():
         for run in run_dirs(exp):
-            targets += [f"{run}/tasks.json", f"{run}/acc_matrix.csv", f"{run}/metrics.json"]
-            targets += [f"{run}/task{t}/{name}" for t in range(EXPERIMENTS[exp]["num_tasks"]) for name in task_outputs(exp, t)]
+            targets += [f"{run}/acc_matrix.csv", f"{run}/metrics.json"]
+            if is_diki(spec):
+                targets += [f"{run}/task{t}/{name}" for t in range(len(spec["sequence"])) for name in DIKI_TASK_OUTPUTS]
+                continue
+            targets.append(f"{run}/tasks.json")
+            targets += [f"{run}/task{t}/{name}" for t in range(spec["num_tasks"]) for name in task_outputs(exp, t)]
     return targets + ["results/summary/summary.csv", "results/summary/summary.md"]
+
+
+# ---- DIKI ----
+
+def diki_dataset(wildcards):
+    return EXPERIMENTS[wildcards.exp]["sequence"][int(wildcards.t)]
+
+
+def diki_train_inputs(wildcards):
+    spec = EXPERIMENTS[wildcards.exp]
+    ds = diki_dataset(wildcards)
+    inputs = {"backbone": backbone_weights(spec["backbone"]), "train": manifest(ds, "train")}
+    if DATASETS[ds]["type"] == "generated" and DATASETS[ds].get("val_per_class"):
+        inputs["val"] = manifest(ds, "val")
+    t = int(wildcards.t)
+    if spec["rng"] == "sequential" and t > 0:  # the random stream continues from the previous task
+        inputs["previous"] = f"{RUN.format(exp=wildcards.exp, seed=wildcards.seed)}/task{t - 1}/prefix.safetensors"
+    return inputs
+
+
+def diki_eval_inputs(wildcards):
+    spec = EXPERIMENTS[wildcards.exp]
+    run = RUN.format(exp=wildcards.exp, seed=wildcards.seed)
+    learnt = range(int(wildcards.t) + 1)
+    return {
+        "backbone": backbone_weights(spec["backbone"]),
+        "gaussians": [f"{run}/task{s}/gaussian.safetensors" for s in learnt],
+        "prefixes": [f"{run}/task{s}/prefix.safetensors" for s in learnt],
+        "tests": [manifest(ds, "test") for ds in spec["sequence"]],
+        "features": [features(spec["backbone"], ds, "test") for ds in spec["sequence"]],
+    }
+
+
+def prompt_spec(dataset):
+    """What of a dataset a CLIP step uses besides its images: the prompt template (CLIP preprocessing is fixed)."""
+    return {"template": DATASETS[dataset].get("template")}
+
+
+def diki_model_params(wildcards):
+    spec = EXPERIMENTS[wildcards.exp]
+    return canonical({"backbone": spec["backbone"], "prefix": spec["prefix"]})

@@ -83,6 +83,7 @@ rule generate_dataset:
         images=directory("data/generated/{dataset}"),
         train="data/prepared/{dataset}/train.csv",
         test="data/prepared/{dataset}/test.csv",
+        val="data/prepared/{dataset}/val.csv",
     params:
         spec=dataset_content,
     wildcard_constraints:

@@ -2,12 +2,15 @@
 
 
 rule aggregate_run:
-    """acc_matrix.csv (row i = after task i) and metrics.json (A_T, Ā, forgetting, BWT) of one run."""
+    """acc_matrix.csv (row i = after task i) and metrics.json of one run (CIL: A_T, Ā, forgetting, BWT; MTIL:
+    Transfer, Average, Last and the frozen model's zero-shot accuracy)."""
     input:
-        run_evals,
+        unpack(run_evals),
     output:
         matrix="results/runs/{exp}/seed{seed}/acc_matrix.csv",
         metrics="results/runs/{exp}/seed{seed}/metrics.json",
+    params:
+        protocol=lambda wildcards: "mtil" if is_diki(EXPERIMENTS[wildcards.exp]) else "cil",
     conda:
         CONDA_ENV
     log:

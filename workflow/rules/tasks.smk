@@ -43,6 +43,8 @@ rule reduction:
 
 rule train_task:
     """Train the up-projections E_t and head t, every older task merged and frozen."""
+    wildcard_constraints:
+        exp=CIL_EXPERIMENTS,
     input:
         tasks="results/runs/{exp}/seed{seed}/tasks.json",
         backbone=exp_backbone_weights,
@@ -70,6 +72,8 @@ rule train_task:
 
 rule evaluate_task:
     """Accuracy on every seen task after task t (one row of the accuracy matrix)."""
+    wildcard_constraints:
+        exp=CIL_EXPERIMENTS,
     input:
         tasks="results/runs/{exp}/seed{seed}/tasks.json",
         backbone=exp_backbone_weights,

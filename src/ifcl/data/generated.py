@@ -270,7 +270,7 @@ def folder_name(class_name: str) -> str:
 
 
 def write_split(root: str | Path, domain: str, classes: list[str], n_per_class: int, size: int,
-                seed: int) -> list[tuple[str, int, str]]:
+                seed: int | str) -> list[tuple[str, int, str]]:
     """Write root/<class folder>/<index:05d>.png for every class (folder name = class name with spaces replaced by
     '_'), return rows (relative path 'folder/00000.png', label = position in `classes`, class name) in a fixed order.
     Image i of class c uses a rng seeded from (seed, domain, class name, i) via a stable integer derivation (e.g. the

@@ -14,7 +14,8 @@ from .manifest import DatasetError, read_manifest
 def make_transform(name: str, size: int, mean: Sequence[float], std: Sequence[float],
                    crop_scale: Sequence[float] = (0.08, 1.0)):
     """``random-resized-crop-flip``: RandomResizedCrop(size, scale=crop_scale) (official: 0.08-1, bilinear) + flip;
-    ``resize``: Resize to size x size; ``resize-center-crop``: Resize(size * 256 / 224) + CenterCrop(size).
+    ``resize``: Resize to size x size; ``resize-center-crop``: Resize(size * 256 / 224) + CenterCrop(size);
+    ``clip``: bicubic Resize(size) + CenterCrop(size), for training and testing alike (DIKI).
     Then ToTensor (pixels in [0, 1]) and Normalize(mean, std); the official InfLoRA code uses mean 0, std 1."""
     if name == "random-resized-crop-flip":
         ops = [T.RandomResizedCrop(size, scale=tuple(crop_scale)), T.RandomHorizontalFlip()]
@@ -22,6 +23,8 @@ def make_transform(name: str, size: int, mean: Sequence[float], std: Sequence[fl
         ops = [T.Resize((size, size))]
     elif name == "resize-center-crop":
         ops = [T.Resize(int(size * 256 / 224)), T.CenterCrop(size)]
+    elif name == "clip":  # CLIP's own preprocessing (reference/diki.md §1): bicubic shorter side, centre crop
+        ops = [T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size)]
     else:
         raise ValueError(f"unknown transform {name!r}")
     return T.Compose(ops + [T.ToTensor(), T.Normalize(mean, std)])

@@ -118,16 +118,19 @@ def generated_manifests(root: str | Path, spec: dict) -> dict[str, list[tuple[st
         if seen & set(classes):
             raise DatasetError(f"generated dataset: classes {sorted(seen & set(classes))} appear in two parts")
         seen.update(classes)
-        for split, n, seed_offset in (("train", spec["train_per_class"], 0), ("test", spec["test_per_class"], 1)):
-            rows = write_split(Path(root) / split, part["domain"], classes, n, spec["image_size"],
-                               spec["seed"] * 2 + seed_offset)
+        draws = [("train", spec["train_per_class"], spec["seed"] * 2), ("test", spec["test_per_class"], spec["seed"] * 2 + 1)]
+        if spec.get("val_per_class"):
+            draws.append(("val", spec["val_per_class"], f"{spec['seed']}-val"))
+        for split, n, seed in draws:
+            rows = write_split(Path(root) / split, part["domain"], classes, n, spec["image_size"], seed)
+            out.setdefault(split, [])
             out[split] += [(os.path.join(str(root), split, rel), offset + label, name) for rel, label, name in rows]
         offset += len(classes)
     return out
 
 
 def prepare_dataset(spec: dict, train_csv: str, test_csv: str, images_dir: str | None = None,
-                    raw_root: str = "data/raw") -> None:
+                    raw_root: str = "data/raw", val_csv: str | None = None) -> None:
     """Manifests of a configured dataset (generated and CIFAR images are written into ``images_dir`` first; the
     paper benchmarks are read from their sources under ``raw_root``, see ifcl.data.benchmarks)."""
     if spec["type"] == "generated":
@@ -140,4 +143,6 @@ def prepare_dataset(spec: dict, train_csv: str, test_csv: str, images_dir: str |
         parts = benchmark_manifests(spec, raw_root, images_dir)
     write_manifest(train_csv, parts["train"])
     write_manifest(test_csv, parts["test"])
+    if val_csv is not None:  # header only when the dataset has no validation split
+        write_manifest(val_csv, parts.get("val", []))
     print(f"{len(class_names_of(parts['train']))} classes, {len(parts['train'])} train / {len(parts['test'])} test images")

@@ -1,0 +1,204 @@
+"""The per-task steps of a DIKI run (one Snakemake rule each; reference/diki.md).
+
+A DIKI experiment learns a sequence of datasets, one task each, on a frozen CLIP. Per run
+``results/runs/<experiment>/seed<k>/``:
+
+    task<t>/gaussian.safetensors  mean and covariance of the frozen features of dataset t's training images (§3.1)
+    task<t>/prefix.safetensors    the trained key/value prefixes of task t (§2), from the best validation epoch
+    task<t>/train_log.csv         loss, accuracy, validation accuracy and lr per epoch
+    task<t>/eval.json             accuracy on every dataset of the sequence after task t (seen and unseen, §5.2)
+
+Both the Gaussian and the prefixes of task t depend only on the frozen backbone and dataset t, so the tasks can
+train in parallel (``rng: per-task``); ``rng: sequential`` chains one random stream through the tasks in order, as
+the official single process does. The frozen, L2-normalised image features of every dataset are computed once per
+backbone (``results/features/<backbone>/<dataset>/{train,test}.safetensors``) and reused by the Gaussians and by
+every evaluation row.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .chain import pick_device, seed_everything
+from .config import derive_seed
+from .data.loader import ManifestDataset, make_loader, make_transform
+from .data.manifest import class_names_of, read_manifest
+from .files import file_sha256, write_csv, write_json
+from .methods.diki import TaskGaussian, calibrate, fit_gaussian, iteration_lrs
+from .models.clip_prefix import CLIPPrefix, load_clip, prompts, tokenize
+from .state import load_state, save_state
+
+
+def _dataset(manifest: str, backbone_spec: dict) -> ManifestDataset:
+    """Every image of a manifest with its dataset-local label, under CLIP's preprocessing (no augmentation, §1)."""
+    labels = sorted({label for _, label, _ in read_manifest(manifest)})
+    tf = make_transform("clip", backbone_spec["image_size"], backbone_spec["mean"], backbone_spec["std"])
+    return ManifestDataset(manifest, labels, labels, tf)
+
+
+def _prompt_tokens(manifest: str, dataset_spec: dict, clip) -> torch.Tensor:
+    return tokenize(prompts(class_names_of(read_manifest(manifest)), dataset_spec.get("template")), clip.context_length)
+
+
+def _prefix_model(backbone_spec: dict, weights: str, prefix_cfg: dict) -> CLIPPrefix:
+    return CLIPPrefix(load_clip(backbone_spec, weights), prefix_cfg["depth_vision"], prefix_cfg["depth_text"],
+                      prefix_cfg["length"])
+
+
+@torch.no_grad()
+def frozen_features(backbone_spec: dict, weights: str, dataset_spec: dict, manifest: str, out: str,
+                    batch_size: int = 256, threads: int = 1) -> None:
+    """Frozen, L2-normalised image features of every image of ``manifest`` (manifest order), with the frozen
+    model's zero-shot accuracy on them (the dataset's template, its own classes)."""
+    torch.set_num_threads(threads)
+    device = pick_device()
+    clip = load_clip(backbone_spec, weights).to(device)
+    loader = make_loader(_dataset(manifest, backbone_spec), batch_size, shuffle=False)
+    feats, labels = [], []
+    for x, y in tqdm(loader, desc="frozen features", leave=False, mininterval=5):
+        feats.append(F.normalize(clip.encode_image(x.to(device)), dim=-1).float().cpu())
+        labels.append(y)
+    feats, labels = torch.cat(feats), torch.cat(labels)
+    text = F.normalize(clip.encode_text(_prompt_tokens(manifest, dataset_spec, clip).to(device)), dim=-1).float().cpu()
+    zero_shot = 100.0 * float(((feats @ text.T).argmax(1) == labels).float().mean())
+    print(f"{len(labels)} images, zero-shot accuracy {zero_shot:.2f}%")
+    save_state(out, {"features": feats, "labels": labels},
+               {"kind": "frozen_features", "zero_shot_accuracy": zero_shot, "backbone_sha256": file_sha256(weights)})
+
+
+def gaussian(features_file: str, out: str) -> None:
+    """Task t's Gaussian from the frozen training features of its dataset (§3.1)."""
+    tensors, meta = load_state(features_file)
+    g = fit_gaussian(tensors["features"])
+    save_state(out, {"mean": g.mean, "covariance": g.covariance},
+               {"kind": "gaussian", "images": int(tensors["features"].shape[0]), "backbone_sha256": meta["backbone_sha256"]})
+
+
+def load_gaussian(path: str) -> TaskGaussian:
+    tensors, _ = load_state(path)
+    return TaskGaussian(tensors["mean"], tensors["covariance"])
+
+
+def _accuracy(model: CLIPPrefix, prefix: dict, tokens: torch.Tensor, loader, device) -> float:
+    """Oracle-path accuracy (the task's own prefixes at full strength), as the official validation (§4)."""
+    correct = total = 0
+    with torch.no_grad():
+        text = model.encode_text(tokens, prefix)
+        for x, y in loader:
+            pred = (model.encode_image(x.to(device), prefix) @ text.T).argmax(1).cpu()
+            correct += int((pred == y).sum())
+            total += len(y)
+    return 100.0 * correct / total
+
+
+def train_prefix(experiment_name: str, experiment: dict, seed: int, task: int, dataset_spec: dict, backbone_spec: dict,
+                 weights: str, train_csv: str, val_csv: str | None, out: str, log_out: str,
+                 previous_prefix: str | None = None, threads: int = 1) -> None:
+    """Train task t's prefixes on dataset t: SGD, per-iteration cosine, cross-entropy over the dataset's classes with
+    its template; keep the epoch with the best validation accuracy (§4)."""
+    torch.set_num_threads(threads)
+    cfg = experiment["train"]
+    device = pick_device()
+    model = _prefix_model(backbone_spec, weights, experiment["prefix"]).to(device)
+    gen = torch.Generator()
+    if experiment["rng"] == "sequential" and task > 0:
+        gen.set_state(load_state(previous_prefix)[0]["rng_state"])
+    else:
+        gen.manual_seed(derive_seed(experiment_name, seed, "prefix") if experiment["rng"] == "sequential"
+                        else derive_seed(experiment_name, seed, task, "prefix"))
+    seed_everything(int(torch.randint(2**62, (1,), generator=gen)))
+    prefix = {k: v.to(device).requires_grad_(True) for k, v in model.new_prefix(gen).items()}
+    tokens = _prompt_tokens(train_csv, dataset_spec, model.clip).to(device)
+    loader = make_loader(_dataset(train_csv, backbone_spec), cfg["batch_size"], shuffle=True,
+                         seed=int(torch.randint(2**62, (1,), generator=gen)))
+    val = None
+    if val_csv is not None and read_manifest(val_csv):
+        val = make_loader(_dataset(val_csv, backbone_spec), experiment["eval_batch_size"], shuffle=False)
+    optimizer = torch.optim.SGD(list(prefix.values()), lr=cfg["lr"], momentum=0.0, weight_decay=cfg["weight_decay"])
+    lrs = iteration_lrs(cfg["lr"], cfg["epochs"] * len(loader), cfg["final_lr_ratio"])
+    scale = model.logit_scale().detach()
+    print(f"task {task}: {len(loader.dataset)} images, {model.trainable_parameters()} trainable parameters, "
+          f"validation on {len(val.dataset) if val else 0} images")
+    rows, best, best_acc, step = [], None, -1.0, 0
+    for epoch in range(cfg["epochs"]):
+        loss_sum = correct = seen = 0
+        for x, y in tqdm(loader, desc=f"task {task} epoch {epoch}", leave=False, mininterval=5):
+            for group in optimizer.param_groups:
+                group["lr"] = lrs[step]
+            x, y = x.to(device), y.to(device)
+            logits = scale * model.encode_image(x, prefix) @ model.encode_text(tokens, prefix).T
+            loss = F.cross_entropy(logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += float(loss.detach()) * len(y)
+            correct += int((logits.argmax(1) == y).sum())
+            seen += len(y)
+            step += 1
+        val_acc = _accuracy(model, prefix, tokens, val, device) if val else float("nan")
+        rows.append({"epoch": epoch, "loss": loss_sum / seen, "train_accuracy": 100.0 * correct / seen,
+                     "val_accuracy": val_acc, "lr_last": lrs[step - 1]})
+        print(f"epoch {epoch}: loss {loss_sum / seen:.4f}, train {100.0 * correct / seen:.2f}%, val {val_acc:.2f}%")
+        if val is None or val_acc > best_acc:  # strictly better (§4); without validation the last epoch
+            best_acc, best = val_acc, {"epoch": epoch, "prefix": {k: v.detach().cpu().clone() for k, v in prefix.items()}}
+    write_csv(log_out, rows)
+    tensors = dict(best["prefix"])
+    if experiment["rng"] == "sequential":
+        tensors["rng_state"] = gen.get_state()
+    save_state(out, tensors, {"kind": "prefix", "task": task, "best_epoch": best["epoch"], "val_accuracy": best_acc,
+                              "trainable_parameters": model.trainable_parameters(), "train": cfg,
+                              "backbone_sha256": file_sha256(weights)})
+
+
+@torch.no_grad()
+def evaluate(experiment: dict, task: int, dataset_specs: list[dict], backbone_spec: dict, weights: str,
+             gaussian_files: list[str], prefix_files: list[str], test_csvs: list[str], feature_files: list[str],
+             out: str, threads: int = 1) -> None:
+    """Row ``task`` of the accuracy matrix: every dataset of the sequence (seen and unseen) through the calibrated
+    path (§3.2, §5.2): batches of ``eval_batch_size`` consecutive test images, the task from the learnt Gaussians
+    (batch-wise majority vote, or per sample), λ per image, the batch's (or the task's) mean λ for the text."""
+    torch.set_num_threads(threads)
+    device = pick_device()
+    model = _prefix_model(backbone_spec, weights, experiment["prefix"]).to(device)
+    gaussians = [load_gaussian(f) for f in gaussian_files]
+    prefixes = [{k: v.to(device) for k, v in load_state(f)[0].items() if k != "rng_state"} for f in prefix_files]
+    cal = experiment["calibration"]
+    start = time.perf_counter()
+    accs, weights_mean, chosen = [], [], []
+    for spec, test_csv, feature_file in zip(dataset_specs, test_csvs, feature_files):
+        frozen = load_state(feature_file)[0]["features"]
+        tokens = _prompt_tokens(test_csv, spec, model.clip).to(device)
+        loader = make_loader(_dataset(test_csv, backbone_spec), experiment["eval_batch_size"], shuffle=False)
+        correct = total = 0
+        lam_sum, counts = 0.0, torch.zeros(len(gaussians), dtype=torch.long)
+        for x, y in loader:
+            f = frozen[total: total + len(y)]
+            ids, lam = calibrate(f, gaussians, batchwise=cal["batchwise"], scale=cal["scale"])
+            x, lam_d = x.to(device), lam.to(device)
+            if cal["batchwise"]:
+                u = int(ids[0])
+                image = model.encode_image(x, prefixes[u], lam_d)
+                logits = image @ model.encode_text(tokens, prefixes[u], float(lam.mean())).T
+            else:  # per sample: each image its own task; the text once per selected task with that task's mean λ
+                image = model.encode_image(x, per_sample=[prefixes[int(i)] for i in ids], weight=lam_d)
+                logits = torch.empty(len(y), tokens.shape[0], device=device)
+                for u in ids.unique().tolist():
+                    rows = ids == u
+                    text = model.encode_text(tokens, prefixes[u], float(lam[rows].mean()))
+                    logits[rows.to(device)] = image[rows.to(device)] @ text.T
+            correct += int((logits.argmax(1).cpu() == y).sum())
+            total += len(y)
+            lam_sum += float(lam.sum())
+            counts += torch.bincount(ids, minlength=len(gaussians))
+        if total != frozen.shape[0]:
+            raise RuntimeError(f"{test_csv}: {total} images but {frozen.shape[0]} cached features")
+        accs.append(100.0 * correct / total)
+        weights_mean.append(lam_sum / total)
+        chosen.append(counts.tolist())
+    print(f"after task {task}: accuracy per dataset {[round(a, 2) for a in accs]}; "
+          f"mean λ per dataset {[round(w, 3) for w in weights_mean]}")
+    write_json(out, {"task": task, "accuracy": accs, "mean_weight": weights_mean, "selected_task_counts": chosen,
+                     "seconds": time.perf_counter() - start})

@@ -1,0 +1,182 @@
+"""open_clip's CLIP with DIKI's residual prefix attention (reference/diki.md §2).
+
+In the first ``depth`` residual attention blocks of each tower, a task's key/value prefixes (``length`` tokens,
+already projected, keys U(−1, 1) and values 0 at creation) get their own softmax, whose output is added, scaled by
+λ, to the frozen attention before the frozen output projection:
+
+    Out = [A_orig + λ·softmax(Q P_Kᵀ / √d) P_V] W_o + b_o = MHA(x) + λ·[softmax(Q P_Kᵀ / √d) P_V] W_o
+
+The frozen attention is computed by the original ``nn.MultiheadAttention`` module, so with λ = 0 or zero values the
+model *is* the frozen CLIP, bit for bit. A task's prefixes are a plain dict of tensors (``visual.<i>.key`` …,
+``text.<i>.value``), one dict per task: only the current task's tensors are trained.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def residual_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor,
+                       prefix_v: torch.Tensor, weight: torch.Tensor | float, attn_mask: torch.Tensor | None = None
+                       ) -> torch.Tensor:
+    """DIKI's attention on head-split tensors: q, k, v [B, H, N, d], prefixes [B, H, L, d], ``weight`` [B] or a
+    scalar; ``attn_mask`` (additive or boolean) applies to the original tokens only. Returns [B, H, N, d]."""
+    original = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+    return original + _weighted(prefix_attention(q, prefix_k, prefix_v), weight)
+
+
+def prefix_attention(q: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.Tensor) -> torch.Tensor:
+    """softmax(Q P_Kᵀ / √d) P_V, the prefixes' separate softmax (no mask: every position sees every prefix)."""
+    return F.scaled_dot_product_attention(q, prefix_k, prefix_v)
+
+
+def _weighted(x: torch.Tensor, weight: torch.Tensor | float) -> torch.Tensor:
+    if isinstance(weight, torch.Tensor) and weight.dim() == 1:
+        return x * weight.to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
+    return x * weight
+
+
+class PrefixAttention(nn.Module):
+    """Drop-in for a block's ``nn.MultiheadAttention`` (batch first): the frozen module plus the residual prefix
+    term. ``prefix`` = (keys, values) of shape [B or 1, L, D] and ``weight`` are set by :class:`CLIPPrefix`."""
+
+    def __init__(self, mha: nn.MultiheadAttention):
+        super().__init__()
+        if not mha.batch_first or not mha._qkv_same_embed_dim:
+            raise ValueError("PrefixAttention expects a batch-first self-attention with a packed in-projection")
+        self.mha = mha
+        self.prefix: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.weight: torch.Tensor | float = 1.0
+
+    def forward(self, query, key, value, need_weights=False, attn_mask=None, **kwargs):
+        out = self.mha(query, key, value, need_weights=False, attn_mask=attn_mask)[0]
+        if self.prefix is None:
+            return out, None
+        b, n, d = query.shape
+        h = self.mha.num_heads
+        q = F.linear(query, self.mha.in_proj_weight[:d], self.mha.in_proj_bias[:d] if self.mha.in_proj_bias is not None else None)
+        q = q.view(b, n, h, d // h).transpose(1, 2)
+        pk, pv = (p.to(q.dtype).expand(b, -1, -1).reshape(b, -1, h, d // h).transpose(1, 2) for p in self.prefix)
+        extra = _weighted(prefix_attention(q, pk, pv), self.weight).transpose(1, 2).reshape(b, n, d)
+        return out + F.linear(extra, self.mha.out_proj.weight), None
+
+
+class CLIPPrefix(nn.Module):
+    """A frozen open_clip ``CLIP`` whose first ``depth_vision`` / ``depth_text`` blocks take task prefixes."""
+
+    TOWERS = ("visual", "text")
+
+    def __init__(self, clip: nn.Module, depth_vision: int = 8, depth_text: int = 8, length: int = 8):
+        super().__init__()
+        self.clip = clip.eval().requires_grad_(False)
+        self.length = length
+        self.layers: dict[str, list[PrefixAttention]] = {}
+        for tower, blocks, depth in (("visual", clip.visual.transformer.resblocks, depth_vision),
+                                     ("text", clip.transformer.resblocks, depth_text)):
+            if depth > len(blocks):
+                raise ValueError(f"{tower} tower has {len(blocks)} blocks, fewer than the prefix depth {depth}")
+            self.layers[tower] = []
+            for block in list(blocks)[:depth]:
+                block.attn = PrefixAttention(block.attn)
+                self.layers[tower].append(block.attn)
+
+    # ---- prefixes ----
+    def prefix_shapes(self) -> dict[str, tuple[int, int]]:
+        return {f"{tower}.{i}.{kind}": (self.length, layer.mha.embed_dim)
+                for tower in self.TOWERS for i, layer in enumerate(self.layers[tower]) for kind in ("key", "value")}
+
+    def new_prefix(self, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """A task's initial prefixes: keys U(−1, 1), values 0 (reference/diki.md §2.1)."""
+        out = {}
+        for name, shape in self.prefix_shapes().items():
+            out[name] = torch.rand(shape, generator=generator) * 2 - 1 if name.endswith("key") else torch.zeros(shape)
+        return out
+
+    def trainable_parameters(self) -> int:
+        return sum(math.prod(s) for s in self.prefix_shapes().values())
+
+    def _install(self, tower: str, prefix: dict[str, torch.Tensor] | None, weight, per_sample=None) -> None:
+        for i, layer in enumerate(self.layers[tower]):
+            if prefix is None and per_sample is None:
+                layer.prefix = None
+                continue
+            if per_sample is not None:  # one prefix dict per sample -> [B, L, D]
+                k = torch.stack([p[f"{tower}.{i}.key"] for p in per_sample])
+                v = torch.stack([p[f"{tower}.{i}.value"] for p in per_sample])
+            else:
+                k, v = prefix[f"{tower}.{i}.key"][None], prefix[f"{tower}.{i}.value"][None]
+            layer.prefix, layer.weight = (k, v), weight
+
+    # ---- towers ----
+    def encode_image(self, images: torch.Tensor, prefix: dict | None = None, weight=1.0,
+                     per_sample: list[dict] | None = None) -> torch.Tensor:
+        """L2-normalised image features; ``prefix`` (one task for the batch) or ``per_sample`` (one per image),
+        scaled by ``weight`` (scalar or [B])."""
+        self._install("visual", prefix, weight, per_sample)
+        try:
+            return F.normalize(self.clip.encode_image(images), dim=-1)
+        finally:
+            self._install("visual", None, 1.0)
+
+    def encode_text(self, tokens: torch.Tensor, prefix: dict | None = None, weight=1.0) -> torch.Tensor:
+        """L2-normalised text features of tokenised prompts, one task's prefixes scaled by one ``weight``."""
+        self._install("text", prefix, weight)
+        try:
+            return F.normalize(self.clip.encode_text(tokens), dim=-1)
+        finally:
+            self._install("text", None, 1.0)
+
+    def logit_scale(self) -> torch.Tensor:
+        return self.clip.logit_scale.exp()
+
+
+def build_clip(spec: dict) -> nn.Module:
+    """An untrained open_clip ``CLIP`` of a ``pretrain_clip`` backbone's sizes (``spec['arch']``)."""
+    import open_clip
+
+    a = spec["arch"]
+    v, t = a["vision"], a["text"]
+    return open_clip.CLIP(
+        embed_dim=a["embed_dim"], quick_gelu=True,
+        vision_cfg=dict(image_size=spec["image_size"], layers=v["layers"], width=v["width"], patch_size=v["patch_size"],
+                        head_width=v["head_width"]),
+        text_cfg=dict(context_length=t["context_length"], vocab_size=49408, width=t["width"], heads=t["heads"],
+                      layers=t["layers"]))
+
+
+def load_clip(spec: dict, weights: str) -> nn.Module:
+    """The frozen CLIP of a backbone spec, weights from a local file only.
+
+    ``pretrain_clip``: the sizes in ``spec['arch']`` and the safetensors state of the pretraining rule.
+    ``open_clip``: ``open_clip.create_model(spec['name'])`` (QuickGELU as OpenAI's weights need) loading ``weights``."""
+    from pathlib import Path
+
+    if not Path(weights).is_file():
+        raise FileNotFoundError(f"CLIP weights {weights} do not exist")
+    if spec["type"] == "pretrain_clip":
+        from ..state import load_state
+
+        clip = build_clip(spec)
+        clip.load_state_dict(load_state(weights)[0])
+    else:
+        import open_clip
+
+        clip = open_clip.create_model(spec["name"], pretrained=str(weights), force_quick_gelu=spec.get("quick_gelu", True))
+    return clip.eval().requires_grad_(False)
+
+
+def tokenize(texts: list[str], context_length: int) -> torch.Tensor:
+    import open_clip
+
+    return open_clip.get_tokenizer("ViT-B-16")(texts, context_length=context_length)
+
+
+DEFAULT_TEMPLATE = "a photo of a {}."
+
+
+def prompts(class_names: list[str], template: str | None) -> list[str]:
+    """One sentence per class with the dataset's single template (reference/diki.md §1: underscores -> spaces)."""
+    return [(template or DEFAULT_TEMPLATE).format(name).replace("_", " ") for name in class_names]

@@ -1,0 +1,151 @@
+"""DIKI on tensors: residual prefix attention (reference/diki.md §2.2), task Gaussians and calibration (§3),
+the per-iteration schedule (§4)."""
+import math
+
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ifcl.methods.diki import calibrate, fit_gaussian, iteration_lrs, log_likelihoods, majority_task
+from ifcl.models.clip_prefix import CLIPPrefix, PrefixAttention, residual_attention
+
+
+def tiny_clip(seed=0):
+    torch.manual_seed(seed)
+    clip = open_clip.CLIP(embed_dim=32, quick_gelu=True,
+                          vision_cfg=dict(image_size=32, layers=3, width=48, patch_size=8, head_width=16),
+                          text_cfg=dict(context_length=16, vocab_size=49408, width=32, heads=2, layers=3))
+    return clip.eval()
+
+
+def tokens(texts, length=16):
+    return open_clip.get_tokenizer("ViT-B-16")(texts, context_length=length)
+
+
+def direct(q, k, v, pk, pv, weight, mask=None):
+    """The §2.2 formula written out: two separate softmaxes, the prefix one scaled per sample."""
+    d = q.shape[-1]
+    scores = q @ k.transpose(-1, -2) / math.sqrt(d)
+    if mask is not None:
+        scores = scores + mask
+    original = scores.softmax(-1) @ v
+    extra = (q @ pk.transpose(-1, -2) / math.sqrt(d)).softmax(-1) @ pv
+    return original + weight.view(-1, 1, 1, 1) * extra
+
+
+def test_residual_attention_matches_the_formula():
+    g = torch.Generator().manual_seed(0)
+    b, h, n, length, d = 3, 2, 7, 4, 8
+    q, k, v = (torch.randn(b, h, n, d, generator=g, dtype=torch.float64) for _ in range(3))
+    pk, pv = (torch.randn(b, h, length, d, generator=g, dtype=torch.float64) for _ in range(2))
+    w = torch.rand(b, generator=g, dtype=torch.float64)
+    mask = torch.full((n, n), float("-inf"), dtype=torch.float64).triu(1)  # causal, as in the text tower
+    out = residual_attention(q, k, v, pk, pv, w, attn_mask=mask)
+    assert out.shape == (b, h, n, d)
+    torch.testing.assert_close(out, direct(q, k, v, pk, pv, w, mask), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(residual_attention(q, k, v, pk, pv, 0.0), F.scaled_dot_product_attention(q, k, v))
+
+
+def test_prefix_attention_module_equals_the_formula_through_the_projections():
+    torch.manual_seed(0)
+    mha = torch.nn.MultiheadAttention(16, 4, batch_first=True).double().eval()
+    layer = PrefixAttention(mha)
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    pk, pv = torch.randn(1, 3, 16, dtype=torch.float64), torch.randn(1, 3, 16, dtype=torch.float64)
+    w = torch.tensor([0.3, 0.9], dtype=torch.float64)
+    layer.prefix, layer.weight = (pk, pv), w
+    out, _ = layer(x, x, x)
+    qkv = F.linear(x, mha.in_proj_weight, mha.in_proj_bias).view(2, 5, 3, 4, 4).permute(2, 0, 3, 1, 4)
+    split = lambda p: p.expand(2, -1, -1).view(2, 3, 4, 4).transpose(1, 2)
+    heads = direct(qkv[0], qkv[1], qkv[2], split(pk), split(pv), w)
+    expected = F.linear(heads.transpose(1, 2).reshape(2, 5, 16), mha.out_proj.weight, mha.out_proj.bias)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_frozen_clip_exactly_when_weight_is_zero_or_values_are_zero():
+    clip = tiny_clip()
+    x, tok = torch.rand(4, 3, 32, 32), tokens(["a red circle", "the digit 3"])
+    frozen_image = F.normalize(clip.encode_image(x), dim=-1)
+    frozen_text = F.normalize(clip.encode_text(tok), dim=-1)
+    model = CLIPPrefix(clip, depth_vision=2, depth_text=2, length=4)
+    fresh = model.new_prefix(torch.Generator().manual_seed(0))  # values 0
+    trained = {k: torch.randn_like(p) for k, p in fresh.items()}
+    assert torch.equal(model.encode_image(x, fresh), frozen_image)
+    assert torch.equal(model.encode_text(tok, fresh), frozen_text)
+    assert torch.equal(model.encode_image(x, trained, weight=torch.zeros(4)), frozen_image)
+    assert torch.equal(model.encode_text(tok, trained, weight=0.0), frozen_text)
+    assert not torch.allclose(model.encode_image(x, trained), frozen_image)
+    assert torch.equal(model.encode_image(x), frozen_image)  # nothing left installed
+    # per-sample prefixes: a sample with task A's prefix gets what the batch-wide task A prefix gives it
+    per_sample = model.encode_image(x, per_sample=[trained, fresh, trained, fresh], weight=torch.ones(4))
+    torch.testing.assert_close(per_sample[0], model.encode_image(x, trained)[0])
+    torch.testing.assert_close(per_sample[1], frozen_image[1])
+
+
+def test_prefix_initialisation_and_the_vit_b16_count():
+    model = CLIPPrefix(tiny_clip(), depth_vision=2, depth_text=3, length=4)
+    p = model.new_prefix(torch.Generator().manual_seed(1))
+    assert all(torch.all(v == 0) for k, v in p.items() if k.endswith("value"))
+    keys = torch.cat([v.flatten() for k, v in p.items() if k.endswith("key")])
+    assert keys.min() >= -1 and keys.max() <= 1 and keys.std() > 0.5
+    assert model.trainable_parameters() == 2 * 2 * 4 * 48 + 3 * 2 * 4 * 32
+    vit_b16 = CLIPPrefix(open_clip.create_model("ViT-B-16", pretrained=None), 8, 8, 8)
+    assert vit_b16.trainable_parameters() == 163_840  # reference/diki.md §2.1
+
+
+def random_gaussians(d=6, t=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(t):
+        a = torch.randn(d, d, generator=g) * 0.1
+        out.append((torch.randn(d, generator=g) + 3 * i, a @ a.T + 0.05 * torch.eye(d)))
+    return out
+
+
+def test_fit_gaussian_is_mean_and_unbiased_covariance_plus_jitter():
+    f = torch.randn(50, 5, dtype=torch.float64)
+    g = fit_gaussian(f)
+    torch.testing.assert_close(g.mean, f.mean(0).float())
+    torch.testing.assert_close(g.covariance, (torch.cov(f.T) + 1e-7 * torch.eye(5)).float())
+
+
+def test_log_likelihood_matches_torch_multivariate_normal():
+    from ifcl.methods.diki import TaskGaussian
+
+    gaussians = [TaskGaussian(m, c) for m, c in random_gaussians()]
+    x = torch.randn(9, 6) * 2
+    ours = log_likelihoods(x, gaussians)
+    for t, g in enumerate(gaussians):
+        reference = torch.distributions.MultivariateNormal(g.mean.double(), g.covariance.double()).log_prob(x.double())
+        torch.testing.assert_close(ours[:, t], reference.float(), rtol=1e-5, atol=1e-4)
+
+
+def test_calibration_picks_the_likeliest_task_and_the_official_weight():
+    from ifcl.methods.diki import TaskGaussian
+
+    gaussians = [TaskGaussian(m, c) for m, c in random_gaussians()]
+    x = torch.stack([gaussians[i].mean + 0.01 * torch.randn(6) for i in (2, 2, 0, 1, 2)])
+    ids, w = calibrate(x, gaussians, batchwise=False)
+    assert ids.tolist() == [2, 2, 0, 1, 2]
+    best = log_likelihoods(x, gaussians).max(1).values
+    torch.testing.assert_close(w, torch.sigmoid(best / 6 - 1))
+    ids_b, w_b = calibrate(x, gaussians, batchwise=True)
+    assert ids_b.tolist() == [2] * 5 and torch.equal(w_b, w)  # majority task, each sample keeps its own λ
+    _, w512 = calibrate(x, gaussians, batchwise=False, scale=512)
+    torch.testing.assert_close(w512, torch.sigmoid(best / 512 - 1))
+    assert majority_task(torch.tensor([1, 0, 1, 0, 3])) == 0  # ties go to the smaller task id
+
+
+def test_non_positive_definite_covariance_is_refused():
+    from ifcl.methods.diki import TaskGaussian
+
+    with pytest.raises(ValueError, match="positive definite"):
+        TaskGaussian(torch.zeros(3), torch.zeros(3, 3))
+
+
+def test_iteration_cosine_schedule():
+    lrs = iteration_lrs(5.0, 100)
+    assert lrs[0] == 5.0 and len(lrs) == 100
+    assert abs(lrs[50] - (0.005 + 0.5 * (5.0 - 0.005))) < 1e-12
+    assert lrs[-1] > 0.005 and all(a > b for a, b in zip(lrs, lrs[1:]))

@@ -1,0 +1,84 @@
+"""DIKI through the workflow on a tiny CLIP pretrained in the pipeline: per-task files, a complete MTIL matrix with
+Transfer / Average / Last, tasks independent of each other, exact re-runs, and the sequential-RNG option."""
+import copy
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from conftest import TINY_DIKI_CONFIG, snakemake
+from ifcl.files import read_json
+from ifcl.state import load_state
+
+pytestmark = pytest.mark.pipeline
+RUN = ("results", "runs", "tiny_diki", "seed0")
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    wd = tmp_path_factory.mktemp("diki")
+    snakemake(wd, TINY_DIKI_CONFIG)
+    return wd
+
+
+def test_per_task_files_and_a_complete_mtil_matrix(workdir):
+    run = workdir.joinpath(*RUN)
+    for t in range(2):
+        for name in ("gaussian.safetensors", "prefix.safetensors", "train_log.csv", "eval.json"):
+            assert (run / f"task{t}" / name).is_file(), (t, name)
+    prefix, meta = load_state(run / "task0" / "prefix.safetensors")
+    assert meta["trainable_parameters"] == 2 * 4 * 32 + 2 * 4 * 32 == sum(v.numel() for v in prefix.values())
+    assert sorted(prefix) == ["text.0.key", "text.0.value", "visual.0.key", "visual.0.value"]
+    assert meta["best_epoch"] in (0, 1) and meta["val_accuracy"] >= 0  # tc_shapes has a validation split
+    _, meta1 = load_state(run / "task1" / "prefix.safetensors")
+    assert meta1["best_epoch"] == 1 and np.isnan(meta1["val_accuracy"])  # tc_textures has none: last epoch
+    gauss, gmeta = load_state(run / "task0" / "gaussian.safetensors")
+    assert gauss["covariance"].shape == (16, 16) and gmeta["images"] == 24
+    acc = pd.read_csv(run / "acc_matrix.csv", index_col=0).to_numpy()
+    assert acc.shape == (2, 2) and not np.isnan(acc).any()  # unseen datasets are evaluated too
+    metrics = read_json(run / "metrics.json")
+    assert metrics["transfer"] == pytest.approx(acc[0, 1], abs=1e-3)  # the CSV keeps 4 decimals
+    assert metrics["last"] == pytest.approx(acc[1].mean(), abs=1e-3) and metrics["average"] == pytest.approx(acc.mean(), abs=1e-3)
+    assert len(metrics["zero_shot_per_task"]) == 2
+    summary = (workdir / "results" / "summary" / "summary.md").read_text()
+    assert "| tiny_diki | diki | tc_shapes > tc_textures | 2 | 1 |" in summary and "Transfer" in summary
+
+
+def test_frozen_features_are_shared_and_tasks_do_not_depend_on_each_other(workdir):
+    proc = snakemake(workdir, TINY_DIKI_CONFIG, "--dry-run", "--forcerun", "gaussian", "train_prefix")
+    planned = re.findall(r"^(?:local)?rule (\w+):\n(?:    .*\n)*?    output: (.*)$", proc.stdout, flags=re.M)
+    assert sorted(r for r, _ in planned) == ["aggregate_run", "evaluate_diki", "evaluate_diki", "gaussian", "gaussian",
+                                            "summarize", "train_prefix", "train_prefix"]
+    # task 1's prefix needs nothing of task 0
+    dag = snakemake(workdir, TINY_DIKI_CONFIG, "results/runs/tiny_diki/seed0/task1/prefix.safetensors",
+                    "--dry-run", "--forcerun", "train_prefix").stdout  # (targets before --forcerun's list)
+    assert "task1/prefix.safetensors" in dag
+    assert "task0" not in dag
+
+
+def test_rerunning_a_task_reproduces_its_files_exactly(workdir):
+    run = workdir.joinpath(*RUN)
+    files = [run / "task1" / n for n in ("gaussian.safetensors", "prefix.safetensors", "eval.json")]
+    before = {p: p.read_bytes() for p in files}
+    for p in files:
+        p.unlink()
+    snakemake(workdir, TINY_DIKI_CONFIG)
+    strip = lambda b: re.sub(rb'"seconds": [0-9.e-]+', b"", b)
+    assert {p: strip(p.read_bytes()) for p in files} == {p: strip(b) for p, b in before.items()}
+
+
+def test_sequential_rng_chains_the_tasks(tmp_path):
+    config = copy.deepcopy(TINY_DIKI_CONFIG)
+    config["experiments"]["tiny_diki"]["rng"] = "sequential"
+    config["experiments"]["tiny_diki"]["calibration"]["batchwise"] = False  # the per-sample path works too
+    snakemake(tmp_path, config)
+    run = tmp_path.joinpath(*RUN)
+    state0, _ = load_state(run / "task0" / "prefix.safetensors")
+    assert state0["rng_state"].dtype == torch.uint8
+    # task 1's training continues task 0's random stream, so it needs task 0's prefix file
+    dag = snakemake(tmp_path, config, "results/runs/tiny_diki/seed0/task1/prefix.safetensors",
+                    "--dry-run", "--forcerun", "train_prefix").stdout
+    assert "task0/prefix.safetensors" in dag
+    assert not np.isnan(pd.read_csv(run / "acc_matrix.csv", index_col=0).to_numpy()).any()
