@@ -40,6 +40,10 @@ def test_diki_experiments_need_clip_backbones_and_known_datasets(tiny_config):
     with pytest.raises(ConfigError, match="tiny_diki.backbone: DIKI needs a CLIP backbone"):
         check(both)
     both["experiments"]["tiny_diki"]["backbone"] = "tiny_clip"
+    both["experiments"]["tiny_diki"]["prefix"] = {"depth_vision": 3, "depth_text": 1, "length": 4}
+    with pytest.raises(ConfigError, match="tiny_diki.prefix.depth_vision: 3 blocks, but the vision tower"):
+        check(both)
+    both["experiments"]["tiny_diki"]["prefix"]["depth_vision"] = 1
     both["experiments"]["tiny_seq-lora"]["backbone"] = "tiny_clip"
     with pytest.raises(ConfigError, match="tiny_seq-lora.backbone: seq-lora needs a ViT backbone"):
         check(both)

@@ -104,6 +104,12 @@ def check(config: dict) -> None:
                 raise ConfigError(f"{key}.sequence: a dataset appears twice")
             if kind not in CLIP_BACKBONES:
                 raise ConfigError(f"{key}.backbone: DIKI needs a CLIP backbone (type open_clip or pretrain_clip), not {kind}")
+            if kind == "pretrain_clip":
+                arch = backbones[exp["backbone"]]["arch"]
+                for tower, layers in (("vision", arch["vision"]["layers"]), ("text", arch["text"]["layers"])):
+                    if exp["prefix"][f"depth_{tower}"] > layers:
+                        raise ConfigError(f"{key}.prefix.depth_{tower}: {exp['prefix'][f'depth_{tower}']} blocks, but "
+                                          f"the {tower} tower of '{exp['backbone']}' has {layers}")
             continue
         if kind in CLIP_BACKBONES:
             raise ConfigError(f"{key}.backbone: {exp['method']} needs a ViT backbone (type timm or pretrain), not {kind}")
