@@ -1,6 +1,7 @@
 """Fetching raw sources from a local HTTP server (127.0.0.1) that serves small fabricated archives at the real URLs'
 paths (through the `mirror` setting), and building the benchmark manifests from them."""
 import dataclasses
+import json
 import hashlib
 import io
 import pickle
@@ -246,3 +247,26 @@ def test_timm_weights_fetched_recorded_and_loadable(server, tmp_path):
     out.write_bytes(out.read_bytes()[:-1] + b"\0")  # the recorded file changed behind our back
     with pytest.raises(FetchError, match="differs from the file recorded"):
         fetch_timm_weights(name, out, mirror=server.url)
+
+
+def test_mtil_coop_split_few_shot_and_80_20_split(tmp_path):
+    from ifcl.data.mtil import mtil_manifests
+
+    raw = tmp_path / "raw" / "mtil-dtd"
+    split = {part: [[f"c{c}/{part}{i}.jpg", c, f"class_{c}"] for c in range(3) for i in range(n)]
+             for part, n in (("train", 20), ("val", 6), ("test", 5))}
+    raw.mkdir(parents=True)
+    (raw / "split_zhou_DescribableTextures.json").write_text(json.dumps(split))
+    spec = {"type": "mtil", "name": "dtd", "split_seed": 0, "template": "a photo of a {} texture."}
+    parts = mtil_manifests(spec, tmp_path / "raw", None)
+    assert [len(parts[p]) for p in ("train", "val", "test")] == [60, 18, 15]
+    assert parts["test"][0] == (str(raw / "images" / "c0" / "test0.jpg"), 0, "class_0")
+    fs = mtil_manifests({**spec, "shots": 16}, tmp_path / "raw", None)
+    assert [len(fs[p]) for p in ("train", "val", "test")] == [48, 12, 15]
+    assert fs == mtil_manifests({**spec, "shots": 16}, tmp_path / "raw", None)  # drawn once, reproducibly
+
+    from ifcl.data.mtil import _split_80_20
+
+    rows = [(f"img{i}", i % 2, f"k{i % 2}") for i in range(20)]
+    train, val = _split_80_20(rows, seed=3)
+    assert len(train) == 16 and len(val) == 4 and not set(train) & set(val)

@@ -65,12 +65,16 @@ def uses_alignment(experiment: dict) -> bool:
 
 CLIP_BACKBONES = ("open_clip", "pretrain_clip")
 BENCHMARK_CLASSES = {"cifar100": 100, "imagenet-r": 200, "domainnet": 345}
+MTIL_CLASSES = {"aircraft": 100, "caltech101": 100, "cifar100": 100, "dtd": 47, "eurosat": 10, "flowers": 102,
+                "food": 101, "mnist": 10, "oxford_pet": 37, "stanford_cars": 196, "sun397": 397}
 
 
 def num_classes(dataset: dict) -> int | None:
     """Number of classes of a dataset spec when it is known before any data is read (generated data, benchmarks)."""
     if dataset["type"] == "generated":
         return sum(p["count"] for p in dataset["parts"]) if "parts" in dataset else dataset["classes"]["count"]
+    if dataset["type"] == "mtil":
+        return MTIL_CLASSES[dataset["name"]]
     return BENCHMARK_CLASSES.get(dataset["type"])
 
 

@@ -271,7 +271,7 @@ def diki_train_inputs(wildcards):
     spec = EXPERIMENTS[wildcards.exp]
     ds = diki_dataset(wildcards)
     inputs = {"backbone": backbone_weights(spec["backbone"]), "train": manifest(ds, "train")}
-    if DATASETS[ds]["type"] == "generated" and DATASETS[ds].get("val_per_class"):
+    if DATASETS[ds]["type"] == "mtil" or DATASETS[ds].get("val_per_class"):
         inputs["val"] = manifest(ds, "val")
     t = int(wildcards.t)
     if spec["rng"] == "sequential" and t > 0:  # the random stream continues from the previous task

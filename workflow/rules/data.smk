@@ -57,6 +57,28 @@ rule decode_cifar100:
         "../../scripts/prepare_dataset.py"
 
 
+rule prepare_mtil:
+    """An MTIL dataset: train / val / test manifests (CoOp splits; MNIST and CIFAR100 decoded into PNG files)."""
+    input:
+        source_markers,
+    output:
+        images=directory("data/prepared/{dataset}/images"),
+        train="data/prepared/{dataset}/train.csv",
+        val="data/prepared/{dataset}/val.csv",
+        test="data/prepared/{dataset}/test.csv",
+    params:
+        spec=dataset_content,
+        raw=RAW,
+    wildcard_constraints:
+        dataset=names_of_type(DATASETS, "mtil"),
+    conda:
+        CONDA_ENV
+    log:
+        "logs/prepare_mtil/{dataset}.log",
+    script:
+        "../../scripts/prepare_dataset.py"
+
+
 rule list_benchmark:
     """ImageNet-R / DomainNet: manifests from the split lists (or the seeded split) over the raw images."""
     input:

@@ -41,11 +41,12 @@ def _load_cifar_batch(path: Path) -> dict:
         raise DatasetError(f"{path} is missing: expected the extracted CIFAR-100 python version") from None
 
 
-def cifar100_manifests(raw: str | Path, images_dir: str | Path) -> dict[str, Rows]:
-    """Decode CIFAR-100 (``raw/cifar-100-python/{train,test,meta}``) into PNG files and list them."""
+def cifar100_manifests(raw: str | Path, images_dir: str | Path, base: str | Path | None = None) -> dict[str, Rows]:
+    """Decode CIFAR-100 (``raw/cifar-100-python/{train,test,meta}``, or ``base/{train,test,meta}``) into PNG files
+    and list them."""
     from PIL import Image
 
-    base = Path(raw) / "cifar-100-python"
+    base = Path(base) if base is not None else Path(raw) / "cifar-100-python"
     names = _load_cifar_batch(base / "meta")["fine_label_names"]
     out = {}
     for part in ("train", "test"):
@@ -131,6 +132,10 @@ def benchmark_manifests(spec: dict, raw_root: str | Path, images_dir: str | Path
         return imagenet_r_manifests(raw_root / "imagenet-r", spec["split"], raw_root / "coda-prompt-imagenet-r" / "downloads")
     if spec["type"] == "domainnet":
         return domainnet_manifests(raw_root / "domainnet", raw_root / "coda-prompt-domainnet" / "downloads")
+    if spec["type"] == "mtil":
+        from .mtil import mtil_manifests
+
+        return mtil_manifests(spec, raw_root, images_dir)
     raise ValueError(f"not a benchmark dataset type: {spec['type']!r}")
 
 
@@ -142,4 +147,6 @@ def sources_of(spec: dict) -> list[str]:
         return ["imagenet-r"] + (["coda-prompt-imagenet-r"] if spec["split"]["rule"] == "coda-prompt" else [])
     if spec["type"] == "domainnet":
         return ["domainnet", "coda-prompt-domainnet"]
+    if spec["type"] == "mtil":
+        return [f"mtil-{spec['name']}"]
     return []

@@ -141,6 +141,8 @@ def prepare_dataset(spec: dict, train_csv: str, test_csv: str, images_dir: str |
         from .benchmarks import benchmark_manifests
 
         parts = benchmark_manifests(spec, raw_root, images_dir)
+    if images_dir is not None:
+        Path(images_dir).mkdir(parents=True, exist_ok=True)  # a declared output, even when nothing is decoded
     write_manifest(train_csv, parts["train"])
     write_manifest(test_csv, parts["test"])
     if val_csv is not None:  # header only when the dataset has no validation split

@@ -14,6 +14,7 @@ Every error names the file or URL and says how to place the data by hand (comput
 """
 from __future__ import annotations
 
+import gzip
 import hashlib
 import http.client
 import os
@@ -26,7 +27,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from ..files import read_json, write_json
+from ..files import atomic_path, read_json, write_json
 
 MARKER = "ifcl-source.json"
 CODA_PROMPT_SPLITS = ("https://raw.githubusercontent.com/GT-RIPL/CODA-Prompt/"
@@ -44,10 +45,19 @@ class RemoteFile:
     size: int | None          # bytes; None where no trustworthy figure is published
     digest: str | None        # "md5:<hex>", "sha256:<hex>" or "gitblob:<sha1 of the git blob>"; None: unknown
     extract: bool = False     # an archive to unpack into the source folder
+    strip: str = ""           # extract: the archive folder whose contents go into the source folder
+    inner: str = ""           # extract: an archive found inside (relative to the source folder), unpacked in turn
+    gunzip: bool = False      # a single gzip-compressed file, decompressed into the source folder
+    dest: str = ""            # where a plain file goes (relative to the source folder); default downloads/<name>
+    manual: bool = False      # no direct download (e.g. Google Drive): the file must be placed by hand at `dest`
 
     @property
     def name(self) -> str:
         return PurePosixPath(self.url).name
+
+    @property
+    def target(self) -> str:
+        return self.dest or f"downloads/{self.name}"
 
 
 @dataclass(frozen=True)
@@ -93,15 +103,20 @@ SOURCES: dict[str, Source] = {s.name: s for s in (
 )}
 
 
+from .mtil import SOURCES as _MTIL_SOURCES  # noqa: E402  (the MTIL datasets' sources, defined with their readers)
+
+SOURCES.update(_MTIL_SOURCES)
+
+
 def source_dir(raw_root: str | Path, name: str) -> Path:
     return Path(raw_root) / name
 
 
 def _manual_hint(source: Source, raw_root: Path) -> str:
     folder = source_dir(raw_root, source.name)
-    urls = "\n".join(f"  {f.url}" for f in source.files)
-    return (f"To install it by hand, download\n{urls}\ninto {folder}/downloads/ (they are verified and extracted), or "
-            f"place the extracted data so that {folder} holds: {source.note}")
+    files = "\n".join(f"  {f.url}  ->  {folder / f.target}" for f in source.files)
+    return (f"To install it by hand, put these files where shown (they are verified and unpacked):\n{files}\n"
+            f"or place the unpacked data so that {folder} holds: {source.note}")
 
 
 def _digest_of(path: Path, kind: str) -> str:
@@ -205,6 +220,27 @@ def extract(archive: Path, target: Path) -> None:
         raise FetchError(f"{archive} is not a readable tar or zip archive: {e}") from e
 
 
+def _unpack(archive: Path, folder: Path, strip: str) -> None:
+    """Extract ``archive`` into a temporary folder, then move the contents of its ``strip`` subfolder (or of the
+    whole archive) into ``folder``, replacing what has the same name."""
+    tmp = folder / f".extract-{archive.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        extract(archive, tmp)
+        root = tmp / strip
+        if not root.is_dir():
+            raise FetchError(f"{archive} has no folder {strip!r}: not the expected archive")
+        for item in sorted(root.iterdir()):
+            old = folder / item.name
+            if old.is_dir():
+                shutil.rmtree(old)
+            elif old.exists():
+                old.unlink()
+            os.replace(item, old)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def layout_present(source: Source, folder: Path) -> bool:
     return all((folder / rel).exists() for rel in source.layout)
 
@@ -224,31 +260,27 @@ def fetch_source(name: str, raw_root: str | Path = "data/raw", mirror: str | Non
         print(f"{name}: found the expected files in {folder} (placed by hand); accepting them")
         write_json(marker, {"source": name, "placed_by_hand": True, "files": {}})
         return folder
-    downloads = folder / "downloads"
     record = {}
     for remote in source.files:
-        dest = downloads / remote.name
+        dest = folder / remote.target
         url = remote.url if mirror is None else mirror.rstrip("/") + "/" + remote.url.split("://", 1)[1]
-        placed = dest.exists()  # an archive the user put there is verified, extracted and kept
+        placed = dest.exists()  # a file the user put there is verified, unpacked and kept
         try:
+            if remote.manual and not placed:
+                raise FetchError(f"{dest} must be placed by hand (from {remote.url}; it has no direct download)")
             record[remote.name] = verify_file(dest, remote) if placed else download(url, dest, remote)
-        except FetchError as e:
+            if remote.extract:
+                _unpack(dest, folder, remote.strip)
+                if remote.inner:
+                    _unpack(folder / remote.inner, folder, "")
+                    (folder / remote.inner).unlink()
+            elif remote.gunzip:
+                with gzip.open(dest, "rb") as src, atomic_path(folder / dest.name.removesuffix(".gz")) as out:
+                    shutil.copyfileobj(src, out)
+        except (FetchError, OSError, EOFError) as e:
             raise FetchError(f"{name}: {e}\n{_manual_hint(source, raw_root)}") from e
-        if remote.extract:
-            tmp = folder / f".extract-{remote.name}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            try:
-                extract(dest, tmp)
-                for item in sorted(tmp.iterdir()):
-                    if (folder / item.name).exists():
-                        shutil.rmtree(folder / item.name)
-                    os.replace(item, folder / item.name)
-            except FetchError as e:
-                raise FetchError(f"{name}: {e}\n{_manual_hint(source, raw_root)}") from e
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-            if not placed:
-                dest.unlink()  # extracted and its sha256 recorded: keeping it would only double the disk space
+        if (remote.extract or remote.gunzip) and not placed:
+            dest.unlink()  # unpacked and its sha256 recorded: keeping it would only double the disk space
     if not layout_present(source, folder):
         missing = [rel for rel in source.layout if not (folder / rel).exists()]
         raise FetchError(f"{name}: after download, {folder} lacks {missing}\n{_manual_hint(source, raw_root)}")

@@ -1,0 +1,206 @@
+"""The eleven MTIL datasets as DIKI reads them (reference/diki.md §7): raw layout, splits, class names, templates.
+
+Each dataset's raw folder ``data/raw/mtil-<name>/`` has the layout of the matching folder of DIKI's
+``dataset_root`` (so an existing DIKI data root can be linked or copied in by hand). Splits:
+
+* CoOp's ``split_zhou_*.json`` (train / val / test lists of ``[image path, label, class name]``) for Caltech101,
+  DTD, EuroSAT, Flowers, Food, OxfordPet, StanfordCars and SUN397;
+* Aircraft: the official ``images_variant_{train,val,test}.txt`` with the classes of ``variants.txt``;
+* CIFAR100 and MNIST: the official test set, and the official training set split 80/20 per class into train / val
+  with a recorded seed (DIKI redraws this split with an unseeded ``random`` in every process, reference §9.5:
+  a deliberate, documented deviation).
+
+Few-shot (MTIL-FS): ``shots`` training images per class and min(shots, 4) validation images per class, drawn once
+with the dataset's ``split_seed``; the test set stays whole.
+"""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+
+from .manifest import DatasetError
+from .sources import RemoteFile, Source
+
+Rows = list[tuple[str, int, str]]
+COOP = "https://github.com/KaiyangZhou/CoOp/blob/main/DATASETS.md#"  # links each split file (Google Drive)
+VGG = "https://www.robots.ox.ac.uk/~vgg/data/"
+
+# name: DIKI's folder name, its single template (the first entry of the loader's list), the split reader and, for
+# CoOp splits, the JSON file and the folder its image paths are relative to.
+DATASETS = {
+    "aircraft": dict(folder="fgvc_aircraft", template="a photo of a {}, a type of aircraft.", reader="aircraft"),
+    "caltech101": dict(folder="caltech-101", template="a photo of a {}.", reader="coop",
+                       split="split_zhou_Caltech101.json", images="101_ObjectCategories"),
+    "cifar100": dict(folder="cifar100", template="a photo of a {}.", reader="cifar100"),
+    "dtd": dict(folder="dtd", template="a photo of a {} texture.", reader="coop",
+                split="split_zhou_DescribableTextures.json", images="images"),
+    "eurosat": dict(folder="eurosat", template="a centered satellite photo of {}.", reader="coop",
+                    split="split_zhou_EuroSAT.json", images="2750"),
+    "flowers": dict(folder="oxford_flowers", template="a photo of a {}, a type of flower.", reader="coop",
+                    split="split_zhou_OxfordFlowers.json", images="jpg"),
+    "food": dict(folder="food-101", template="a photo of a {}, a type of food.", reader="coop",
+                 split="split_zhou_Food101.json", images="images"),
+    "mnist": dict(folder="mnist", template='a photo of the number: "{}".', reader="mnist"),
+    "oxford_pet": dict(folder="oxford_pets", template="a photo of a {}, a type of pet.", reader="coop",
+                       split="split_zhou_OxfordPets.json", images="images"),
+    "stanford_cars": dict(folder="stanford_cars", template="a photo of a {}, a type of car.", reader="coop",
+                          split="split_zhou_StanfordCars.json", images=""),
+    "sun397": dict(folder="sun397", template="a photo of a {}.", reader="coop", split="split_zhou_SUN397.json",
+                   images="SUN397"),
+}
+MNIST_NAMES = ["0 - zero", "1 - one", "2 - two", "3 - three", "4 - four", "5 - five", "6 - six", "7 - seven",
+               "8 - eight", "9 - nine"]
+
+
+def _coop_json(name: str) -> RemoteFile:
+    """A CoOp split file: on Google Drive only, so placed by hand (no published checksum)."""
+    split = DATASETS[name]["split"]
+    return RemoteFile(f"{COOP}{split}", None, None, dest=split, manual=True)
+
+
+def _source(name: str, files: tuple, layout: tuple, note: str) -> Source:
+    return Source(f"mtil-{name}", files, layout, note)
+
+
+SOURCES = {s.name: s for s in (
+    _source("aircraft", (RemoteFile(VGG + "fgvc-aircraft/archives/fgvc-aircraft-2013b.tar.gz", None, None, extract=True,
+                                    strip="fgvc-aircraft-2013b/data"),),
+            ("images", "variants.txt", "images_variant_train.txt", "images_variant_val.txt", "images_variant_test.txt"),
+            "the data/ folder of fgvc-aircraft-2013b: images/, variants.txt, images_variant_{train,val,test}.txt"),
+    _source("caltech101", (RemoteFile("https://data.caltech.edu/records/mzrjq-6wc02/files/caltech-101.zip", None,
+                                      "md5:3138e1922a9193bfa496528edbbc45d0", extract=True, strip="caltech-101",
+                                      inner="101_ObjectCategories.tar.gz"), _coop_json("caltech101")),
+            ("101_ObjectCategories", "split_zhou_Caltech101.json"), "101_ObjectCategories/, split_zhou_Caltech101.json"),
+    _source("cifar100", (RemoteFile("https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz", 169001437,
+                                    "md5:eb9058c3a382ffc7106e4002c42a8d85", extract=True, strip="cifar-100-python"),),
+            ("meta", "train", "test"), "meta, train, test (the python version of CIFAR-100)"),
+    _source("dtd", (RemoteFile(VGG + "dtd/download/dtd-r1.0.1.tar.gz", None, "md5:fff73e5086ae6bdbea199a49dfb8a4c1",
+                               extract=True, strip="dtd"), _coop_json("dtd")),
+            ("images", "split_zhou_DescribableTextures.json"), "images/, labels/, imdb/, split_zhou_DescribableTextures.json"),
+    _source("eurosat", (RemoteFile("https://huggingface.co/datasets/torchgeo/eurosat/resolve/"
+                                   "c877bcd43f099cd0196738f714544e355477f3fd/EuroSAT.zip", None,
+                                   "md5:c8fa014336c82ac7804f0398fcb19387", extract=True), _coop_json("eurosat")),
+            ("2750", "split_zhou_EuroSAT.json"), "2750/<class>/<image>.jpg, split_zhou_EuroSAT.json"),
+    _source("flowers", (RemoteFile(VGG + "flowers/102/102flowers.tgz", None, "md5:52808999861908f626f3c1f4e79d11fa",
+                                   extract=True), _coop_json("flowers")),
+            ("jpg", "split_zhou_OxfordFlowers.json"), "jpg/, split_zhou_OxfordFlowers.json (imagelabels.mat and "
+            "cat_to_name.json are not needed: the split file names every class)"),
+    _source("food", (RemoteFile("http://data.vision.ee.ethz.ch/cvl/food-101.tar.gz", None,
+                                "md5:85eeb15f3717b99a5da872d97d918f87", extract=True, strip="food-101"), _coop_json("food")),
+            ("images", "split_zhou_Food101.json"), "images/<class>/<image>.jpg, split_zhou_Food101.json"),
+    _source("mnist", tuple(RemoteFile(f"https://ossci-datasets.s3.amazonaws.com/mnist/{f}", None, f"md5:{md5}", gunzip=True)
+                           for f, md5 in (("train-images-idx3-ubyte.gz", "f68b3c2dcbeaaa9fbdd348bbdeb94873"),
+                                          ("train-labels-idx1-ubyte.gz", "d53e105ee54ea40749a09fcbcd1e9432"),
+                                          ("t10k-images-idx3-ubyte.gz", "9fb629c4189551a2d022fa330f9573f3"),
+                                          ("t10k-labels-idx1-ubyte.gz", "ec29112dd5afa0611ce80d1b7f02629c"))),
+            ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+            "the four uncompressed MNIST idx files"),
+    _source("oxford_pet", (RemoteFile(VGG + "pets/data/images.tar.gz", None, "md5:5c4f3ee8e5d25df40f4fd59a7f44e54c",
+                                      extract=True), _coop_json("oxford_pet")),
+            ("images", "split_zhou_OxfordPets.json"), "images/, split_zhou_OxfordPets.json"),
+    _source("stanford_cars", (_coop_json("stanford_cars"),),
+            ("cars_train", "cars_test", "split_zhou_StanfordCars.json"),
+            "cars_train/, cars_test/, split_zhou_StanfordCars.json. Stanford's own download is dead (torchvision "
+            "removed it, pytorch/vision#7545): get a copy by the route described there and place it here by hand"),
+    _source("sun397", (RemoteFile("http://vision.princeton.edu/projects/2010/SUN/SUN397.tar.gz", None,
+                                  "md5:8ca2778205c41d23104230ba66911c7a", extract=True), _coop_json("sun397")),
+            ("SUN397", "split_zhou_SUN397.json"), "SUN397/<letter>/<class>/..., split_zhou_SUN397.json"),
+)}
+
+
+def _coop_rows(raw: Path, info: dict) -> dict[str, Rows]:
+    path = raw / info["split"]
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DatasetError(f"CoOp split file {path} is missing") from None
+    root = raw / info["images"] if info["images"] else raw
+    return {part: [(str(root / impath), int(label), str(name)) for impath, label, name in doc[part]]
+            for part in ("train", "val", "test")}
+
+
+def _aircraft_rows(raw: Path) -> dict[str, Rows]:
+    variants = [line.strip() for line in (raw / "variants.txt").read_text().splitlines() if line.strip()]
+    index = {v: i for i, v in enumerate(variants)}
+    out = {}
+    for part in ("train", "val", "test"):
+        rows = []
+        for line in (raw / f"images_variant_{part}.txt").read_text().splitlines():
+            if line.strip():
+                image, variant = line.strip().split(" ", 1)
+                rows.append((str(raw / "images" / f"{image}.jpg"), index[variant], variant))
+        out[part] = rows
+    return out
+
+
+def _split_80_20(rows: Rows, seed: int) -> tuple[Rows, Rows]:
+    """The official training set split per class into 80 % train and 20 % val, seeded."""
+    rng = np.random.RandomState(seed)
+    train, val = [], []
+    for label in sorted({r[1] for r in rows}):
+        items = [r for r in rows if r[1] == label]
+        order = rng.permutation(len(items))
+        n_val = round(0.2 * len(items))
+        val += [items[i] for i in sorted(order[:n_val])]
+        train += [items[i] for i in sorted(order[n_val:])]
+    return train, val
+
+
+def _idx_images(path: Path) -> np.ndarray:
+    data = path.read_bytes()
+    n, h, w = (int.from_bytes(data[i:i + 4], "big") for i in (4, 8, 12))
+    return np.frombuffer(data, dtype=np.uint8, offset=16).reshape(n, h, w)
+
+
+def _mnist_rows(raw: Path, images_dir: Path) -> dict[str, Rows]:
+    from PIL import Image
+
+    out = {}
+    for part, prefix in (("train", "train"), ("test", "t10k")):
+        images = _idx_images(raw / f"{prefix}-images-idx3-ubyte")
+        labels = np.frombuffer((raw / f"{prefix}-labels-idx1-ubyte").read_bytes(), dtype=np.uint8, offset=8)
+        rows = []
+        for i, (img, label) in enumerate(zip(images, labels)):
+            path = images_dir / part / f"{int(label)}" / f"{i:05d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img, mode="L").save(path)
+            rows.append((str(path), int(label), MNIST_NAMES[int(label)]))
+        out[part] = rows
+    return out
+
+
+def few_shot(rows: Rows, shots: int, seed: int) -> Rows:
+    """``shots`` rows per class (all if fewer), drawn with a seeded generator from the sorted rows."""
+    rng = random.Random(seed)
+    out = []
+    for label in sorted({r[1] for r in rows}):
+        items = sorted(r for r in rows if r[1] == label)
+        out += items if len(items) <= shots else sorted(rng.sample(items, shots))
+    return out
+
+
+def mtil_manifests(spec: dict, raw_root: str | Path, images_dir: str | Path | None) -> dict[str, Rows]:
+    """train / val / test rows of one MTIL dataset spec (``name``, ``split_seed``, optional ``shots``)."""
+    name = spec["name"]
+    info = DATASETS[name]
+    raw = Path(raw_root) / f"mtil-{name}"
+    if info["reader"] == "coop":
+        parts = _coop_rows(raw, info)
+    elif info["reader"] == "aircraft":
+        parts = _aircraft_rows(raw)
+    else:
+        if info["reader"] == "cifar100":
+            from .benchmarks import cifar100_manifests
+
+            parts = cifar100_manifests(raw, images_dir, base=raw)
+            parts = {part: [(p, label, cls.replace("_", " ")) for p, label, cls in rows] for part, rows in parts.items()}
+        else:
+            parts = _mnist_rows(raw, Path(images_dir))
+        parts["train"], parts["val"] = _split_80_20(parts["train"], spec["split_seed"])
+    if spec.get("shots"):
+        parts["train"] = few_shot(parts["train"], spec["shots"], spec["split_seed"])
+        parts["val"] = few_shot(parts["val"], min(spec["shots"], 4), spec["split_seed"])
+    return {part: sorted(rows) for part, rows in parts.items()}
