@@ -112,7 +112,7 @@ def test_offline_paper_config_stops_in_the_fetch_rule_with_instructions(tmp_path
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert "Error in rule fetch_" in out and "To install it by hand, put these files where shown" in out
-    assert "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz" in out
+    assert "https://www.cs.toronto.edu/~kriz/cifar-100-binary.tar.gz" in out
     started = set(re.findall(r"^(?:local)?rule (\w+):", out, re.M))
     assert started <= {"fetch_source", "fetch_weights"}, started
     assert not (tmp_path / "data" / "prepared").exists() and not (tmp_path / "results").exists()

@@ -4,7 +4,6 @@ import dataclasses
 import json
 import hashlib
 import io
-import pickle
 import tarfile
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -71,14 +70,16 @@ def tar_bytes(members: dict[str, bytes]) -> bytes:
 
 
 def fake_cifar(n_classes=3, per_class=2, seed=0) -> tuple[bytes, dict]:
+    """A CIFAR-100 binary-version archive: records of (coarse label, fine label, 3072 pixel bytes)."""
     rng = np.random.default_rng(seed)
-    batches = {}
+    batches, members = {}, {}
     for part in ("train", "test"):
         labels = [c for c in range(n_classes) for _ in range(per_class)]
         data = rng.integers(0, 256, (len(labels), 3072), dtype=np.uint8)
-        batches[part] = {"data": data, "fine_labels": labels, "coarse_labels": [0] * len(labels)}
-    meta = {"fine_label_names": [f"class{c}" for c in range(n_classes)], "coarse_label_names": ["all"]}
-    members = {f"cifar-100-python/{k}": pickle.dumps(v) for k, v in {**batches, "meta": meta}.items()}
+        batches[part] = {"data": data, "fine_labels": labels}
+        records = np.concatenate([np.zeros((len(labels), 1), np.uint8), np.array(labels, np.uint8)[:, None], data], 1)
+        members[f"cifar-100-binary/{part}.bin"] = records.tobytes()
+    members["cifar-100-binary/fine_label_names.txt"] = "".join(f"class{c}\n" for c in range(n_classes)).encode()
     return tar_bytes(members), batches
 
 
@@ -96,7 +97,7 @@ def test_download_verify_extract_then_manifests_and_no_second_download(server, m
     remote = with_source(monkeypatch, "cifar100", archive)
     server.serve(remote.url, archive)
     folder = fetch_source("cifar100", tmp_path / "raw", mirror=server.url)
-    assert (folder / MARKER).is_file() and (folder / "cifar-100-python" / "train").is_file()
+    assert (folder / MARKER).is_file() and (folder / "cifar-100-binary" / "train.bin").is_file()
     assert not (folder / "downloads" / remote.name).exists()  # extracted and recorded, not kept twice
     parts = cifar100_manifests(folder, tmp_path / "images")
     assert len(parts["train"]) == 6 and sorted({r[2] for r in parts["test"]}) == ["class0", "class1", "class2"]
@@ -114,7 +115,7 @@ def expect_clean_failure(tmp_path, mirror, name, match):
         fetch_source(name, tmp_path / "raw", mirror=mirror)
     folder = tmp_path / "raw" / name
     assert not (folder / MARKER).exists()
-    assert not (folder / "cifar-100-python").exists()
+    assert not (folder / "cifar-100-binary").exists()
     assert not any(p.name.startswith(".extract") for p in folder.glob("*"))
     assert "by hand" in str(info.value)
     return str(info.value)
@@ -133,7 +134,7 @@ def test_wrong_checksum_404_and_escaping_archive_fail_cleanly(server, monkeypatc
     message = expect_clean_failure(tmp_path, server.url, "cifar100", "HTTP 404")
     assert server.url + "/" + remote.url.split("://")[1] in message
 
-    evil = tar_bytes({"cifar-100-python/train": b"x", "../escaped": b"x"})
+    evil = tar_bytes({"cifar-100-binary/train.bin": b"x", "../escaped": b"x"})
     with_source(monkeypatch, "cifar100", evil)
     server.serve(remote.url, evil)
     expect_clean_failure(tmp_path, server.url, "cifar100", "outside")
@@ -165,19 +166,20 @@ def test_resume_from_a_part_file(server, monkeypatch, tmp_path):
 
 
 def test_data_placed_by_hand_is_accepted_offline(tmp_path):
-    folder = tmp_path / "raw" / "cifar100" / "cifar-100-python"
+    folder = tmp_path / "raw" / "cifar100" / "cifar-100-binary"
     folder.mkdir(parents=True)
-    for f in ("train", "test", "meta"):
+    for f in ("train.bin", "test.bin", "fine_label_names.txt"):
         (folder / f).write_bytes(b"")
     fetch_source("cifar100", tmp_path / "raw", mirror="http://127.0.0.1:9")  # nothing listens there
     assert (tmp_path / "raw" / "cifar100" / MARKER).exists()
 
 
-def test_cifar_unpickler_refuses_code(tmp_path):
-    base = tmp_path / "cifar-100-python"
+def test_malformed_cifar_records_are_refused(tmp_path):
+    base = tmp_path / "cifar-100-binary"
     base.mkdir()
-    (base / "meta").write_bytes(pickle.dumps({"fine_label_names": [Path("x")]}))
-    with pytest.raises(DatasetError, match="refusing to unpickle"):
+    (base / "fine_label_names.txt").write_text("a\nb\n")
+    (base / "train.bin").write_bytes(bytes(3074 + 10))  # one record and a fragment
+    with pytest.raises(DatasetError, match="not a whole number of 3074-byte CIFAR-100 records"):
         cifar100_manifests(tmp_path, tmp_path / "images")
 
 

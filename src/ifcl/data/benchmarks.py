@@ -1,7 +1,7 @@
 """Manifests of the paper benchmarks from their raw files (reference/inflora.md §6), never touching those files.
 
-* ``cifar100``: the python version's pickled arrays are decoded (with an unpickler that only admits NumPy arrays)
-  and written once as lossless PNG files under ``data/prepared/<dataset>/images/``; labels are the fine labels.
+* ``cifar100``: the binary version's records are decoded (no pickle) and written once as lossless PNG files under
+  ``data/prepared/<dataset>/images/``; labels are the fine labels.
 * ``imagenet-r``: ``coda-prompt`` split = CODA-Prompt's fixed 24,000 / 6,000 lists; ``random`` split = the official
   code's ``random_split``: ``torch.manual_seed(seed)``, ``randperm`` over the ImageFolder order (sorted wnid
   folders, sorted files), the first ``int(0.8 N)`` for training, **without** moving any file. Labels follow the
@@ -10,7 +10,6 @@
 """
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 
 import numpy as np
@@ -21,40 +20,37 @@ from .manifest import DatasetError, IMAGE_SUFFIXES
 Rows = list[tuple[str, int, str]]
 
 
-class _ArraysOnly(pickle.Unpickler):
-    """CIFAR's batches are pickled dicts of lists and NumPy arrays: admit exactly the classes those need."""
-
-    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-               ("numpy", "ndarray"), ("numpy", "dtype")}
-
-    def find_class(self, module, name):
-        if (module, name) not in self.ALLOWED:
-            raise DatasetError(f"refusing to unpickle {module}.{name} from a CIFAR batch file")
-        return super().find_class(module, name)
+CIFAR_RECORD = 2 + 3 * 32 * 32  # coarse label, fine label, then the R, G and B planes of a 32x32 image
 
 
-def _load_cifar_batch(path: Path) -> dict:
+def _read_cifar_bin(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Fine labels [n] and images [n, 32, 32, 3] (uint8) of a CIFAR-100 binary-version file."""
     try:
-        with open(path, "rb") as f:
-            return _ArraysOnly(f, encoding="latin1").load()
+        data = np.fromfile(path, dtype=np.uint8)
     except FileNotFoundError:
-        raise DatasetError(f"{path} is missing: expected the extracted CIFAR-100 python version") from None
+        raise DatasetError(f"{path} is missing: expected the extracted CIFAR-100 binary version") from None
+    if data.size == 0 or data.size % CIFAR_RECORD:
+        raise DatasetError(f"{path}: {data.size} bytes is not a whole number of {CIFAR_RECORD}-byte CIFAR-100 records")
+    records = data.reshape(-1, CIFAR_RECORD)
+    return records[:, 1], records[:, 2:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
 
 
-def cifar100_manifests(raw: str | Path, images_dir: str | Path, base: str | Path | None = None) -> dict[str, Rows]:
-    """Decode CIFAR-100 (``raw/cifar-100-python/{train,test,meta}``, or ``base/{train,test,meta}``) into PNG files
-    and list them."""
+def cifar100_manifests(raw: str | Path, images_dir: str | Path) -> dict[str, Rows]:
+    """Decode CIFAR-100's binary version (``raw/cifar-100-binary/{train,test}.bin``, ``fine_label_names.txt``)
+    into PNG files and list them: the dataset the official code reads through torchvision's python version, but
+    stored as plain records, so no pickle is ever loaded."""
     from PIL import Image
 
-    base = Path(base) if base is not None else Path(raw) / "cifar-100-python"
-    names = _load_cifar_batch(base / "meta")["fine_label_names"]
+    base = Path(raw) / "cifar-100-binary"
+    try:
+        names = [n.strip() for n in (base / "fine_label_names.txt").read_text().splitlines() if n.strip()]
+    except FileNotFoundError:
+        raise DatasetError(f"{base / 'fine_label_names.txt'} is missing: expected the extracted CIFAR-100 binary version") from None
     out = {}
     for part in ("train", "test"):
-        batch = _load_cifar_batch(base / part)
-        pixels = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-        labels = [int(y) for y in batch["fine_labels"]]
+        labels, pixels = _read_cifar_bin(base / f"{part}.bin")
         rows = []
-        for i, (img, label) in enumerate(zip(pixels, labels)):
+        for i, (img, label) in enumerate(zip(pixels, labels.tolist())):
             path = Path(images_dir) / part / f"{label:03d}" / f"{i:05d}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(img).save(path, optimize=False)
@@ -147,6 +143,6 @@ def sources_of(spec: dict) -> list[str]:
         return ["imagenet-r"] + (["coda-prompt-imagenet-r"] if spec["split"]["rule"] == "coda-prompt" else [])
     if spec["type"] == "domainnet":
         return ["domainnet", "coda-prompt-domainnet"]
-    if spec["type"] == "mtil":
-        return [f"mtil-{spec['name']}"]
+    if spec["type"] == "mtil":  # MTIL's CIFAR100 is read from the same download as the InfLoRA benchmark
+        return ["cifar100"] if spec["name"] == "cifar100" else [f"mtil-{spec['name']}"]
     return []

@@ -1,7 +1,8 @@
 """The eleven MTIL datasets as DIKI reads them (reference/diki.md §7): raw layout, splits, class names, templates.
 
 Each dataset's raw folder ``data/raw/mtil-<name>/`` has the layout of the matching folder of DIKI's
-``dataset_root`` (so an existing DIKI data root can be linked or copied in by hand). Splits:
+``dataset_root`` (so an existing DIKI data root can be linked or copied in by hand); CIFAR100 alone is read from
+the ``cifar100`` source (the binary version, which needs no unpickling). Splits:
 
 * CoOp's ``split_zhou_*.json`` (train / val / test lists of ``[image path, label, class name]``) for Caltech101,
   DTD, EuroSAT, Flowers, Food, OxfordPet, StanfordCars and SUN397;
@@ -74,9 +75,6 @@ SOURCES = {s.name: s for s in (
                                       "md5:3138e1922a9193bfa496528edbbc45d0", extract=True, strip="caltech-101",
                                       inner="101_ObjectCategories.tar.gz"), _coop_json("caltech101")),
             ("101_ObjectCategories", "split_zhou_Caltech101.json"), "101_ObjectCategories/, split_zhou_Caltech101.json"),
-    _source("cifar100", (RemoteFile("https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz", 169001437,
-                                    "md5:eb9058c3a382ffc7106e4002c42a8d85", extract=True, strip="cifar-100-python"),),
-            ("meta", "train", "test"), "meta, train, test (the python version of CIFAR-100)"),
     _source("dtd", (RemoteFile(VGG + "dtd/download/dtd-r1.0.1.tar.gz", None, "md5:fff73e5086ae6bdbea199a49dfb8a4c1",
                                extract=True, strip="dtd"), _coop_json("dtd")),
             ("images", "split_zhou_DescribableTextures.json"), "images/, labels/, imdb/, split_zhou_DescribableTextures.json"),
@@ -192,10 +190,10 @@ def mtil_manifests(spec: dict, raw_root: str | Path, images_dir: str | Path | No
     elif info["reader"] == "aircraft":
         parts = _aircraft_rows(raw)
     else:
-        if info["reader"] == "cifar100":
+        if info["reader"] == "cifar100":  # the InfLoRA benchmark's download (source `cifar100`)
             from .benchmarks import cifar100_manifests
 
-            parts = cifar100_manifests(raw, images_dir, base=raw)
+            parts = cifar100_manifests(Path(raw_root) / "cifar100", images_dir)
             parts = {part: [(p, label, cls.replace("_", " ")) for p, label, cls in rows] for part, rows in parts.items()}
         else:
             parts = _mnist_rows(raw, Path(images_dir))

@@ -70,10 +70,11 @@ class Source:
 
 SOURCES: dict[str, Source] = {s.name: s for s in (
     Source("cifar100",
-           (RemoteFile("https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz", 169001437,
-                       "md5:eb9058c3a382ffc7106e4002c42a8d85", extract=True),),
-           ("cifar-100-python/train", "cifar-100-python/test", "cifar-100-python/meta"),
-           "cifar-100-python/{train,test,meta} (the python version of CIFAR-100, extracted)"),
+           (RemoteFile("https://www.cs.toronto.edu/~kriz/cifar-100-binary.tar.gz", None,
+                       "md5:03b5dce01913d631647c71ecec9e9cb8", extract=True),),
+           ("cifar-100-binary/train.bin", "cifar-100-binary/test.bin", "cifar-100-binary/fine_label_names.txt"),
+           "cifar-100-binary/{train.bin,test.bin,fine_label_names.txt} (the binary version of CIFAR-100, extracted; "
+           "the python version would need unpickling)"),
     Source("imagenet-r",
            (RemoteFile("https://people.eecs.berkeley.edu/~hendrycks/imagenet-r.tar", None,
                        "md5:a61312130a589d0ca1a8fca1f2bd3337", extract=True),),
