@@ -70,14 +70,14 @@ def summarize(runs: dict[str, dict[int, str]], experiments: dict, csv_out: str, 
         rows.append(row)
     columns = list(dict.fromkeys(k for r in rows for k in r))
     write_csv(csv_out, [{c: r.get(c, "") for c in columns} for r in rows])
-    md = []
+    tables = []
     for protocol, (keys, header) in PROTOCOLS.items():
         chosen = [r for r in rows if r["protocol"] == protocol]
         if not chosen:
             continue
-        md += ["" if md else None, f"| experiment | method | dataset | tasks | seeds | {header} |",
-               "|" + "---|" * (5 + len(keys))]
+        lines = [f"| experiment | method | dataset | tasks | seeds | {header} |", "|" + "---|" * (5 + len(keys))]
         for r in chosen:
             cells = [f"{r[f'{k}_mean']:.2f} ± {r[f'{k}_std']:.2f}" for k in keys]
-            md.append(f"| {r['experiment']} | {r['method']} | {r['dataset']} | {r['tasks']} | {r['seeds']} | " + " | ".join(cells) + " |")
-    write_text(md_out, "\n".join(line for line in md if line is not None) + "\n")
+            lines.append(f"| {r['experiment']} | {r['method']} | {r['dataset']} | {r['tasks']} | {r['seeds']} | " + " | ".join(cells) + " |")
+        tables.append("\n".join(lines) + "\n")
+    write_text(md_out, "\n".join(tables))

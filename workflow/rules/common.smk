@@ -74,12 +74,12 @@ def names_of_type(registry, kind):
     return "|".join(re.escape(n) for n in names) if names else "(?!)"
 
 
-TRANSFORM_KEYS = ("train_transform", "test_transform", "crop_scale", "template")
+NON_CONTENT_KEYS = ("train_transform", "test_transform", "crop_scale", "template")
 
 
 def dataset_content(wildcards):
     """What determines a dataset's files (transforms and prompt template only matter to the steps that use images)."""
-    return canonical({k: v for k, v in DATASETS[wildcards.dataset].items() if k not in TRANSFORM_KEYS})
+    return canonical({k: v for k, v in DATASETS[wildcards.dataset].items() if k not in NON_CONTENT_KEYS})
 
 
 def manifest(dataset, split):

@@ -6,9 +6,10 @@ A *source* is a set of remote files (URL, expected size, checksum) plus the layo
 * already marked ready (``ifcl-source.json`` written by an earlier fetch) -> nothing to do;
 * the expected layout already in place (the user copied the data by hand) -> accepted and marked;
 * otherwise each file is downloaded to a ``.part`` file (resumed with an HTTP range request when the server allows
-  it), its size and checksum verified, then moved into ``data/raw/<source>/downloads/``; archives are extracted into
-  a temporary folder (refusing members that would escape it: absolute paths, ``..``, links, devices) and moved into
-  place only when complete. The marker is written last, so nothing half-done looks ready.
+  it), its size and checksum verified, then renamed to its place (``downloads/<file>`` by default); archives are
+  extracted into a temporary folder (refusing members that would escape it: absolute paths, ``..``, links,
+  devices), moved into place only when complete and deleted, their sha256 recorded. Files with no direct download
+  (``manual``) must be placed by hand. The marker is written last, so nothing half-done looks ready.
 
 Every error names the file or URL and says how to place the data by hand (compute nodes often have no internet).
 """
@@ -269,7 +270,7 @@ def fetch_source(name: str, raw_root: str | Path = "data/raw", mirror: str | Non
         try:
             if remote.manual and not placed:
                 raise FetchError(f"{dest} must be placed by hand (from {remote.url}; it has no direct download)")
-            record[remote.name] = verify_file(dest, remote) if placed else download(url, dest, remote)
+            record[remote.target] = verify_file(dest, remote) if placed else download(url, dest, remote)
             if remote.extract:
                 _unpack(dest, folder, remote.strip)
                 if remote.inner:
