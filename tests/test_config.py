@@ -20,6 +20,10 @@ def test_check_accepts_the_tiny_and_demo_configs(tiny_config):
     (lambda c: c["experiments"]["tiny_seq-lora"].update(lora_blocks=[0, 5]), "experiments.tiny_seq-lora.lora_blocks"),
     (lambda c: c["backbones"]["tiny_vit"]["pretrain"].update(dataset="nope"), "backbones.tiny_vit.pretrain.dataset"),
     (lambda c: c["backbones"]["tiny_vit"]["arch"].update(patch_size=5), "backbones.tiny_vit.arch.patch_size"),
+    (lambda c: c["datasets"][c["experiments"]["tiny_seq-lora"]["dataset"]].pop("train_transform"),
+     "needs train_transform"),
+    (lambda c: c["datasets"][c["backbones"]["tiny_vit"]["pretrain"]["dataset"]].pop("test_transform"),
+     "the pretraining of backbones.tiny_vit trains on it with its own augmentation, so it needs test_transform"),
 ])
 def test_check_names_the_bad_key(tiny_config, edit, key):
     edit(tiny_config)

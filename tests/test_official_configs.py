@@ -1,5 +1,5 @@
-"""The official InfLoRA configs (config/experiments/*.yaml): valid, faithful to reference/inflora.md §7, and a dry run
-builds every task of every seed, from the download rules on."""
+"""The official InfLoRA and DIKI configs (config/experiments/*.yaml): valid, faithful to reference/inflora.md §7 and
+reference/diki.md §1, §5, §6, and a dry run builds every task of every seed, from the download rules on."""
 import re
 import shutil
 import subprocess
@@ -41,13 +41,51 @@ RELEASED = {
 }
 
 
+# DIKI: name -> the sequence of the official configs (MTIL.yaml, MTIL-order-II.yaml, MTIL-FS.yaml; diki.md §5.1)
+ORDER_1 = ["aircraft", "caltech101", "cifar100", "dtd", "eurosat", "flowers", "food", "mnist", "oxford_pet",
+           "stanford_cars", "sun397"]
+RELEASED_DIKI = {
+    "mtil_order1_diki": ORDER_1,
+    "mtil_order2_diki": ["stanford_cars", "food", "mnist", "oxford_pet", "flowers", "sun397", "aircraft", "caltech101",
+                         "dtd", "eurosat", "cifar100"],
+    "mtil_fs_diki": ["aircraft", "caltech101", "cifar100", "dtd", "flowers", "food", "stanford_cars", "sun397"],
+}
+# the single template each official loader uses (the first of its list; diki.md §1)
+TEMPLATES = {
+    "aircraft": "a photo of a {}, a type of aircraft.", "caltech101": "a photo of a {}.", "cifar100": "a photo of a {}.",
+    "dtd": "a photo of a {} texture.", "eurosat": "a centered satellite photo of {}.",
+    "flowers": "a photo of a {}, a type of flower.", "food": "a photo of a {}, a type of food.",
+    "mnist": 'a photo of the number: "{}".', "oxford_pet": "a photo of a {}, a type of pet.",
+    "stanford_cars": "a photo of a {}, a type of car.", "sun397": "a photo of a {}.",
+}
+
+
 def test_one_file_per_released_config_and_all_included_by_default():
-    assert [p.stem for p in EXPERIMENT_FILES] == sorted(RELEASED)
+    assert [p.stem for p in EXPERIMENT_FILES] == sorted(RELEASED | RELEASED_DIKI)
     default = load_yaml(REPO / "config" / "config.yaml")
-    assert sorted(Path(p).stem for p in default["include"]) == sorted(RELEASED)
+    assert sorted(Path(p).stem for p in default["include"]) == sorted(RELEASED | RELEASED_DIKI)
 
 
-@pytest.mark.parametrize("path", EXPERIMENT_FILES, ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", [p for p in EXPERIMENT_FILES if p.stem in RELEASED_DIKI], ids=lambda p: p.stem)
+def test_official_diki_config_is_valid_and_faithful(path):
+    config = load(path)
+    (name, exp), = config["experiments"].items()
+    assert name == path.stem and exp["method"] == "diki"
+    datasets = [config["datasets"][d] for d in exp["sequence"]]
+    assert [d["name"] for d in datasets] == RELEASED_DIKI[name]
+    assert all(d["type"] == "mtil" and d["template"] == TEMPLATES[d["name"]] for d in datasets)
+    assert all(d.get("shots") == (16 if name == "mtil_fs_diki" else None) for d in datasets)
+    assert exp["prefix"] == {"depth_vision": 8, "depth_text": 8, "length": 8}
+    assert exp["train"] == {"optimizer": "sgd", "lr": 5.0, "final_lr_ratio": 1e-3, "weight_decay": 0.0, "epochs": 10,
+                            "batch_size": 128}
+    assert exp["calibration"] == {"batchwise": True, "scale": None} and exp["eval_batch_size"] == 256
+    backbone = config["backbones"][exp["backbone"]]
+    assert (backbone["type"], backbone["name"], backbone["pretrained"], backbone["quick_gelu"], backbone["image_size"]) == \
+        ("open_clip", "ViT-B-16", "openai", True, 224)
+    assert backbone["mean"] == [0.48145466, 0.4578275, 0.40821073] and backbone["std"] == [0.26862954, 0.26130258, 0.27577711]
+
+
+@pytest.mark.parametrize("path", [p for p in EXPERIMENT_FILES if p.stem in RELEASED], ids=lambda p: p.stem)
 def test_official_config_is_valid_and_faithful(path):
     config = load(path)
     (name, exp), = config["experiments"].items()
@@ -76,8 +114,8 @@ def test_official_config_is_valid_and_faithful(path):
 
 
 def test_dry_run_builds_every_task_of_every_seed(tmp_path):
-    """`snakemake -n` on config/config.yaml (all twelve files): the full DAG, 5 seeds x T tasks per experiment,
-    starting at the fetch rules, with nothing downloaded."""
+    """`snakemake -n` on config/config.yaml (all fifteen files): the full DAG, 5 seeds x T tasks per InfLoRA experiment
+    and one seed x one task per dataset for DIKI, starting at the fetch rules, with nothing downloaded."""
     shutil.copytree(REPO / "config", tmp_path / "config")
     cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path), "-n", "--quiet", "rules",
            "--configfile", str(tmp_path / "config" / "config.yaml")]
@@ -88,32 +126,43 @@ def test_dry_run_builds_every_task_of_every_seed(tmp_path):
     runs = 5 * len(exps)
     tasks = sum(5 * e[2] for e in exps)
     ca_tasks = sum(5 * e[2] for e in exps if e[0] == "inflora-ca")
+    diki_tasks = sum(len(seq) for seq in RELEASED_DIKI.values())
+    mtil_datasets = len(ORDER_1) + len(RELEASED_DIKI["mtil_fs_diki"])  # MTIL-FS datasets are their own subsets
     expected = {
-        "fetch_source": 5,  # cifar100, imagenet-r + CODA-Prompt lists, domainnet + CODA-Prompt lists
-        "fetch_weights": 1, "decode_cifar100": 1, "list_benchmark": 2,
+        # cifar100 (InfLoRA's and MTIL's CIFAR100), imagenet-r + CODA-Prompt lists, domainnet + CODA-Prompt lists,
+        # and the ten other MTIL sources
+        "fetch_source": 5 + 10,
+        "fetch_weights": 2,  # the timm ViT-B/16 and open_clip's ViT-B-16 openai
+        "decode_cifar100": 1, "list_benchmark": 2,
         "split_tasks": runs, "reduction": tasks, "train_task": tasks, "evaluate_task": tasks,
         "memory": tasks - runs, "class_stats": ca_tasks, "align": ca_tasks - 5 * 2,
-        "aggregate_run": runs, "summarize": 1, "all": 1,
+        "prepare_mtil": mtil_datasets, "frozen_features": 2 * mtil_datasets,  # train and test, shared by both orders
+        "gaussian": diki_tasks, "train_prefix": diki_tasks, "evaluate_diki": diki_tasks,
+        "aggregate_run": runs + len(RELEASED_DIKI), "summarize": 1, "all": 1,
     }
     assert counts == {**expected, "total": sum(expected.values())}
     assert not (tmp_path / "data").exists() and not (tmp_path / "results").exists()
 
 
-def test_offline_paper_config_stops_in_the_fetch_rule_with_instructions(tmp_path):
+@pytest.mark.parametrize("experiment", ["cifar100_inflora", "mtil_order1_diki"])
+def test_offline_paper_config_stops_in_the_fetch_rule_with_instructions(tmp_path, experiment):
     """No network (a mirror where nothing listens): the run fails in a fetch rule, saying where to put the files;
     no preparation, training or evaluation job starts."""
     shutil.copytree(REPO / "config", tmp_path / "config")
     cfg = tmp_path / "offline.yaml"
-    cfg.write_text(yaml.safe_dump({"include": ["config/experiments/cifar100_inflora.yaml"],
+    cfg.write_text(yaml.safe_dump({"include": [f"config/experiments/{experiment}.yaml"],
                                    "downloads": {"mirror": "http://127.0.0.1:9"}}))
     cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path), "--cores", "2",
            "--configfile", str(cfg)]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
-    assert "Error in rule fetch_" in out and "To install it by hand, put these files where shown" in out
-    assert "https://www.cs.toronto.edu/~kriz/cifar-100-binary.tar.gz" in out
+    assert "Error in rule fetch_" in out
+    assert re.search(r"To install (it|the weights) by hand, (put these files where shown|download https://\S+)", out)
+    if experiment == "cifar100_inflora":
+        assert "https://www.cs.toronto.edu/~kriz/cifar-100-binary.tar.gz" in out
     started = set(re.findall(r"^(?:local)?rule (\w+):", out, re.M))
     assert started <= {"fetch_source", "fetch_weights"}, started
     assert not (tmp_path / "data" / "prepared").exists() and not (tmp_path / "results").exists()
     assert not list((tmp_path / "data" / "raw").glob(f"*/{'ifcl-source.json'}"))
+    assert not list((tmp_path / "data").rglob("*.safetensors"))

@@ -233,22 +233,58 @@ def test_timm_weights_fetched_recorded_and_loadable(server, tmp_path):
     from safetensors.torch import save_file
 
     from ifcl.models.vit_lora import load_backbone
-    from ifcl.models.weights import fetch_timm_weights, timm_weights_url
+    from ifcl.models.weights import fetch_weights, weights_url
 
     name = "vit_tiny_patch16_224.augreg_in21k"
-    url = timm_weights_url(name)
+    spec = {"type": "timm", "name": name}
+    url = weights_url(spec)
     assert url == "https://huggingface.co/timm/vit_tiny_patch16_224.augreg_in21k/resolve/main/model.safetensors"
     state = {k: v.contiguous() for k, v in timm.create_model(name, pretrained=False).state_dict().items()}
     save_file(state, tmp_path / "served.safetensors")
     server.serve(url, (tmp_path / "served.safetensors").read_bytes())
     out = tmp_path / "weights" / f"{name}.safetensors"
-    sha = fetch_timm_weights(name, out, mirror=server.url)
+    sha = fetch_weights(spec, out, mirror=server.url)
     assert sha == hashlib.sha256(out.read_bytes()).hexdigest()
-    vit = load_backbone({"type": "timm", "name": name}, out)
+    vit = load_backbone(spec, out)
     assert torch.equal(vit.pos_embed, state["pos_embed"])
     out.write_bytes(out.read_bytes()[:-1] + b"\0")  # the recorded file changed behind our back
     with pytest.raises(FetchError, match="differs from the file recorded"):
-        fetch_timm_weights(name, out, mirror=server.url)
+        fetch_weights(spec, out, mirror=server.url)
+
+
+def test_open_clip_weights_url_fetch_and_load(server, tmp_path):
+    """OpenAI's ViT-B/16 in open_clip's layout comes from the hub as safetensors; a tiny registered open_clip config
+    stands in for it here: fetched through the mirror, recorded, then loaded by load_clip."""
+    import json
+
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+
+    from ifcl.models.clip_prefix import load_clip
+    from ifcl.models.weights import fetch_weights, weights_name, weights_url
+
+    b16 = {"type": "open_clip", "name": "ViT-B-16", "pretrained": "openai"}
+    assert weights_name(b16) == "ViT-B-16.openai"
+    assert weights_url(b16) == ("https://huggingface.co/timm/vit_base_patch16_clip_224.openai/resolve/main/"
+                                "open_clip_model.safetensors")
+    with pytest.raises(FetchError, match="no Hugging Face hub weights"):
+        weights_url({"type": "open_clip", "name": "ViT-B-16", "pretrained": "no-such-tag"})
+
+    tiny = {"embed_dim": 16, "quick_gelu": True,
+            "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 16, "head_width": 16},
+            "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}
+    (tmp_path / "ifcl-test-tiny-clip.json").write_text(json.dumps(tiny))
+    open_clip.add_model_config(tmp_path / "ifcl-test-tiny-clip.json")
+    state = {k: v.contiguous() for k, v in open_clip.create_model("ifcl-test-tiny-clip").state_dict().items()}
+    save_file(state, tmp_path / "served.safetensors")
+    server.serve(weights_url(b16), (tmp_path / "served.safetensors").read_bytes())
+    out = tmp_path / "weights" / f"{weights_name(b16)}.safetensors"
+    sha = fetch_weights(b16, out, mirror=server.url)
+    assert json.loads(out.with_name(out.name + ".json").read_text())["sha256"] == sha
+    clip = load_clip({"type": "open_clip", "name": "ifcl-test-tiny-clip", "pretrained": "openai"}, str(out))
+    assert torch.equal(clip.visual.positional_embedding, state["visual.positional_embedding"])
+    assert not any(p.requires_grad for p in clip.parameters())
 
 
 def test_mtil_coop_split_few_shot_and_80_20_split(tmp_path):

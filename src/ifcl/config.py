@@ -78,6 +78,13 @@ def num_classes(dataset: dict) -> int | None:
     return BENCHMARK_CLASSES.get(dataset["type"])
 
 
+def _needs_transforms(datasets: dict, name: str, user: str) -> None:
+    missing = [k for k in ("train_transform", "test_transform") if k not in datasets[name]]
+    if missing:
+        raise ConfigError(f"datasets.{name}: {user} trains on it with its own augmentation, so it needs "
+                          f"{' and '.join(missing)} (only DIKI ignores them and uses CLIP's preprocessing)")
+
+
 def check(config: dict) -> None:
     """Cross-key checks that the schema cannot do; raise :class:`ConfigError` naming the key."""
     datasets, backbones = config["datasets"], config["backbones"]
@@ -87,6 +94,8 @@ def check(config: dict) -> None:
                 f"backbones.{name}.pretrain.dataset: unknown dataset '{bb['pretrain']['dataset']}' "
                 f"(defined: {', '.join(sorted(datasets))})"
             )
+        if bb["type"] in ("pretrain", "pretrain_clip"):
+            _needs_transforms(datasets, bb["pretrain"]["dataset"], f"the pretraining of backbones.{name}")
         if bb["type"] == "pretrain":
             arch = bb["arch"]
             if bb["image_size"] % arch["patch_size"]:
@@ -119,6 +128,7 @@ def check(config: dict) -> None:
             raise ConfigError(f"{key}.backbone: {exp['method']} needs a ViT backbone (type timm or pretrain), not {kind}")
         if exp["dataset"] not in datasets:
             raise ConfigError(f"{key}.dataset: unknown dataset '{exp['dataset']}' (defined: {', '.join(sorted(datasets))})")
+        _needs_transforms(datasets, exp["dataset"], key)
         n = num_classes(datasets[exp["dataset"]])
         if n is not None and n % exp["num_tasks"]:
             raise ConfigError(

@@ -24,6 +24,7 @@ from ifcl.config import (ConfigError, canonical, check, merge_includes, task_tra
                          uses_memory)
 from ifcl.data.benchmarks import sources_of
 from ifcl.data.sources import MARKER as SOURCE_MARKER, SOURCES
+from ifcl.models.weights import weights_name
 
 _merged = merge_includes(config)
 config.clear()
@@ -91,12 +92,17 @@ def backbone_weights(name):
     spec = BACKBONES[name]
     if spec["type"] in ("pretrain", "pretrain_clip"):
         return f"results/backbones/{name}/backbone.safetensors"
-    return spec.get("weights") or f"data/weights/{spec['name']}.safetensors"
+    return spec.get("weights") or f"data/weights/{weights_name(spec)}.safetensors"
 
 
-def fetched_models():
-    """timm models whose weights the fetch_weights rule downloads (backbones without a local weights file)."""
-    return sorted({s["name"] for s in BACKBONES.values() if s["type"] == "timm" and not s.get("weights")})
+def fetched_weights():
+    """{file stem under data/weights/: backbone spec} of the timm / open_clip backbones without a local weights file."""
+    return {weights_name(s): canonical({k: v for k, v in s.items() if k in ("type", "name", "pretrained")})
+            for s in BACKBONES.values() if s["type"] in ("timm", "open_clip") and not s.get("weights")}
+
+
+def fetched_weights_spec(wildcards):
+    return fetched_weights()[wildcards.model]
 
 
 def source_markers(wildcards):

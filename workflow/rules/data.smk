@@ -20,13 +20,14 @@ rule fetch_source:
 
 
 rule fetch_weights:
-    """Download a timm model's pretrained weights once (training jobs only ever read this file)."""
+    """Download a timm or open_clip backbone's pretrained weights once (training jobs only ever read this file)."""
     output:
         "data/weights/{model}.safetensors",
     params:
+        spec=fetched_weights_spec,
         mirror=DOWNLOAD_MIRROR,
     wildcard_constraints:
-        model="|".join(re.escape(m) for m in fetched_models()) or "(?!)",
+        model="|".join(re.escape(m) for m in fetched_weights()) or "(?!)",
     localrule: True
     conda:
         CONDA_ENV

@@ -1,4 +1,4 @@
-"""The eleven MTIL datasets as DIKI reads them (reference/diki.md §7): raw layout, splits, class names, templates.
+"""The eleven MTIL datasets as DIKI reads them (reference/diki.md §7): raw layout, splits, class names.
 
 Each dataset's raw folder ``data/raw/mtil-<name>/`` has the layout of the matching folder of DIKI's
 ``dataset_root`` (so an existing DIKI data root can be linked or copied in by hand); CIFAR100 alone is read from
@@ -29,27 +29,27 @@ Rows = list[tuple[str, int, str]]
 COOP = "https://github.com/KaiyangZhou/CoOp/blob/main/DATASETS.md#"  # links each split file (Google Drive)
 VGG = "https://www.robots.ox.ac.uk/~vgg/data/"
 
-# name: DIKI's folder name, its single template (the first entry of the loader's list), the split reader and, for
-# CoOp splits, the JSON file and the folder its image paths are relative to.
+# name: DIKI's folder name, the split reader and, for CoOp splits, the JSON file and the folder its image paths are
+# relative to. Each dataset's prompt template is part of its config entry (config/mtil.yaml).
 DATASETS = {
-    "aircraft": dict(folder="fgvc_aircraft", template="a photo of a {}, a type of aircraft.", reader="aircraft"),
-    "caltech101": dict(folder="caltech-101", template="a photo of a {}.", reader="coop",
+    "aircraft": dict(folder="fgvc_aircraft", reader="aircraft"),
+    "caltech101": dict(folder="caltech-101", reader="coop",
                        split="split_zhou_Caltech101.json", images="101_ObjectCategories"),
-    "cifar100": dict(folder="cifar100", template="a photo of a {}.", reader="cifar100"),
-    "dtd": dict(folder="dtd", template="a photo of a {} texture.", reader="coop",
+    "cifar100": dict(folder="cifar100", reader="cifar100"),
+    "dtd": dict(folder="dtd", reader="coop",
                 split="split_zhou_DescribableTextures.json", images="images"),
-    "eurosat": dict(folder="eurosat", template="a centered satellite photo of {}.", reader="coop",
+    "eurosat": dict(folder="eurosat", reader="coop",
                     split="split_zhou_EuroSAT.json", images="2750"),
-    "flowers": dict(folder="oxford_flowers", template="a photo of a {}, a type of flower.", reader="coop",
+    "flowers": dict(folder="oxford_flowers", reader="coop",
                     split="split_zhou_OxfordFlowers.json", images="jpg"),
-    "food": dict(folder="food-101", template="a photo of a {}, a type of food.", reader="coop",
+    "food": dict(folder="food-101", reader="coop",
                  split="split_zhou_Food101.json", images="images"),
-    "mnist": dict(folder="mnist", template='a photo of the number: "{}".', reader="mnist"),
-    "oxford_pet": dict(folder="oxford_pets", template="a photo of a {}, a type of pet.", reader="coop",
+    "mnist": dict(folder="mnist", reader="mnist"),
+    "oxford_pet": dict(folder="oxford_pets", reader="coop",
                        split="split_zhou_OxfordPets.json", images="images"),
-    "stanford_cars": dict(folder="stanford_cars", template="a photo of a {}, a type of car.", reader="coop",
+    "stanford_cars": dict(folder="stanford_cars", reader="coop",
                           split="split_zhou_StanfordCars.json", images=""),
-    "sun397": dict(folder="sun397", template="a photo of a {}.", reader="coop", split="split_zhou_SUN397.json",
+    "sun397": dict(folder="sun397", reader="coop", split="split_zhou_SUN397.json",
                    images="SUN397"),
 }
 MNIST_NAMES = ["0 - zero", "1 - one", "2 - two", "3 - three", "4 - four", "5 - five", "6 - six", "7 - seven",

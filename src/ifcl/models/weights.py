@@ -1,9 +1,15 @@
 """Pretrained weights as local files: fetched once on a node with internet, read from disk by every job.
 
-``data/weights/<timm name>.safetensors`` is timm's own ``model.safetensors`` of the Hugging Face hub repository
-named by the model's pretrained config (``vit_base_patch16_224.augreg_in21k`` -> ``timm/vit_base_patch16_224.
-augreg_in21k``, the AugReg ImageNet-21k checkpoint of reference/inflora.md §1.1). Its sha256 is recorded beside it
-(``<file>.json``) and checked whenever the fetch rule runs again.
+Both kinds come from the Hugging Face hub as safetensors (so loading never unpickles):
+
+- a ``timm`` backbone: ``data/weights/<timm name>.safetensors`` is timm's ``model.safetensors`` of the hub repository
+  named by the model's pretrained config (``vit_base_patch16_224.augreg_in21k`` -> ``timm/vit_base_patch16_224.
+  augreg_in21k``, the AugReg ImageNet-21k checkpoint of reference/inflora.md §1.1);
+- an ``open_clip`` backbone: ``data/weights/<name>.<pretrained>.safetensors`` is ``open_clip_model.safetensors`` of
+  the hub repository open_clip names for that tag (``ViT-B-16`` + ``openai`` -> ``timm/vit_base_patch16_clip_224.
+  openai``: OpenAI's ViT-B/16 weights in open_clip's layout, the backbone of reference/diki.md §1).
+
+The file's sha256 is recorded beside it (``<file>.json``) and checked whenever the fetch rule runs again.
 """
 from __future__ import annotations
 
@@ -12,34 +18,51 @@ from pathlib import Path
 from ..data.sources import FetchError, RemoteFile, download
 from ..files import file_sha256, read_json, write_json
 
-HUB = "https://huggingface.co/{repo}/resolve/main/model.safetensors"
+HUB = "https://huggingface.co/{repo}/resolve/main/{file}"
 
 
-def timm_weights_url(name: str) -> str:
-    import timm.models
-
-    cfg = timm.models.get_pretrained_cfg(name)
-    if cfg is None or not cfg.hf_hub_id:
-        raise FetchError(f"timm knows no Hugging Face hub weights for {name!r}; give the backbone a local `weights` file")
-    return HUB.format(repo=cfg.hf_hub_id)
+def weights_name(spec: dict) -> str:
+    """The file stem under data/weights/ of a timm or open_clip backbone spec."""
+    return spec["name"] if spec["type"] == "timm" else f"{spec['name']}.{spec['pretrained']}"
 
 
-def fetch_timm_weights(name: str, out: str | Path, mirror: str | None = None) -> str:
-    """Download the weights of timm model ``name`` to ``out`` (verified against an earlier record if one exists);
-    return their sha256."""
+def weights_url(spec: dict) -> str:
+    """The hub URL of a timm or open_clip backbone's pretrained weights."""
+    if spec["type"] == "timm":
+        import timm.models
+
+        cfg = timm.models.get_pretrained_cfg(spec["name"])
+        if cfg is None or not cfg.hf_hub_id:
+            raise FetchError(f"timm knows no Hugging Face hub weights for {spec['name']!r}; give the backbone a local "
+                             "`weights` file")
+        return HUB.format(repo=cfg.hf_hub_id, file="model.safetensors")
+    if spec["type"] == "open_clip":
+        import open_clip
+
+        cfg = open_clip.get_pretrained_cfg(spec["name"], spec["pretrained"])
+        if not cfg.get("hf_hub"):
+            raise FetchError(f"open_clip knows no Hugging Face hub weights for {spec['name']!r} / "
+                             f"{spec['pretrained']!r}; give the backbone a local `weights` file")
+        return HUB.format(repo=cfg["hf_hub"].strip("/"), file="open_clip_model.safetensors")
+    raise ValueError(f"backbones of type {spec['type']} have no downloadable weights")
+
+
+def fetch_weights(spec: dict, out: str | Path, mirror: str | None = None) -> str:
+    """Download the pretrained weights of backbone ``spec`` to ``out`` (verified against an earlier record if one
+    exists); return their sha256."""
     out = Path(out)
     record = out.with_name(out.name + ".json")
-    url = timm_weights_url(name)
+    url = weights_url(spec)
     if mirror is not None:
         url = mirror.rstrip("/") + "/" + url.split("://", 1)[1]
     if not out.exists():
         try:
             download(url, out, RemoteFile(url, None, None))
         except FetchError as e:
-            raise FetchError(f"{e}\nTo install the weights by hand, download {timm_weights_url(name)} on a machine "
+            raise FetchError(f"{e}\nTo install the weights by hand, download {weights_url(spec)} on a machine "
                              f"with internet and copy it to {out}") from e
     sha256 = file_sha256(out)
     if record.exists() and read_json(record)["sha256"] != sha256:
         raise FetchError(f"{out} differs from the file recorded in {record} (sha256 {sha256}); delete both to fetch again")
-    write_json(record, {"model": name, "url": url, "sha256": sha256})
+    write_json(record, {"model": weights_name(spec), "url": url, "sha256": sha256})
     return sha256
