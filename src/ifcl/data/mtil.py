@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from .manifest import DatasetError
-from .sources import RemoteFile, Source
+from .remote import RemoteFile, Source
 
 Rows = list[tuple[str, int, str]]
 COOP = "https://github.com/KaiyangZhou/CoOp/blob/main/DATASETS.md#"  # links each split file (Google Drive)

@@ -25,10 +25,10 @@ import time
 import urllib.error
 import urllib.request
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from ..files import atomic_path, read_json, write_json
+from .remote import RemoteFile, Source
 
 MARKER = "ifcl-source.json"
 CODA_PROMPT_SPLITS = ("https://raw.githubusercontent.com/GT-RIPL/CODA-Prompt/"
@@ -38,35 +38,6 @@ DOMAINNET = "http://csr.bu.edu/ftp/visda/2019/multi-source/"
 
 class FetchError(RuntimeError):
     """A source could not be made ready; the message says which file and what to do."""
-
-
-@dataclass(frozen=True)
-class RemoteFile:
-    url: str
-    size: int | None          # bytes; None where no trustworthy figure is published
-    digest: str | None        # "md5:<hex>", "sha256:<hex>" or "gitblob:<sha1 of the git blob>"; None: unknown
-    extract: bool = False     # an archive to unpack into the source folder
-    strip: str = ""           # extract: the archive folder whose contents go into the source folder
-    inner: str = ""           # extract: an archive found inside (relative to the source folder), unpacked in turn
-    gunzip: bool = False      # a single gzip-compressed file, decompressed into the source folder
-    dest: str = ""            # where a plain file goes (relative to the source folder); default downloads/<name>
-    manual: bool = False      # no direct download (e.g. Google Drive): the file must be placed by hand at `dest`
-
-    @property
-    def name(self) -> str:
-        return PurePosixPath(self.url).name
-
-    @property
-    def target(self) -> str:
-        return self.dest or f"downloads/{self.name}"
-
-
-@dataclass(frozen=True)
-class Source:
-    name: str
-    files: tuple[RemoteFile, ...]
-    layout: tuple[str, ...]   # paths (relative to data/raw/<name>/) that must exist when the source is ready
-    note: str = ""            # what a user placing the files by hand should know
 
 
 SOURCES: dict[str, Source] = {s.name: s for s in (
