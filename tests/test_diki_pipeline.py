@@ -46,6 +46,28 @@ def test_per_task_files_and_a_complete_mtil_matrix(workdir):
     assert "| tiny_diki | diki | tc_shapes > tc_textures | 2 | 1 |" in summary and "Transfer" in summary
 
 
+def test_the_model_after_task_1_classifies_as_its_evaluation_did(workdir, monkeypatch):
+    """ifcl.runs.load_model on a DIKI run: a module with the prefixes and Gaussians of tasks 0 and 1 whose calibrated
+    logits give the accuracies of task1/eval.json (each tiny test set is one evaluation batch)."""
+    from ifcl.data.manifest import class_names_of, read_manifest
+    from ifcl.diki_chain import DIKIModel, _dataset
+    from ifcl.models.clip_prefix import prompts, tokenize
+    from ifcl.runs import load_model
+
+    model = load_model(TINY_DIKI_CONFIG, "tiny_diki", 0, 1, root=workdir)
+    assert isinstance(model, DIKIModel) and len(model.task_prefixes()) == 2 and len(model.gaussians) == 2
+    monkeypatch.chdir(workdir)
+    accuracies = []
+    for name in TINY_DIKI_CONFIG["experiments"]["tiny_diki"]["sequence"]:
+        test = f"data/prepared/{name}/test.csv"
+        images, labels = zip(*_dataset(test, TINY_DIKI_CONFIG["backbones"]["tiny_clip"]))
+        names = class_names_of(read_manifest(test))
+        tokens = tokenize(prompts(names, TINY_DIKI_CONFIG["datasets"][name]["template"]), model.model.clip.context_length)
+        logits = model(torch.stack(images), tokens)
+        accuracies.append(100.0 * float((logits.argmax(1) == torch.tensor(labels)).float().mean()))
+    assert accuracies == pytest.approx(read_json(workdir.joinpath(*RUN) / "task1" / "eval.json")["accuracy"], abs=1e-6)
+
+
 def test_frozen_features_are_shared_and_tasks_do_not_depend_on_each_other(workdir):
     proc = snakemake(workdir, TINY_DIKI_CONFIG, "--dry-run", "--forcerun", "gaussian", "train_prefix")
     planned = re.findall(r"^(?:local)?rule (\w+):\n(?:    .*\n)*?    output: (.*)$", proc.stdout, flags=re.M)

@@ -1,6 +1,11 @@
 """The workflow end to end on the tiny generated config: per-task files for 2 seeds, metrics and summary; nothing to
 do on a second run; a task-level change re-runs exactly the affected tasks; re-running a task reproduces its files."""
+import copy
+import hashlib
 import re
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
@@ -166,3 +171,44 @@ def test_a_users_class_folder_tree_goes_through_the_same_manifest_and_split_rule
     tasks = read_json(wd / "results" / "runs" / "mine_seq-lora" / "seed0" / "tasks.json")
     assert tasks["class_names"] == ["class_0", "class_1", "class_2"] and len(tasks["tasks"]) == 3
     assert not (wd / "data" / "generated").exists() and sorted(p.name for p in root.iterdir()) == ["class_0", "class_1", "class_2"]
+
+
+def test_the_model_after_task_k_loads_and_reproduces_its_evaluation(workdir, monkeypatch):
+    """ifcl.runs.load_model: "the model after task 1" from the run's files gives the accuracy its eval.json records;
+    `ifcl run show` lists every file with its sha256 and refuses a tampered state, naming it."""
+    from ifcl.chain import _loader
+    from ifcl.config import validate_with_defaults
+    from ifcl.runs import load_model
+    from ifcl.training import predict_logits
+
+    exp = "tiny_inflora"
+    config = copy.deepcopy(TINY_CONFIG)
+    validate_with_defaults(config)
+    spec = config["experiments"][exp]
+    run = workdir / "results" / "runs" / exp / "seed0"
+    tasks = read_json(run / "tasks.json")
+    seen = tasks["tasks"][0] + tasks["tasks"][1]
+    model = load_model(TINY_CONFIG, exp, 0, 1, root=workdir)
+    monkeypatch.chdir(workdir)  # manifests list paths relative to the pipeline's working directory
+    loader = _loader(f"data/prepared/{spec['dataset']}/test.csv", seen, tasks, config["datasets"][spec["dataset"]],
+                     config["backbones"][spec["backbone"]], False, 64)
+    logits, targets = predict_logits(model, loader)
+    assert logits.shape[1] == len(seen)
+    accuracy = 100.0 * float((logits.argmax(1) == targets).float().mean())
+    assert accuracy == pytest.approx(read_json(run / "task1" / "eval.json")["accuracy"], abs=1e-6)
+    with pytest.raises(FileNotFoundError, match="no task9 folder"):
+        load_model(TINY_CONFIG, exp, 0, 9, root=workdir)
+
+    show = subprocess.run([sys.executable, "-m", "ifcl.cli", "run", "show", str(run)], capture_output=True, text=True)
+    assert show.returncode == 0, show.stderr
+    adapter = run / "task1" / "adapter.safetensors"
+    assert f"task1/adapter.safetensors" in show.stdout
+    assert hashlib.sha256(adapter.read_bytes()).hexdigest() in show.stdout
+    tampered = workdir / "tampered"
+    shutil.copytree(run, tampered)
+    data = bytearray((tampered / "task1" / "adapter.safetensors").read_bytes())
+    data[-1] ^= 0xFF  # one byte of a tensor changed
+    (tampered / "task1" / "adapter.safetensors").write_bytes(bytes(data))
+    show = subprocess.run([sys.executable, "-m", "ifcl.cli", "run", "show", str(tampered)], capture_output=True, text=True)
+    assert show.returncode != 0 and "task1/adapter.safetensors" in show.stderr and "digest" in show.stderr
+    shutil.rmtree(tampered)

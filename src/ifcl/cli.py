@@ -3,6 +3,12 @@
     ifcl bench demo [--cores 2] [--out results/bench/demo.json]
         Run the offline demo from scratch in a temporary working directory; report its wall time, the number of
         jobs per rule and the demo's summary table, and write them as JSON.
+
+    ifcl run show results/runs/<experiment>/seed<k>
+        List the run's tasks and files with their sizes and sha256; every state file is verified as it is read.
+
+    ifcl run model --configfile config/demo.yaml <experiment> <seed> <task>
+        Load "the model after task <task>" (as ifcl.runs.load_model does in Python) and describe it.
 """
 from __future__ import annotations
 
@@ -65,6 +71,25 @@ def bench_demo(args) -> dict:
     return report
 
 
+def run_show(args) -> None:
+    from .runs import describe_run
+
+    rows = describe_run(args.run)
+    width = max(len(r["file"]) for r in rows)
+    for r in rows:
+        task = "-" if r["task"] is None else str(r["task"])
+        print(f"{task:>4}  {r['file']:<{width}}  {r['bytes']:>10}  {r['sha256']}  {r['kind']}")
+    print(f"{len(rows)} files; every state file matches its recorded digest")
+
+
+def run_model(args) -> None:
+    from .runs import load_model
+
+    model = load_model(args.configfile, args.experiment, args.seed, args.task)
+    n = sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers())
+    print(f"{args.experiment} seed {args.seed} after task {args.task}: {type(model).__name__}, {n:,} tensor elements")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="ifcl", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -75,8 +100,25 @@ def main(argv: list[str] | None = None) -> None:
     demo.add_argument("--snakefile", default="Snakefile")
     demo.add_argument("--configfile", default="config/demo.yaml")
     demo.add_argument("--out", default="results/bench/demo.json")
+    run = sub.add_parser("run", help="inspect a run: its task states, and the model after task k")
+    run_sub = run.add_subparsers(dest="what", required=True)
+    show = run_sub.add_parser("show", help="tasks and files of a run, with sha256")
+    show.add_argument("run", help="results/runs/<experiment>/seed<k>")
+    model = run_sub.add_parser("model", help="load the model after a task")
+    model.add_argument("--configfile", default="config/config.yaml")
+    model.add_argument("experiment")
+    model.add_argument("seed", type=int)
+    model.add_argument("task", type=int)
     args = parser.parse_args(argv)
-    if args.command == "bench" and args.what == "demo":
+    if args.command == "run":
+        from .config import ConfigError
+        from .state import StateError
+
+        try:
+            (run_show if args.what == "show" else run_model)(args)
+        except (StateError, FileNotFoundError, KeyError, ConfigError) as e:
+            sys.exit(f"ifcl run {args.what}: {e}")
+    elif args.command == "bench" and args.what == "demo":
         report = bench_demo(args)
         write_json(args.out, report)
         print(f"written {args.out}")

@@ -53,6 +53,41 @@ def merge_includes(config: dict, root: str | Path = ".") -> dict:
     return merged
 
 
+SCHEMA = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
+
+
+def validate_with_defaults(config: dict, schema_path: str | Path = SCHEMA) -> None:
+    """Validate ``config`` against the JSON schema, filling in its defaults (as Snakemake's ``validate`` does for
+    the workflow), so that code reading a config outside Snakemake sees the same values as the rules."""
+    import jsonschema
+    from referencing import Registry, Resource
+
+    base = jsonschema.validators.validator_for(load_yaml(schema_path))
+
+    def set_defaults(validator, properties, instance, schema):
+        if isinstance(instance, dict):
+            for name, sub in properties.items():
+                if "default" in sub:
+                    instance.setdefault(name, copy.deepcopy(sub["default"]))
+        yield from base.VALIDATORS["properties"](validator, properties, instance, schema)
+
+    schema = load_yaml(schema_path)
+    validator = jsonschema.validators.extend(base, {"properties": set_defaults})(
+        schema, registry=Registry().with_resource("", Resource.from_contents(schema)))
+    error = jsonschema.exceptions.best_match(validator.iter_errors(config))
+    if error is not None:
+        where = ".".join(str(p) for p in error.absolute_path) or "(top level)"
+        raise ConfigError(f"{where}: {error.message}")
+
+
+def load_config(path: str | Path, root: str | Path = ".") -> dict:
+    """A config file as the workflow sees it: includes merged, schema-validated with defaults, cross-checked."""
+    config = merge_includes(load_yaml(path), root)
+    validate_with_defaults(config)
+    check(config)
+    return config
+
+
 def uses_memory(experiment: dict) -> bool:
     """InfLoRA and InfLoRA+CA design R_t from the data and keep a (Dual)GPM memory; seq-lora draws R_t at random."""
     return experiment["method"] in ("inflora", "inflora-ca")

@@ -17,6 +17,7 @@ every evaluation row.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -153,6 +154,63 @@ def train_prefix(experiment_name: str, experiment: dict, seed: int, task: int, d
                               "backbone_sha256": file_sha256(weights)})
 
 
+def calibrated_logits(model: CLIPPrefix, prefixes: list[dict], gaussians: list[TaskGaussian], images: torch.Tensor,
+                      tokens: torch.Tensor, frozen: torch.Tensor, calibration: dict):
+    """DIKI's calibrated inference on one batch (§3.2): the task of each image from its frozen features under the
+    learnt Gaussians (batch-wise majority vote or per sample), λ per image; the image tower with that task's
+    prefixes scaled by λ, the text tower with the batch's (or, per sample, each selected task's) mean λ.
+    Returns (logits [B, classes], task ids [B], λ [B])."""
+    ids, lam = calibrate(frozen, gaussians, batchwise=calibration["batchwise"], scale=calibration["scale"])
+    lam_d = lam.to(images.device)
+    if calibration["batchwise"]:
+        u = int(ids[0])
+        image = model.encode_image(images, prefixes[u], lam_d)
+        return image @ model.encode_text(tokens, prefixes[u], float(lam.mean())).T, ids, lam
+    # per sample: each image its own task; the text once per selected task with that task's mean λ
+    image = model.encode_image(images, per_sample=[prefixes[int(i)] for i in ids], weight=lam_d)
+    logits = torch.empty(len(images), tokens.shape[0], device=images.device)
+    for u in ids.unique().tolist():
+        rows = (ids == u).to(images.device)
+        logits[rows] = image[rows] @ model.encode_text(tokens, prefixes[u], float(lam[ids == u].mean())).T
+    return logits, ids, lam
+
+
+class DIKIModel(torch.nn.Module):
+    """"The model after task t" of a DIKI run: the frozen CLIP with the prefixes and Gaussians of tasks 0..t,
+    classifying by calibrated inference. ``forward(images, tokens)`` -> logits over the tokenised class prompts
+    (``tokenize(prompts(class_names, template))``); the frozen image features are computed on the way."""
+
+    def __init__(self, model: CLIPPrefix, prefixes: list[dict], gaussians: list[TaskGaussian], calibration: dict):
+        super().__init__()
+        self.model, self.gaussians, self.calibration = model, gaussians, calibration
+        self._prefix_names = [list(p) for p in prefixes]
+        for t, p in enumerate(prefixes):  # buffers, so that .to(device) moves them with the model
+            for name, value in p.items():
+                self.register_buffer(self._buffer(t, name), value)
+
+    @staticmethod
+    def _buffer(t: int, name: str) -> str:
+        return f"prefix{t}_" + name.replace(".", "_")
+
+    def task_prefixes(self) -> list[dict]:
+        return [{n: getattr(self, self._buffer(t, n)) for n in names} for t, names in enumerate(self._prefix_names)]
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        frozen = self.model.encode_image(images).cpu()
+        return calibrated_logits(self.model, self.task_prefixes(), self.gaussians, images, tokens, frozen,
+                                 self.calibration)[0]
+
+
+def model_after_task(experiment: dict, backbone_spec: dict, weights: str, run_dir: str | Path, t: int) -> DIKIModel:
+    """The DIKI model after task ``t`` of a run, from its per-task files (eval mode, CPU)."""
+    model = _prefix_model(backbone_spec, weights, experiment["prefix"])
+    files = [Path(run_dir) / f"task{s}" for s in range(t + 1)]
+    prefixes = [{k: v for k, v in load_state(f / "prefix.safetensors")[0].items() if k != "rng_state"} for f in files]
+    gaussians = [load_gaussian(str(f / "gaussian.safetensors")) for f in files]
+    return DIKIModel(model, prefixes, gaussians, experiment["calibration"]).eval()
+
+
 @torch.no_grad()
 def evaluate(experiment: dict, task: int, dataset_specs: list[dict], backbone_spec: dict, weights: str,
              gaussian_files: list[str], prefix_files: list[str], test_csvs: list[str], feature_files: list[str],
@@ -175,20 +233,8 @@ def evaluate(experiment: dict, task: int, dataset_specs: list[dict], backbone_sp
         correct = total = 0
         lam_sum, counts = 0.0, torch.zeros(len(gaussians), dtype=torch.long)
         for x, y in loader:
-            f = frozen[total: total + len(y)]
-            ids, lam = calibrate(f, gaussians, batchwise=cal["batchwise"], scale=cal["scale"])
-            x, lam_d = x.to(device), lam.to(device)
-            if cal["batchwise"]:
-                u = int(ids[0])
-                image = model.encode_image(x, prefixes[u], lam_d)
-                logits = image @ model.encode_text(tokens, prefixes[u], float(lam.mean())).T
-            else:  # per sample: each image its own task; the text once per selected task with that task's mean λ
-                image = model.encode_image(x, per_sample=[prefixes[int(i)] for i in ids], weight=lam_d)
-                logits = torch.empty(len(y), tokens.shape[0], device=device)
-                for u in ids.unique().tolist():
-                    rows = ids == u
-                    text = model.encode_text(tokens, prefixes[u], float(lam[rows].mean()))
-                    logits[rows.to(device)] = image[rows.to(device)] @ text.T
+            logits, ids, lam = calibrated_logits(model, prefixes, gaussians, x.to(device), tokens,
+                                                 frozen[total: total + len(y)], cal)
             correct += int((logits.argmax(1).cpu() == y).sum())
             total += len(y)
             lam_sum += float(lam.sum())

@@ -24,7 +24,7 @@ from ifcl.config import (ConfigError, canonical, check, merge_includes, task_tra
                          uses_memory)
 from ifcl.data.benchmarks import sources_of
 from ifcl.data.sources import MARKER as SOURCE_MARKER, SOURCES
-from ifcl.models.weights import weights_name
+from ifcl.models.weights import backbone_weights_file, weights_name
 
 _merged = merge_includes(config)
 config.clear()
@@ -89,10 +89,7 @@ def manifest(dataset, split):
 
 def backbone_weights(name):
     """The weights file of a backbone: pretrained here, given by the user, or fetched to data/weights/."""
-    spec = BACKBONES[name]
-    if spec["type"] in ("pretrain", "pretrain_clip"):
-        return f"results/backbones/{name}/backbone.safetensors"
-    return spec.get("weights") or f"data/weights/{weights_name(spec)}.safetensors"
+    return backbone_weights_file(name, BACKBONES[name])
 
 
 def fetched_weights():

@@ -26,6 +26,14 @@ def weights_name(spec: dict) -> str:
     return spec["name"] if spec["type"] == "timm" else f"{spec['name']}.{spec['pretrained']}"
 
 
+def backbone_weights_file(name: str, spec: dict) -> str:
+    """Where backbone ``name``'s weights are read from: pretrained here, the user's ``weights`` file, or the file the
+    fetch rule writes under data/weights/."""
+    if spec["type"] in ("pretrain", "pretrain_clip"):
+        return f"results/backbones/{name}/backbone.safetensors"
+    return spec.get("weights") or f"data/weights/{weights_name(spec)}.safetensors"
+
+
 def weights_url(spec: dict) -> str:
     """The hub URL of a timm or open_clip backbone's pretrained weights."""
     if spec["type"] == "timm":
