@@ -1,6 +1,5 @@
 """The workflow end to end on the tiny generated config: per-task files for 2 seeds, metrics and summary; nothing to
 do on a second run; a task-level change re-runs exactly the affected tasks; re-running a task reproduces its files."""
-import copy
 import hashlib
 import re
 import shutil
@@ -177,13 +176,12 @@ def test_the_model_after_task_k_loads_and_reproduces_its_evaluation(workdir, mon
     """ifcl.runs.load_model: "the model after task 1" from the run's files gives the accuracy its eval.json records;
     `ifcl run show` lists every file with its sha256 and refuses a tampered state, naming it."""
     from ifcl.chain import _loader
-    from ifcl.config import validate_with_defaults
+    from ifcl.config import load_config
     from ifcl.runs import load_model
     from ifcl.training import predict_logits
 
     exp = "tiny_inflora"
-    config = copy.deepcopy(TINY_CONFIG)
-    validate_with_defaults(config)
+    config = load_config(TINY_CONFIG)  # with the schema's defaults, as the rules saw it
     spec = config["experiments"][exp]
     run = workdir / "results" / "runs" / exp / "seed0"
     tasks = read_json(run / "tasks.json")

@@ -75,7 +75,7 @@ def run_show(args) -> None:
     from .runs import describe_run
 
     rows = describe_run(args.run)
-    width = max(len(r["file"]) for r in rows)
+    width = max((len(r["file"]) for r in rows), default=0)
     for r in rows:
         task = "-" if r["task"] is None else str(r["task"])
         print(f"{task:>4}  {r['file']:<{width}}  {r['bytes']:>10}  {r['sha256']}  {r['kind']}")

@@ -62,7 +62,8 @@ def validate_with_defaults(config: dict, schema_path: str | Path = SCHEMA) -> No
     import jsonschema
     from referencing import Registry, Resource
 
-    base = jsonschema.validators.validator_for(load_yaml(schema_path))
+    schema = load_yaml(schema_path)
+    base = jsonschema.validators.validator_for(schema)
 
     def set_defaults(validator, properties, instance, schema):
         if isinstance(instance, dict):
@@ -71,7 +72,6 @@ def validate_with_defaults(config: dict, schema_path: str | Path = SCHEMA) -> No
                     instance.setdefault(name, copy.deepcopy(sub["default"]))
         yield from base.VALIDATORS["properties"](validator, properties, instance, schema)
 
-    schema = load_yaml(schema_path)
     validator = jsonschema.validators.extend(base, {"properties": set_defaults})(
         schema, registry=Registry().with_resource("", Resource.from_contents(schema)))
     error = jsonschema.exceptions.best_match(validator.iter_errors(config))
@@ -80,9 +80,10 @@ def validate_with_defaults(config: dict, schema_path: str | Path = SCHEMA) -> No
         raise ConfigError(f"{where}: {error.message}")
 
 
-def load_config(path: str | Path, root: str | Path = ".") -> dict:
-    """A config file as the workflow sees it: includes merged, schema-validated with defaults, cross-checked."""
-    config = merge_includes(load_yaml(path), root)
+def load_config(source: str | Path | dict, root: str | Path = ".") -> dict:
+    """A config (a file, or a mapping as Snakemake's ``--configfile`` would read it) as the workflow sees it:
+    includes merged (relative to ``root``), schema-validated with defaults, cross-checked. ``source`` is not changed."""
+    config = merge_includes(source if isinstance(source, dict) else load_yaml(source), root)
     validate_with_defaults(config)
     check(config)
     return config

@@ -9,11 +9,10 @@ Every state file is checked against its recorded digest as it is read; nothing i
 """
 from __future__ import annotations
 
-import copy
 import re
 from pathlib import Path
 
-from .config import check, load_config, validate_with_defaults
+from .config import load_config
 from .files import file_sha256
 from .models.weights import backbone_weights_file
 from .state import load_state
@@ -53,12 +52,7 @@ def describe_run(run: str | Path) -> list[dict]:
 def load_model(config: str | Path | dict, experiment: str, seed: int, task: int, root: str | Path = "."):
     """The model after task ``task`` of run (``experiment``, ``seed``), built from its per-task files under
     ``root`` (the working directory the pipeline ran in) and the config the run was made with. Eval mode, CPU."""
-    if isinstance(config, dict):
-        config = copy.deepcopy(config)
-        validate_with_defaults(config)
-        check(config)
-    else:
-        config = load_config(config, root)
+    config = load_config(config, root)
     if experiment not in config["experiments"]:
         raise KeyError(f"experiment {experiment!r} is not in the config (it has {', '.join(sorted(config['experiments']))})")
     spec = config["experiments"][experiment]
