@@ -18,6 +18,16 @@ include: "workflow/rules/results.smk"
 
 
 rule all:
+    """Everything: every run's files, the summary tables and the figures."""
     default_target: True
     input:
-        all_targets(),
+        run_targets(),
+        rules.summarize.output,
+        rules.figures.output,
+
+
+rule runs:
+    """Every run's files (per-task states, evaluations, matrices and metrics), without the summary and figures:
+    the target of dvc.yaml's pipeline stage."""
+    input:
+        run_targets(),

@@ -71,8 +71,8 @@ def test_the_model_after_task_1_classifies_as_its_evaluation_did(workdir, monkey
 def test_frozen_features_are_shared_and_tasks_do_not_depend_on_each_other(workdir):
     proc = snakemake(workdir, TINY_DIKI_CONFIG, "--dry-run", "--forcerun", "gaussian", "train_prefix")
     planned = re.findall(r"^(?:local)?rule (\w+):\n(?:    .*\n)*?    output: (.*)$", proc.stdout, flags=re.M)
-    assert sorted(r for r, _ in planned) == ["aggregate_run", "evaluate_diki", "evaluate_diki", "gaussian", "gaussian",
-                                            "summarize", "train_prefix", "train_prefix"]
+    assert sorted(r for r, _ in planned) == ["aggregate_run", "evaluate_diki", "evaluate_diki", "figures", "gaussian",
+                                            "gaussian", "summarize", "train_prefix", "train_prefix"]
     # task 1's prefix needs nothing of task 0
     dag = snakemake(workdir, TINY_DIKI_CONFIG, "results/runs/tiny_diki/seed0/task1/prefix.safetensors",
                     "--dry-run", "--forcerun", "train_prefix").stdout  # (targets before --forcerun's list)

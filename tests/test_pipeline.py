@@ -87,7 +87,7 @@ def test_a_task_level_change_reruns_only_that_task_and_its_dependants(workdir):
                       for rule, name in (("train_task", "adapter.safetensors"), ("evaluate_task", "eval.json"))}
     task_jobs = {(r, o) for r, o in planned if r in ("reduction", "train_task", "evaluate_task")}
     assert task_jobs == expected_tasks
-    assert {r for r, _ in planned} == {"train_task", "evaluate_task", "aggregate_run", "summarize"}
+    assert {r for r, _ in planned} == {"train_task", "evaluate_task", "aggregate_run", "summarize", "figures"}
 
     untouched = {p: p.read_bytes() for s in (0, 1) for p in (run_dir(workdir, s) / "task0").iterdir()}
     old_t1 = (run_dir(workdir, 0) / "task1" / "train_log.csv").read_text()

@@ -52,15 +52,16 @@ PROTOCOLS = {
 }
 
 
-def summarize(runs: dict[str, dict[int, str]], experiments: dict, csv_out: str, md_out: str) -> None:
-    """Mean ± sample std over seeds of every metric, one row per experiment (``runs[exp][seed]`` = metrics.json);
-    the Markdown has one table per protocol (class-incremental InfLoRA runs, MTIL DIKI runs)."""
+def summarize(runs: dict[str, dict[int, dict]], experiments: dict, csv_out: str, md_out: str, json_out: str) -> None:
+    """Mean ± sample std over seeds of every metric, one row per experiment (``runs[exp][seed]["metrics"]`` =
+    metrics.json). The Markdown has one table per protocol (class-incremental InfLoRA runs, MTIL DIKI runs); the
+    JSON (DVC's metrics file) has the same numbers by experiment."""
     rows = []
     for name, by_seed in runs.items():
         spec = experiments[name]
         protocol = "mtil" if spec["method"] == "diki" else "cil"
         keys = PROTOCOLS[protocol][0]
-        values = {k: [read_json(p)[k] for p in by_seed.values()] for k in keys}
+        values = {k: [read_json(files["metrics"])[k] for files in by_seed.values()] for k in keys}
         row = {"experiment": name, "method": spec["method"], "protocol": protocol,
                "dataset": " > ".join(spec["sequence"]) if protocol == "mtil" else spec["dataset"],
                "tasks": len(spec["sequence"]) if protocol == "mtil" else spec["num_tasks"], "seeds": len(by_seed)}
@@ -81,3 +82,4 @@ def summarize(runs: dict[str, dict[int, str]], experiments: dict, csv_out: str, 
             lines.append(f"| {r['experiment']} | {r['method']} | {r['dataset']} | {r['tasks']} | {r['seeds']} | " + " | ".join(cells) + " |")
         tables.append("\n".join(lines) + "\n")
     write_text(md_out, "\n".join(tables))
+    write_json(json_out, {r["experiment"]: {k: v for k, v in r.items() if k != "experiment"} for r in rows})

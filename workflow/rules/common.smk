@@ -20,9 +20,11 @@ envvars:
 # The software of every rule, for --software-deployment-method conda (paths relative to workflow/rules/).
 CONDA_ENV = "../../envs/ifcl.yaml"
 
+from ifcl.codeversion import code_version
 from ifcl.config import (ConfigError, canonical, check, merge_includes, task_train_params, uses_alignment,
                          uses_memory)
 from ifcl.data.benchmarks import sources_of
+from ifcl.figures import load_settings as figure_settings
 from ifcl.data.sources import MARKER as SOURCE_MARKER, SOURCES
 from ifcl.models.weights import backbone_weights_file, weights_name
 
@@ -45,6 +47,12 @@ EXPERIMENTS = config["experiments"]
 RUN = "results/runs/{exp}/seed{seed}"
 RAW = "data/raw"
 DOWNLOAD_MIRROR = (config.get("downloads") or {}).get("mirror")
+
+
+def code(script):
+    """Digest of scripts/<script>.py and of the ifcl modules it imports: a rule passes it as a parameter, so its
+    jobs re-run when the code they run changed, and only then (see ifcl.codeversion)."""
+    return code_version(os.path.join(workflow.basedir, "scripts", f"{script}.py"), SRC)
 
 
 wildcard_constraints:
@@ -229,11 +237,6 @@ def run_dirs(exp):
     return [RUN.format(exp=exp, seed=s) for s in EXPERIMENTS[exp]["seeds"]]
 
 
-def run_metrics():
-    """metrics.json of every run, by experiment and seed."""
-    return {exp: {s: f"{RUN.format(exp=exp, seed=s)}/metrics.json" for s in EXPERIMENTS[exp]["seeds"]} for exp in EXPERIMENTS}
-
-
 TASK_OUTPUTS = ("reduction.safetensors", "adapter.safetensors", "train_log.csv", "eval.json")
 
 
@@ -249,7 +252,7 @@ def task_outputs(exp, t):
 DIKI_TASK_OUTPUTS = ("gaussian.safetensors", "prefix.safetensors", "train_log.csv", "eval.json")
 
 
-def all_targets():
+def run_targets():
     """Every file of every run, per-task files included: a deleted task file is regenerated (with what depends
     on it), never silently skipped because the run's final results still exist."""
     targets = []
@@ -261,7 +264,25 @@ def all_targets():
                 continue
             targets.append(f"{run}/tasks.json")
             targets += [f"{run}/task{t}/{name}" for t in range(spec["num_tasks"]) for name in task_outputs(exp, t)]
-    return targets + ["results/summary/summary.csv", "results/summary/summary.md"]
+    return targets
+
+
+def run_results():
+    """acc_matrix.csv and metrics.json of every run, by experiment and seed."""
+    return {exp: {s: {"matrix": f"{RUN.format(exp=exp, seed=s)}/acc_matrix.csv",
+                      "metrics": f"{RUN.format(exp=exp, seed=s)}/metrics.json"} for s in EXPERIMENTS[exp]["seeds"]}
+            for exp in EXPERIMENTS}
+
+
+def protocols():
+    return {exp: "mtil" if is_diki(spec) else "cil" for exp, spec in EXPERIMENTS.items()}
+
+
+# Plot settings: the figures section of DVC's parameter file next to the Snakefile (defaults where it is absent).
+try:
+    FIGURE_SETTINGS = figure_settings(os.path.join(workflow.basedir, "params.yaml"))
+except ValueError as e:
+    raise WorkflowError(f"Invalid figure settings: {e}")
 
 
 # ---- DIKI ----

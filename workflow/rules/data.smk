@@ -7,6 +7,7 @@ rule fetch_source:
     output:
         f"{RAW}/{{source}}/{SOURCE_MARKER}",
     params:
+        code=code("fetch_source"),
         mirror=DOWNLOAD_MIRROR,
     wildcard_constraints:
         source="|".join(re.escape(s) for s in SOURCES),
@@ -24,6 +25,7 @@ rule fetch_weights:
     output:
         "data/weights/{model}.safetensors",
     params:
+        code=code("fetch_weights"),
         spec=fetched_weights_spec,
         mirror=DOWNLOAD_MIRROR,
     wildcard_constraints:
@@ -46,6 +48,7 @@ rule decode_cifar100:
         train="data/prepared/{dataset}/train.csv",
         test="data/prepared/{dataset}/test.csv",
     params:
+        code=code("prepare_dataset"),
         spec=dataset_content,
         raw=RAW,
     wildcard_constraints:
@@ -68,6 +71,7 @@ rule prepare_mtil:
         val="data/prepared/{dataset}/val.csv",
         test="data/prepared/{dataset}/test.csv",
     params:
+        code=code("prepare_dataset"),
         spec=dataset_content,
         raw=RAW,
     wildcard_constraints:
@@ -88,6 +92,7 @@ rule list_benchmark:
         train="data/prepared/{dataset}/train.csv",
         test="data/prepared/{dataset}/test.csv",
     params:
+        code=code("prepare_dataset"),
         spec=dataset_content,
         raw=RAW,
     wildcard_constraints:
@@ -108,6 +113,7 @@ rule generate_dataset:
         test="data/prepared/{dataset}/test.csv",
         val="data/prepared/{dataset}/val.csv",
     params:
+        code=code("prepare_dataset"),
         spec=dataset_content,
     wildcard_constraints:
         dataset=names_of_type(DATASETS, "generated"),
@@ -125,6 +131,7 @@ rule folder_manifest:
         train="data/prepared/{dataset}/train.csv",
         test="data/prepared/{dataset}/test.csv",
     params:
+        code=code("prepare_dataset"),
         spec=dataset_content,
     wildcard_constraints:
         dataset=names_of_type(DATASETS, "folder"),
@@ -145,6 +152,7 @@ rule pretrain_backbone:
         weights="results/backbones/{backbone}/backbone.safetensors",
         log_csv="results/backbones/{backbone}/pretrain_log.csv",
     params:
+        code=code("pretrain_backbone"),
         spec=lambda wildcards: BACKBONES[wildcards.backbone],
         dataset=lambda wildcards: DATASETS[BACKBONES[wildcards.backbone]["pretrain"]["dataset"]],
     wildcard_constraints:

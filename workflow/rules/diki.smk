@@ -12,6 +12,7 @@ rule pretrain_clip:
         weights="results/backbones/{backbone}/backbone.safetensors",
         log_csv="results/backbones/{backbone}/pretrain_log.csv",
     params:
+        code=code("pretrain_clip"),
         spec=lambda wildcards: BACKBONES[wildcards.backbone],
         dataset=lambda wildcards: DATASETS[BACKBONES[wildcards.backbone]["pretrain"]["dataset"]],
     wildcard_constraints:
@@ -35,6 +36,7 @@ rule frozen_features:
     output:
         "results/features/{backbone}/{dataset}/{split}.safetensors",
     params:
+        code=code("frozen_features"),
         backbone=lambda wildcards: BACKBONES[wildcards.backbone],
         dataset=lambda wildcards: prompt_spec(wildcards.dataset),
     wildcard_constraints:
@@ -58,6 +60,8 @@ rule gaussian:
         "results/runs/{exp}/seed{seed}/task{t}/gaussian.safetensors",
     wildcard_constraints:
         exp=DIKI_EXPERIMENTS,
+    params:
+        code=code("gaussian"),
     conda:
         CONDA_ENV
     log:
@@ -74,6 +78,7 @@ rule train_prefix:
         prefix="results/runs/{exp}/seed{seed}/task{t}/prefix.safetensors",
         log_csv="results/runs/{exp}/seed{seed}/task{t}/train_log.csv",
     params:
+        code=code("train_prefix"),
         model=diki_model_params,
         train=lambda wildcards: EXPERIMENTS[wildcards.exp]["train"],
         rng=lambda wildcards: EXPERIMENTS[wildcards.exp]["rng"],
@@ -99,6 +104,7 @@ rule evaluate_diki:
     output:
         "results/runs/{exp}/seed{seed}/task{t}/eval.json",
     params:
+        code=code("evaluate_diki"),
         model=diki_model_params,
         calibration=lambda wildcards: EXPERIMENTS[wildcards.exp]["calibration"],
         eval_batch_size=lambda wildcards: EXPERIMENTS[wildcards.exp]["eval_batch_size"],

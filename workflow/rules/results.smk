@@ -10,6 +10,7 @@ rule aggregate_run:
         matrix="results/runs/{exp}/seed{seed}/acc_matrix.csv",
         metrics="results/runs/{exp}/seed{seed}/metrics.json",
     params:
+        code=code("aggregate_run"),
         protocol=lambda wildcards: "mtil" if is_diki(EXPERIMENTS[wildcards.exp]) else "cil",
     conda:
         CONDA_ENV
@@ -22,12 +23,14 @@ rule aggregate_run:
 rule summarize:
     """Mean ± std over seeds of every metric, one row per configured experiment."""
     input:
-        [path for by_seed in run_metrics().values() for path in by_seed.values()],
+        [files["metrics"] for by_seed in run_results().values() for files in by_seed.values()],
     output:
         csv="results/summary/summary.csv",
         md="results/summary/summary.md",
+        json="results/summary/summary.json",
     params:
-        runs=run_metrics(),
+        code=code("summarize"),
+        runs=run_results(),
         experiments=EXPERIMENTS,
     conda:
         CONDA_ENV
@@ -35,3 +38,23 @@ rule summarize:
         "logs/summarize.log",
     script:
         "../../scripts/summarize.py"
+
+
+rule figures:
+    """Accuracy after each task, one line per experiment with a band over seeds (settings: params.yaml)."""
+    input:
+        [path for by_seed in run_results().values() for files in by_seed.values() for path in files.values()],
+    output:
+        png="results/figures/accuracy_curves.png",
+        pdf="results/figures/accuracy_curves.pdf",
+    params:
+        code=code("figures"),
+        runs=run_results(),
+        protocols=protocols(),
+        settings=FIGURE_SETTINGS,
+    conda:
+        CONDA_ENV
+    log:
+        "logs/figures.log",
+    script:
+        "../../scripts/figures.py"

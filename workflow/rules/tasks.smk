@@ -10,6 +10,7 @@ rule split_tasks:
     output:
         "results/runs/{exp}/seed{seed}/tasks.json",
     params:
+        code=code("split_tasks"),
         num_tasks=lambda wildcards: EXPERIMENTS[wildcards.exp]["num_tasks"],
         class_order=lambda wildcards: EXPERIMENTS[wildcards.exp]["class_order"],
     conda:
@@ -27,6 +28,7 @@ rule reduction:
     output:
         "results/runs/{exp}/seed{seed}/task{t}/reduction.safetensors",
     params:
+        code=code("reduction"),
         model=model_params,
         collect=collect_params,
         backbone=exp_backbone,
@@ -55,6 +57,7 @@ rule train_task:
         adapter="results/runs/{exp}/seed{seed}/task{t}/adapter.safetensors",
         log_csv="results/runs/{exp}/seed{seed}/task{t}/train_log.csv",
     params:
+        code=code("train_task"),
         model=model_params,
         train=train_params,
         backbone=exp_backbone,
@@ -83,6 +86,7 @@ rule evaluate_task:
     output:
         "results/runs/{exp}/seed{seed}/task{t}/eval.json",
     params:
+        code=code("evaluate_task"),
         model=model_params,
         eval_batch_size=lambda wildcards: EXPERIMENTS[wildcards.exp]["eval_batch_size"],
         backbone=exp_backbone,
@@ -109,6 +113,7 @@ rule memory:
     output:
         "results/runs/{exp}/seed{seed}/task{t}/memory.safetensors",
     params:
+        code=code("memory"),
         model=model_params,
         memory=memory_params,
         collect=collect_params,
@@ -134,6 +139,7 @@ rule class_stats:
     output:
         "results/runs/{exp}/seed{seed}/task{t}/class_stats.safetensors",
     params:
+        code=code("class_stats"),
         model=model_params,
         covariance_eps=lambda wildcards: EXPERIMENTS[wildcards.exp]["ca"]["covariance_eps"],
         backbone=exp_backbone,
@@ -160,6 +166,7 @@ rule align:
         heads="results/runs/{exp}/seed{seed}/task{t}/aligned_heads.safetensors",
         log_csv="results/runs/{exp}/seed{seed}/task{t}/align_log.csv",
     params:
+        code=code("align"),
         ca=lambda wildcards: EXPERIMENTS[wildcards.exp]["ca"],
     threads: 1
     conda:
