@@ -87,8 +87,7 @@ def test_rerunning_a_task_reproduces_its_files_exactly(workdir):
     for p in files:
         p.unlink()
     snakemake(workdir, TINY_DIKI_CONFIG)
-    strip = lambda b: re.sub(rb'"seconds": [0-9.e-]+', b"", b)
-    assert {p: strip(p.read_bytes()) for p in files} == {p: strip(b) for p, b in before.items()}
+    assert {p: p.read_bytes() for p in files} == before
 
 
 def test_sequential_rng_chains_the_tasks(tmp_path):

@@ -245,6 +245,5 @@ def evaluate(experiment: dict, task: int, dataset_specs: list[dict], backbone_sp
         weights_mean.append(lam_sum / total)
         chosen.append(counts.tolist())
     print(f"after task {task}: accuracy per dataset {[round(a, 2) for a in accs]}; "
-          f"mean λ per dataset {[round(w, 3) for w in weights_mean]}")
-    write_json(out, {"task": task, "accuracy": accs, "mean_weight": weights_mean, "selected_task_counts": chosen,
-                     "seconds": time.perf_counter() - start})
+          f"mean λ per dataset {[round(w, 3) for w in weights_mean]} ({time.perf_counter() - start:.1f} s)")
+    write_json(out, {"task": task, "accuracy": accs, "mean_weight": weights_mean, "selected_task_counts": chosen})

@@ -1,0 +1,91 @@
+"""What decides a re-run: the code digest of each step (ifcl.codeversion), the plot settings (params.yaml) and the
+DVC stages' dependencies."""
+import pytest
+import yaml
+
+from conftest import REPO
+from ifcl.codeversion import code_version, modules_used
+from ifcl.figures import DEFAULT_SETTINGS, load_settings
+
+
+def make_package(root):
+    src = root / "src"
+    files = {
+        "ifcl/__init__.py": "",
+        "ifcl/a.py": "from . import b\nfrom .sub.c import thing\n",
+        "ifcl/b.py": "import os\n",
+        "ifcl/sub/__init__.py": "",
+        "ifcl/sub/c.py": "def thing():\n    from ..d import helper\n    return helper\n",
+        "ifcl/d.py": "helper = 1\n",
+        "ifcl/unused.py": "x = 1\n",
+    }
+    for name, text in files.items():
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        (src / name).write_text(text)
+    script = root / "step.py"
+    script.write_text("with open('log'):\n    from ifcl.a import something\n")
+    return src, script
+
+
+def test_modules_used_follows_absolute_relative_and_lazy_imports(tmp_path):
+    src, script = make_package(tmp_path)
+    used = {p.relative_to(src).as_posix() for p in modules_used(script, src)}
+    assert used == {"ifcl/__init__.py", "ifcl/a.py", "ifcl/b.py", "ifcl/sub/__init__.py", "ifcl/sub/c.py", "ifcl/d.py"}
+
+
+def test_the_digest_changes_with_the_code_a_step_runs_and_only_with_it(tmp_path):
+    src, script = make_package(tmp_path)
+    digest = lambda: (code_version.cache_clear(), code_version(script, src))[1]
+    first = digest()
+    (src / "ifcl/unused.py").write_text("x = 2\n")
+    assert digest() == first
+    (src / "ifcl/d.py").write_text("helper = 2\n")  # imported inside a function, two packages away
+    second = digest()
+    assert second != first
+    script.write_text(script.read_text() + "# a comment\n")
+    assert digest() not in (first, second)
+
+
+def test_every_rule_passes_the_digest_of_its_own_script():
+    rules = "".join(p.read_text() for p in sorted((REPO / "workflow/rules").glob("*.smk")))
+    scripts = sorted(p.stem for p in (REPO / "scripts").glob("*.py"))
+    blocks = rules.split("\nrule ")[1:]
+    for block in blocks:
+        if 'script:\n        "../../scripts/' in block:
+            name = block.split('"../../scripts/')[1].split(".py")[0]
+            assert f'code=code("{name}")' in block, block.split(":")[0]
+    used = {block.split('"../../scripts/')[1].split(".py")[0] for block in blocks if '"../../scripts/' in block}
+    assert used == set(scripts)
+
+
+def test_plot_settings_defaults_errors_and_the_repository_params_file(tmp_path):
+    assert load_settings(tmp_path / "absent.yaml") == DEFAULT_SETTINGS
+    shipped = yaml.safe_load((REPO / "params.yaml").read_text())["figures"]
+    assert set(shipped) == set(DEFAULT_SETTINGS) and load_settings(REPO / "params.yaml") == shipped
+    bad = tmp_path / "params.yaml"
+    bad.write_text("figures: {dpi: 0}\n")
+    with pytest.raises(ValueError, match="figures.dpi"):
+        load_settings(bad)
+    bad.write_text("figures: {colour: red}\n")
+    with pytest.raises(ValueError, match="colour"):
+        load_settings(bad)
+    bad.write_text("figures: {band: iqr}\n")
+    with pytest.raises(ValueError, match="band"):
+        load_settings(bad)
+
+
+def test_the_stage_recording_snakemake_metadata_runs_after_every_stage_that_writes_it():
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    owners = [name for name, s in stages.items() for out in s.get("outs", [])
+              if (out if isinstance(out, str) else next(iter(out))) == ".snakemake/metadata"]
+    assert owners == ["figures"]
+    last = stages["figures"]
+    for name, stage in stages.items():
+        assert set(stage.get("params", [])) <= set(last["params"]), name
+        for dep in stage.get("deps", []):  # its deps cover every other stage's (a file is covered by its folder)
+            assert any(dep == d or dep.startswith(d + "/") for d in last["deps"]), (name, dep)
+    for name, stage in stages.items():
+        for out in stage.get("outs", []):
+            path, opts = (out, {}) if isinstance(out, str) else next(iter(out.items()))
+            if name == "pipeline" or path == ".snakemake/metadata":
+                assert opts.get("persist") is True, path  # DVC never deletes finished task states
