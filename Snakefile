@@ -15,6 +15,7 @@ include: "workflow/rules/data.smk"
 include: "workflow/rules/tasks.smk"
 include: "workflow/rules/diki.smk"
 include: "workflow/rules/results.smk"
+include: "workflow/rules/figures.smk"
 
 
 rule all:

@@ -2,7 +2,7 @@
 from ifcl.runlog import logging_to
 
 with logging_to(snakemake.log[0]):
-    from ifcl.figures import accuracy_curve, plot_accuracy_curves
+    from ifcl.plots import accuracy_curve, plot_accuracy_curves
 
     p = snakemake.params
     curves = {exp: [accuracy_curve(files["matrix"], files["metrics"], p.protocols[exp]) for files in by_seed.values()]

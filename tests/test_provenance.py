@@ -5,7 +5,7 @@ import yaml
 
 from conftest import REPO
 from ifcl.codeversion import code_version, modules_used
-from ifcl.figures import DEFAULT_SETTINGS, load_settings
+from ifcl.plots import DEFAULT_SETTINGS, load_settings
 
 
 def make_package(root):

@@ -24,7 +24,7 @@ from ifcl.codeversion import code_version
 from ifcl.config import (ConfigError, canonical, check, merge_includes, task_train_params, uses_alignment,
                          uses_memory)
 from ifcl.data.benchmarks import sources_of
-from ifcl.figures import load_settings as figure_settings
+from ifcl.plots import load_settings as figure_settings
 from ifcl.data.sources import MARKER as SOURCE_MARKER, SOURCES
 from ifcl.models.weights import backbone_weights_file, weights_name
 
