@@ -26,6 +26,7 @@ from tqdm import tqdm
 from .config import derive_seed, task_train_params, uses_alignment, uses_memory
 from .data.loader import ManifestDataset, make_loader, make_transform
 from .files import file_sha256, read_json, write_csv, write_json
+from .gpu import claim_device
 from .methods.inflora import LayerMemory, design_reduction, threshold, update_memory
 from .methods.classifier_alignment import align_heads, class_statistics
 from .models.vit_lora import (ViTLoRA, heads_state, load_backbone, load_heads, random_reduction, reduction_state,
@@ -52,10 +53,13 @@ def seed_everything(seed: int) -> None:
 
 
 def pick_device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    print("no CUDA device available: running on CPU", flush=True)
-    return torch.device("cpu")
+    """The job's device: the GPU claimed for it (ifcl.gpu: inherited, or leased from the machine's), else the CPU."""
+    if claim_device(log=lambda message: print(message, flush=True)) == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        print("torch cannot use CUDA here (CPU-only build or no driver): running on CPU", flush=True)
+        return torch.device("cpu")
+    return torch.device("cuda")
 
 
 def build_model(backbone_spec: dict, backbone_weights: str | Path, experiment: dict) -> ViTLoRA:
