@@ -47,20 +47,22 @@ def holder(tmp_path: Path, environment: dict) -> subprocess.Popen:
 def test_holders_get_distinct_devices_and_a_killed_holder_frees_its_device(tmp_path):
     e = env(tmp_path)
     holders = [holder(tmp_path, e) for _ in range(3)]
-    leased = [result(h)[0] for h in holders]
-    assert all(answer == "cuda" for answer, _ in leased)
-    assert sorted(device for _, device in leased) == ["0", "1", "2"]
+    try:
+        leased = [result(h)[0] for h in holders]
+        assert all(answer == "cuda" for answer, _ in leased)
+        assert sorted(device for _, device in leased) == ["0", "1", "2"]
 
-    waiting = holder(tmp_path, e)  # a fourth job: every device is held
-    time.sleep(1.5)
-    assert waiting.poll() is None
-    victim = next(i for i, (_, device) in enumerate(leased) if device == "1")
-    os.kill(holders[victim].pid, signal.SIGKILL)
-    answer, log = result(waiting)
-    assert answer == ["cuda", "1"] and "all GPUs ['0', '1', '2'] are leased" in "".join(log)
-    (tmp_path / "stop").touch()
-    for h in holders + [waiting]:
-        h.wait(timeout=30)
+        holders.append(holder(tmp_path, e))  # a fourth job: every device is held
+        time.sleep(1.5)
+        assert holders[-1].poll() is None
+        victim = next(i for i, (_, device) in enumerate(leased) if device == "1")
+        os.kill(holders[victim].pid, signal.SIGKILL)
+        answer, log = result(holders[-1])
+        assert answer == ["cuda", "1"] and "all GPUs ['0', '1', '2'] are leased" in "".join(log)
+    finally:
+        (tmp_path / "stop").touch()
+        for h in holders:
+            h.wait(timeout=30)
 
 
 def test_an_inherited_device_list_is_respected_and_no_gpu_means_cpu(tmp_path):

@@ -13,6 +13,7 @@ rule figures:
         runs=run_results(),
         protocols=protocols(),
         settings=FIGURE_SETTINGS,
+    localrule: True
     conda:
         CONDA_ENV
     log:

@@ -12,6 +12,7 @@ rule aggregate_run:
     params:
         code=code("aggregate_run"),
         protocol=lambda wildcards: "mtil" if is_diki(EXPERIMENTS[wildcards.exp]) else "cil",
+    localrule: True
     conda:
         CONDA_ENV
     log:
@@ -32,6 +33,7 @@ rule summarize:
         code=code("summarize"),
         runs=run_results(),
         experiments=EXPERIMENTS,
+    localrule: True
     conda:
         CONDA_ENV
     log:

@@ -13,6 +13,7 @@ rule split_tasks:
         code=code("split_tasks"),
         num_tasks=lambda wildcards: EXPERIMENTS[wildcards.exp]["num_tasks"],
         class_order=lambda wildcards: EXPERIMENTS[wildcards.exp]["class_order"],
+    localrule: True
     conda:
         CONDA_ENV
     log:

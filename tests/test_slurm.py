@@ -1,0 +1,74 @@
+"""The demo through `--profile profiles/slurm` on a real single-node SLURM cluster started here (tests/slurm_cluster.py):
+every job other than the local rules is a SLURM job with its own id, GPU jobs get their device from SLURM, and the
+results equal a local run's. Skipped, saying why, without root or without Debian's slurm-wlm and munge packages
+(.ci/run installs them).
+
+To keep CI short the run covers the demo's InfLoRA seed 0 and DIKI seed 0 (data generation, both backbones'
+pretraining, every per-task step of both methods), not all ten demo runs."""
+import hashlib
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+from slurm_cluster import missing_requirements, single_node_cluster
+
+pytestmark = pytest.mark.pipeline
+TARGETS = ["results/runs/demo_inflora/seed0/acc_matrix.csv", "results/runs/demo_diki/seed0/acc_matrix.csv"]
+# The test cluster has no accounting database: the plugin must poll with squeue (README: "Running on a cluster").
+# Its jobs take seconds, so the status is polled often.
+CLUSTER_FLAGS = ["--slurm-status-command", "squeue", "--seconds-between-status-checks", "5",
+                 "--slurm-init-seconds-before-status-checks", "5"]
+LOCAL_RULES = {"generate_dataset", "split_tasks", "aggregate_run", "summarize", "figures", "fetch_source",
+               "fetch_weights"}
+
+
+def snakemake(workdir: Path, env: dict, *args: str) -> str:
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir), *TARGETS, *args,
+           "--configfile", str(REPO / "config/demo.yaml")]
+    proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-8000:]}"
+    return proc.stdout + proc.stderr
+
+
+def tree(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.skipif(missing_requirements() is not None, reason=str(missing_requirements()))
+def test_the_demo_runs_through_the_slurm_profile_with_one_slurm_job_per_step(tmp_path):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    local = tmp_path / "local"
+    local.mkdir()
+    snakemake(local, env, "--cores", "2")
+
+    cluster = tmp_path / "cluster"
+    cluster.mkdir()
+    # The node claims the 8 cores, the memory and a GPU (fake devices) that profiles/slurm asks for, so one training
+    # job runs at a time: two would share this machine's 2 real cores and slow each other down many times over.
+    with single_node_cluster(tmp_path / "slurm", cpus=8, memory_mb=64000, gpus=1) as slurm_env:
+        path = os.pathsep.join([slurm_env["PATH"], str(Path(sys.executable).parent)])
+        log = snakemake(cluster, {**env, **slurm_env, "PATH": path}, "--profile", str(REPO / "profiles/slurm"),
+                        *CLUSTER_FLAGS)
+
+    # one SLURM job per non-local job, each with its own id, also written at the top of the job's rule log
+    submitted = re.findall(r"Job (\d+) has been submitted with SLURM jobid (\d+)", log)
+    slurm_ids = [slurm for _, slurm in submitted]
+    assert submitted and len(set(slurm_ids)) == len(slurm_ids)
+    rule_logs = [p for p in (cluster / "logs").rglob("*.log") if "slurm" not in p.parts]
+    first_lines = {p: p.read_text().splitlines()[0] if p.read_text() else "" for p in rule_logs}
+    on_slurm = {p: m.group(1) for p, line in first_lines.items() if (m := re.match(r"SLURM job (\d+) on ", line))}
+    assert sorted(on_slurm.values()) == sorted(slurm_ids)
+    assert {p.relative_to(cluster / "logs").parts[0] for p in rule_logs if p not in on_slurm} <= LOCAL_RULES
+    trained = [p for p in on_slurm if p.parts[-4] in ("train_task", "train_prefix")]
+    assert trained and all("GPU: using the inherited CUDA_VISIBLE_DEVICES" in p.read_text() for p in trained)
+
+    assert tree(cluster / "results/runs") == tree(local / "results/runs")
+    for target in TARGETS:
+        assert (cluster / target).read_bytes() == (local / target).read_bytes()
