@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 import torch
@@ -59,3 +60,15 @@ def test_failed_write_leaves_nothing(tmp_path):
     write_json(target, {"a": 1})
     assert json.loads(target.read_text()) == {"a": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
+
+
+def test_written_files_get_the_permissions_of_a_plain_open(tmp_path):
+    """mkstemp's temporary files are private (0600); a result must be readable by the lab, as open() would make it."""
+    mask = os.umask(0o022)
+    try:
+        write_json(tmp_path / "shared.json", {"a": 1})
+        with open(tmp_path / "plain.txt", "w") as f:
+            f.write("x")
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "shared.json").stat().st_mode & 0o777 == (tmp_path / "plain.txt").stat().st_mode & 0o777 == 0o644

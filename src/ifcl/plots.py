@@ -64,6 +64,7 @@ def plot_accuracy_curves(curves: dict[str, list[np.ndarray]], settings: dict, ou
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(settings["width"], settings["height"]))
     for name, runs in curves.items():
@@ -78,6 +79,7 @@ def plot_accuracy_curves(curves: dict[str, list[np.ndarray]], settings: dict, ou
             else:
                 low, high = runs.min(axis=0), runs.max(axis=0)
             ax.fill_between(tasks, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("tasks learnt")
     ax.set_ylabel("accuracy on the tasks learnt (%)")
     ax.grid(alpha=0.3)
