@@ -1,4 +1,5 @@
 import copy
+import hashlib
 import os
 import subprocess
 import sys
@@ -123,3 +124,9 @@ def snakemake(workdir: Path, config: dict, *args: str, check: bool = True) -> su
     if check and proc.returncode != 0:
         raise AssertionError(f"snakemake failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
     return proc
+
+
+def tree(root: Path, *folders: str) -> dict[str, str]:
+    """sha256 of every file under the given folders of root (default: all of it), by path relative to root."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for folder in folders or (".",) for p in sorted((root / folder).rglob("*")) if p.is_file()}

@@ -5,7 +5,6 @@ results equal a local run's. Skipped, saying why, without root or without Debian
 
 To keep CI short the run covers the demo's InfLoRA seed 0 and DIKI seed 0 (data generation, both backbones'
 pretraining, every per-task step of both methods), not all ten demo runs."""
-import hashlib
 import os
 import re
 import subprocess
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, tree
 from slurm_cluster import missing_requirements, single_node_cluster
 
 pytestmark = pytest.mark.pipeline
@@ -33,11 +32,6 @@ def snakemake(workdir: Path, env: dict, *args: str) -> str:
     proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-8000:]}"
     return proc.stdout + proc.stderr
-
-
-def tree(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 @pytest.mark.skipif(missing_requirements() is not None, reason=str(missing_requirements()))

@@ -11,7 +11,7 @@ rule aggregate_run:
         metrics="results/runs/{exp}/seed{seed}/metrics.json",
     params:
         code=code("aggregate_run"),
-        protocol=lambda wildcards: "mtil" if is_diki(EXPERIMENTS[wildcards.exp]) else "cil",
+        protocol=lambda wildcards: protocols()[wildcards.exp],
     localrule: True
     conda:
         CONDA_ENV
