@@ -67,8 +67,10 @@ def test_frozen_clip_exactly_when_weight_is_zero_or_values_are_zero():
     clip = tiny_clip()
     x, tok = torch.rand(4, 3, 32, 32), tokens(["a red circle", "the digit 3"])
     frozen_image = F.normalize(clip.encode_image(x), dim=-1)
-    frozen_text = F.normalize(clip.encode_text(tok), dim=-1)
     model = CLIPPrefix(clip, depth_vision=2, depth_text=2, length=4)
+    frozen_text = model.encode_text(tok)  # no prefixes installed: the frozen text tower
+    # computed to the end token only, it is open_clip's full-context encode_text up to float rounding
+    torch.testing.assert_close(frozen_text, F.normalize(clip.encode_text(tok), dim=-1), rtol=0, atol=1e-5)
     fresh = model.new_prefix(torch.Generator().manual_seed(0))  # values 0
     trained = {k: torch.randn_like(p) for k, p in fresh.items()}
     assert torch.equal(model.encode_image(x, fresh), frozen_image)

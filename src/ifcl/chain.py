@@ -32,7 +32,7 @@ from .methods.classifier_alignment import align_heads, class_statistics
 from .models.vit_lora import (ViTLoRA, heads_state, load_backbone, load_heads, random_reduction, reduction_state,
                               split_reduction_state)
 from .state import load_state, save_state
-from .training import per_task_accuracy, predict_logits, task_aware_predictions, task_of, train_classifier
+from .training import autocast, per_task_accuracy, predict_logits, task_aware_predictions, task_of, train_classifier
 
 REDUCTION = "reduction.safetensors"
 ADAPTER = "adapter.safetensors"
@@ -150,7 +150,8 @@ def _collect(experiment_name, experiment, seed, task, stage, dataset_spec, backb
     model = replay(build_model(backbone_spec, backbone_weights, experiment), run_dir, tasks, upto).to(device).eval()
     batch_size = task_train_params(experiment, task)["batch_size"]
     loader = _loader(train_csv, tasks["tasks"][task], tasks, dataset_spec, backbone_spec, True, batch_size, job_seed)
-    return model.lora_blocks, collect_second_moments(model, loader, device)
+    with autocast(device, experiment["gpu_precision"]):
+        return model.lora_blocks, collect_second_moments(model, loader, device)
 
 
 def reduction(experiment_name: str, experiment: dict, seed: int, task: int, dataset_spec: dict, backbone_spec: dict,
@@ -214,7 +215,7 @@ def train_task(experiment_name: str, experiment: dict, seed: int, task: int, tra
     print(f"task {task}: {len(loader.dataset)} images, {n_trainable} trainable parameters")
     rows = train_classifier(model.trainable_parameters(), model.forward_current, loader, train_cfg,
                             label_offset=known, device=device, desc=f"task {task}",
-                            head_params=list(model.heads[-1].parameters()))
+                            head_params=list(model.heads[-1].parameters()), precision=experiment["gpu_precision"])
     write_csv(log_out, rows)
     save_state(adapter_out, model.current_adapter_state(),
                {"kind": "adapter", "method": experiment["method"], "task": task, "train": train_cfg,
@@ -232,7 +233,7 @@ def evaluate_task(experiment: dict, task: int, dataset_spec: dict, backbone_spec
     seen = [c for t in tasks["tasks"][: task + 1] for c in t]
     loader = _loader(test_csv, seen, tasks, dataset_spec, backbone_spec, False, experiment["eval_batch_size"])
     start = time.perf_counter()
-    logits, targets = predict_logits(model, loader, device)
+    logits, targets = predict_logits(model, loader, device, experiment["gpu_precision"])
     sizes = [len(c) for c in tasks["tasks"][: task + 1]]
     preds = logits.argmax(1)
     accs, counts = per_task_accuracy(preds, targets, sizes)
@@ -257,7 +258,7 @@ def class_stats(experiment: dict, task: int, dataset_spec: dict, backbone_spec: 
     model = replay(build_model(backbone_spec, backbone_weights, experiment), run_dir, tasks, task + 1).to(device).eval()
     classes = tasks["tasks"][task]
     loader = _loader(train_csv, classes, tasks, dataset_spec, backbone_spec, False, 64)
-    feats, targets = predict_logits(model.features, loader, device)
+    feats, targets = predict_logits(model.features, loader, device, experiment["gpu_precision"])
     known = sum(len(c) for c in tasks["tasks"][:task])
     stats = [class_statistics(feats[targets == known + i], experiment["ca"]["covariance_eps"]) for i in range(len(classes))]
     save_state(out, {"means": torch.stack([m for m, _ in stats]), "covs": torch.stack([c for _, c in stats])},

@@ -4,6 +4,10 @@
         Run the offline demo from scratch in a temporary working directory; report its wall time, the number of
         jobs per rule and the demo's summary table, and write them as JSON.
 
+    ifcl bench speed [--device cpu|cuda] [--preset paper|tiny] [--out results/bench/speed-<device>.json]
+        Time ifcl's InfLoRA and DIKI training and evaluation steps against official-style references (same
+        function, computed as the official code does) in one run; print ms/step, images/s, peak memory, speed-ups.
+
     ifcl run show results/runs/<experiment>/seed<k>
         List the run's tasks and files with their sizes and sha256; every state file is verified as it is read.
 
@@ -100,6 +104,15 @@ def main(argv: list[str] | None = None) -> None:
     demo.add_argument("--snakefile", default="Snakefile")
     demo.add_argument("--configfile", default="config/demo.yaml")
     demo.add_argument("--out", default="results/bench/demo.json")
+    speed = bench_sub.add_parser("speed", help="training/evaluation steps against official-style references")
+    speed.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    speed.add_argument("--preset", default="paper", choices=["paper", "tiny"],
+                       help="paper: ViT-B/16 and CLIP ViT-B/16 shapes; tiny: small sizes (tests)")
+    speed.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    speed.add_argument("--repeats", type=int, default=3, help="timed steps per case (the median is reported)")
+    speed.add_argument("--warmup", type=int, default=1)
+    speed.add_argument("--case", action="append", help="only this case (repeatable)")
+    speed.add_argument("--out", default=None, help="JSON report (default: results/bench/speed-<device>.json)")
     run = sub.add_parser("run", help="inspect a run: its task states, and the model after task k")
     run_sub = run.add_subparsers(dest="what", required=True)
     show = run_sub.add_parser("show", help="tasks and files of a run, with sha256")
@@ -118,6 +131,14 @@ def main(argv: list[str] | None = None) -> None:
             (run_show if args.what == "show" else run_model)(args)
         except (StateError, FileNotFoundError, KeyError, ConfigError) as e:
             sys.exit(f"ifcl run {args.what}: {e}")
+    elif args.command == "bench" and args.what == "speed":
+        from .benchmark import format_report, run_benchmark
+
+        report = run_benchmark(args.preset, args.device, args.threads, args.warmup, args.repeats, args.case)
+        out = args.out or f"results/bench/speed-{args.device.split(':')[0]}.json"
+        write_json(out, report)
+        print(format_report(report))
+        print(f"written {out}")
     elif args.command == "bench" and args.what == "demo":
         report = bench_demo(args)
         write_json(args.out, report)

@@ -31,6 +31,7 @@ from .files import file_sha256, write_csv, write_json
 from .methods.diki import TaskGaussian, calibrate, fit_gaussian, iteration_lrs
 from .models.clip_prefix import CLIPPrefix, load_clip, prompts, tokenize
 from .state import load_state, save_state
+from .training import autocast
 
 
 def _dataset(manifest: str, backbone_spec: dict) -> ManifestDataset:
@@ -83,10 +84,10 @@ def load_gaussian(path: str) -> TaskGaussian:
     return TaskGaussian(tensors["mean"], tensors["covariance"])
 
 
-def _accuracy(model: CLIPPrefix, prefix: dict, tokens: torch.Tensor, loader, device) -> float:
+def _accuracy(model: CLIPPrefix, prefix: dict, tokens: torch.Tensor, loader, device, precision: str) -> float:
     """Oracle-path accuracy (the task's own prefixes at full strength), as the official validation (§4)."""
     correct = total = 0
-    with torch.no_grad():
+    with torch.no_grad(), autocast(device, precision):
         text = model.encode_text(tokens, prefix)
         for x, y in loader:
             pred = (model.encode_image(x.to(device), prefix) @ text.T).argmax(1).cpu()
@@ -130,8 +131,9 @@ def train_prefix(experiment_name: str, experiment: dict, seed: int, task: int, d
             for group in optimizer.param_groups:
                 group["lr"] = lrs[step]
             x, y = x.to(device), y.to(device)
-            logits = scale * model.encode_image(x, prefix) @ model.encode_text(tokens, prefix).T
-            loss = F.cross_entropy(logits, y)
+            with autocast(device, experiment["gpu_precision"]):
+                logits = scale * model.encode_image(x, prefix) @ model.encode_text(tokens, prefix).T
+                loss = F.cross_entropy(logits, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -139,7 +141,7 @@ def train_prefix(experiment_name: str, experiment: dict, seed: int, task: int, d
             correct += int((logits.argmax(1) == y).sum())
             seen += len(y)
             step += 1
-        val_acc = _accuracy(model, prefix, tokens, val, device) if val else float("nan")
+        val_acc = _accuracy(model, prefix, tokens, val, device, experiment["gpu_precision"]) if val else float("nan")
         rows.append({"epoch": epoch, "loss": loss_sum / seen, "train_accuracy": 100.0 * correct / seen,
                      "val_accuracy": val_acc, "lr_last": lrs[step - 1]})
         print(f"epoch {epoch}: loss {loss_sum / seen:.4f}, train {100.0 * correct / seen:.2f}%, val {val_acc:.2f}%")

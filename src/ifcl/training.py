@@ -42,6 +42,14 @@ def lr_multipliers(epochs: int, schedule: str = "inflora-cosine", milestones: Se
     raise ValueError(f"unknown schedule {schedule!r}")
 
 
+def autocast(device: str | torch.device, precision: str = "bf16"):
+    """The precision of a step on ``device``: with ``precision`` "bf16" (an experiment's ``gpu_precision``) CUDA work
+    runs under bf16 autocast; CPU work, and "fp32", run in float32, the official InfLoRA precision (CPU runs are the
+    bit-reproducible ones)."""
+    device = torch.device(device)
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and precision == "bf16")
+
+
 def make_optimizer(params: list, cfg: dict, head_params: list | None = None) -> torch.optim.Optimizer:
     """Adam (betas 0.9, 0.999) or SGD (momentum, 0.9 by default). With ``cfg['head_lr']`` the heads form a second
     parameter group with that lr (the official ``fc_lrate`` of the SGD recipes, reference/inflora.md §5.2)."""
@@ -70,10 +78,12 @@ def train_classifier(
     device: str | torch.device = "cpu",
     desc: str = "train",
     head_params: list[nn.Parameter] | None = None,
+    precision: str = "bf16",
 ) -> list[dict]:
     """Minimise mean cross-entropy of ``logits_fn(x)`` against ``y - label_offset`` for ``cfg['epochs']`` epochs.
 
-    ``cfg``: optimizer, lr, weight_decay, (momentum, head_lr), epochs, schedule (milestones, gamma). Returns one
+    ``cfg``: optimizer, lr, weight_decay, (momentum, head_lr), epochs, schedule (milestones, gamma); ``precision``:
+    see :func:`autocast`. Returns one
     log row per epoch (epoch, lr, loss, train accuracy); the epoch's duration is printed, not returned, so that the
     rows are the same on every run.
     """
@@ -86,8 +96,9 @@ def train_classifier(
         start, total_loss, correct, seen = time.perf_counter(), 0.0, 0, 0
         for x, y in tqdm(loader, desc=f"{desc} epoch {epoch + 1}/{cfg['epochs']}", leave=False, mininterval=5):
             x, y = x.to(device, non_blocking=True), (y - label_offset).to(device, non_blocking=True)
-            logits = logits_fn(x)
-            loss = F.cross_entropy(logits, y)
+            with autocast(device, precision):
+                logits = logits_fn(x)
+                loss = F.cross_entropy(logits, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -103,11 +114,13 @@ def train_classifier(
 
 
 @torch.no_grad()
-def predict_logits(logits_fn: Callable[[torch.Tensor], torch.Tensor], loader: DataLoader, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+def predict_logits(logits_fn: Callable[[torch.Tensor], torch.Tensor], loader: DataLoader, device="cpu",
+                   precision: str = "bf16") -> tuple[torch.Tensor, torch.Tensor]:
     """Logits and targets over a loader."""
     logits, targets = [], []
     for x, y in tqdm(loader, desc="evaluate", leave=False, mininterval=5):
-        logits.append(logits_fn(x.to(device)).float().cpu())
+        with autocast(device, precision):
+            logits.append(logits_fn(x.to(device)).float().cpu())
         targets.append(y)
     return torch.cat(logits), torch.cat(targets)
 

@@ -1,0 +1,517 @@
+"""Speed of ifcl's training and evaluation steps against official-style references (``ifcl bench speed``).
+
+Each case times one step of ifcl's own code (the functions the pipeline runs) and the same step written the way
+the official code computes it (references below, written for this benchmark from reference/*.md):
+
+- ``inflora_step``: one training step of task T+1 with T tasks learnt. ifcl merges finished branches into W_k, W_v
+  (:meth:`ifcl.models.vit_lora.ViTLoRA.end_task`); the official ``Attention_LoRA`` stacks and sums Σ_s E_s R_s of
+  every task in every forward and multiplies every token by that d × d matrix, with timm 0.6's explicit softmax
+  attention; Adam over every network parameter (reference/inflora.md §1.2, §4.2).
+- ``inflora_collect``: InfLoRA's collection pass (C = XᵀX / n per adapted layer, §2.2). Official: per-sample
+  ``bmm`` summed, moved to the CPU and folded into a running mean in every block of every batch.
+- ``dualgpm_update``: the memory update of every layer after a task (§3), ifcl's torch code against the official
+  NumPy float32 code path.
+- ``diki_step``: one DIKI prefix-training step. The official ``CustomCLIP.forward`` also runs the frozen image
+  encoder on every batch and throws the result away in training (reference/diki.md §3.2), and encodes the class
+  prompts at the full 77-token context.
+- ``diki_eval``: calibrated inference on one test batch with T tasks learnt. Official: the frozen image encoder
+  on the batch, one ``MultivariateNormal`` per learnt task built (Cholesky) on every call, the full-context text
+  tower, the prefixed image tower. ifcl: frozen features from the per-dataset cache, Gaussians factored once.
+
+References run in float32 without autocast (the official InfLoRA precision; DIKI's official fp16 is not used).
+On CUDA ifcl's side uses bf16 autocast. Every case runs in its own process, so its peak memory (CPU: peak RSS of
+the process; CUDA: peak allocated) is its own. Shapes: ``paper`` = ViT-B/16 at 224 px, rank 10, CLIP ViT-B/16 with
+100 classes; ``tiny`` = small sizes for tests.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import platform
+import resource
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+PRESETS = {
+    "paper": {"image_size": 224, "patch_size": 16, "embed_dim": 768, "depth": 12, "num_heads": 12, "rank": 10,
+              "clip": "ViT-B-16", "classes": 100, "context_length": 77,
+              "batch": {"cpu": {"train": 8, "eval": 16}, "cuda": {"train": 128, "eval": 256}}},
+    "tiny": {"image_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 4, "rank": 4,
+             "clip": None, "classes": 5, "context_length": 16,
+             "batch": {"cpu": {"train": 4, "eval": 6}, "cuda": {"train": 4, "eval": 6}}},
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# official-style references
+# ---------------------------------------------------------------------------------------------------------------
+class OfficialStyleLoRAAttention(nn.Module):
+    """InfLoRA's ``Attention_LoRA`` as the official code computes it: every task's (k, v) branch kept separately,
+    Σ_{s≤t} E_s R_s stacked and summed in every forward, every token multiplied by the d × d sums, explicit softmax
+    attention (timm 0.6)."""
+
+    def __init__(self, attn: nn.Module, n_tasks: int, rank: int):
+        super().__init__()
+        self.qkv, self.proj = attn.qkv, attn.proj
+        self.num_heads = attn.num_heads
+        d = self.qkv.in_features
+        self.scale = (d // self.num_heads) ** -0.5
+        self.down_k = nn.ModuleList(nn.Linear(d, rank, bias=False) for _ in range(n_tasks))
+        self.up_k = nn.ModuleList(nn.Linear(rank, d, bias=False) for _ in range(n_tasks))
+        self.down_v = nn.ModuleList(nn.Linear(d, rank, bias=False) for _ in range(n_tasks))
+        self.up_v = nn.ModuleList(nn.Linear(rank, d, bias=False) for _ in range(n_tasks))
+        self.task = n_tasks - 1
+        self.moment: torch.Tensor | None = None  # the official ``cur_matrix`` (a CPU float32 attribute)
+        self.count = 0
+
+    def forward(self, x: torch.Tensor, **unused) -> torch.Tensor:  # timm 1.x blocks pass attn_mask=None etc.
+        b, n, c = x.shape
+        if self.moment is not None:  # get_cur_feat: per-sample products, summed, moved to the CPU
+            xd = x.detach()
+            batch = torch.bmm(xd.permute(0, 2, 1), xd).sum(dim=0).cpu()
+            self.moment = (self.moment * self.count + batch) / (self.count + b * n)
+            self.count += b * n
+        h = self.num_heads
+        qkv = self.qkv(x).reshape(b, n, 3, h, c // h).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        tasks = range(self.task + 1)
+        wk = torch.stack([self.up_k[s].weight @ self.down_k[s].weight for s in tasks]).sum(0)
+        wv = torch.stack([self.up_v[s].weight @ self.down_v[s].weight for s in tasks]).sum(0)
+        k = k + (x @ wk.T).reshape(b, n, h, c // h).permute(0, 2, 1, 3)
+        v = v + (x @ wv.T).reshape(b, n, h, c // h).permute(0, 2, 1, 3)
+        attn = ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, c))
+
+
+def official_style_vit(vit: nn.Module, n_tasks: int, rank: int, lora_blocks: list[int]) -> nn.Module:
+    """The same frozen ViT with the official attention in the adapted blocks and per-task heads."""
+    for i in lora_blocks:
+        vit.blocks[i].attn = OfficialStyleLoRAAttention(vit.blocks[i].attn, n_tasks, rank)
+    vit.heads = nn.ModuleList()
+    return vit
+
+
+def official_style_memory_update(memory: tuple | None, cov: torch.Tensor, threshold: float):
+    """DualGPM's update of one layer (reference/inflora.md §3.3-§3.7) in the official NumPy float32 code path.
+    ``memory`` = (basis, kind) or None; returns the new (basis, kind) and the projector FFᵀ (``feature_mat``)."""
+    import numpy as np
+
+    act = cov.numpy().astype(np.float32)
+    d = act.shape[0]
+    u, s, _ = np.linalg.svd(act, full_matrices=False)
+    total = (s**2).sum()
+    if memory is None:
+        ratio = np.cumsum(s**2) / total
+        r = int((ratio < threshold).sum())
+        basis, kind = u[:, : max(r, 1)], "remove" if r < d / 2 else "retain"
+    else:
+        basis, kind = memory
+        if kind == "remove":
+            hat = act - basis @ basis.T @ act
+            u, s, _ = np.linalg.svd(hat, full_matrices=False)
+            explained, r = (total - (s**2).sum()) / total, 0
+            for e in s**2 / total:
+                if explained >= threshold:
+                    break
+                explained += e
+                r += 1
+            if r:
+                basis = np.hstack((basis, u[:, :r]))[:, :d]
+        else:
+            hat = basis @ basis.T @ act
+            u, s, _ = np.linalg.svd(hat, full_matrices=False)
+            unexplained, r = (s**2).sum() / total, 0
+            for e in s**2 / total:
+                if unexplained < 1 - threshold:
+                    break
+                unexplained -= e
+                r += 1
+            if r:
+                f = basis - u[:, :r] @ u[:, :r].T @ basis
+                uf, _, _ = np.linalg.svd(f)
+                basis = uf[:, : basis.shape[1] - r]
+    if kind == "remove" and basis.shape[1] > d / 2:
+        uf, _, _ = np.linalg.svd(basis)
+        basis, kind = uf[:, basis.shape[1]:], "retain"
+    return (basis, kind), torch.from_numpy(basis @ basis.T)
+
+
+def official_style_calibrated_logits(model, prefixes: list[dict], means: torch.Tensor, covs: torch.Tensor,
+                                     images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """``CustomCLIP.forward`` with ``task_ids=None`` (reference/diki.md §3.2): frozen features of the batch, a
+    MultivariateNormal per learnt task (factored on every call), majority task, λ per image, the full-context text
+    tower with the mean λ, the prefixed image tower."""
+    from torch.distributions import MultivariateNormal
+
+    frozen = F.normalize(model.clip.encode_image(images), dim=-1)
+    dists = [MultivariateNormal(means[t], covs[t]) for t in range(len(prefixes))]
+    log_probs = torch.vstack([dist.log_prob(frozen) for dist in dists]).t()
+    top, ids = log_probs.topk(k=1, dim=1)
+    lam = torch.sigmoid(top.squeeze(1) / 512 - 1.0)
+    task_id, counts = torch.unique(ids, return_counts=True, sorted=True)
+    u = int(task_id[counts.topk(1).indices])
+    model._install("text", prefixes[u], float(lam.mean()))
+    try:
+        text = F.normalize(model.clip.encode_text(tokens), dim=-1)  # open_clip's own path: all 77 positions
+    finally:
+        model._install("text", None, 1.0)
+    return model.encode_image(images, prefixes[u], lam) @ text.T
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# models and inputs
+# ---------------------------------------------------------------------------------------------------------------
+def _vit(p: dict):
+    from .models.vit_lora import build_vit
+
+    torch.manual_seed(0)
+    return build_vit(p["image_size"], p["patch_size"], p["embed_dim"], p["depth"], p["num_heads"]).eval()
+
+
+def _learnt_branches(p: dict, tasks: int, gen: torch.Generator):
+    """Random (R, E) for k and v of every block and task: stand-ins for learnt branches (the cost does not depend
+    on their values)."""
+    d, r = p["embed_dim"], p["rank"]
+    return [[(torch.randn(r, d, generator=gen) / d**0.5, torch.randn(d, r, generator=gen) * 0.01,
+              torch.randn(r, d, generator=gen) / d**0.5, torch.randn(d, r, generator=gen) * 0.01)
+             for _ in range(p["depth"])] for _ in range(tasks)]
+
+
+def inflora_models(p: dict, learnt: int, impl: str, device):
+    """ifcl's ViTLoRA or the official-style ViT after ``learnt`` tasks, at the start of task learnt + 1 (its
+    branch and head trainable), and its trainable parameters. Both compute the same function."""
+    from .models.vit_lora import ViTLoRA
+
+    gen = torch.Generator().manual_seed(1)
+    branches = _learnt_branches(p, learnt + 1, gen)
+    classes = 10
+    heads = [nn.Linear(p["embed_dim"], classes) for _ in range(learnt + 1)]
+    with torch.no_grad():
+        for h in heads:
+            h.weight.copy_(torch.randn(h.weight.shape, generator=gen) * 0.02)
+            h.bias.copy_(torch.randn(h.bias.shape, generator=gen) * 0.02)
+    if impl == "ifcl":
+        model = ViTLoRA(_vit(p), rank=p["rank"])
+        for t, per_block in enumerate(branches):
+            model.begin_task([b[0] for b in per_block], [b[2] for b in per_block], classes)
+            model.heads[-1].load_state_dict(heads[t].state_dict())
+            with torch.no_grad():
+                for layer, (_, ek, _, ev) in zip(model.lora_layers, per_block):
+                    layer.up_k.copy_(ek)
+                    layer.up_v.copy_(ev)
+            if t < learnt:
+                model.end_task()
+        model.set_trainable()
+        model = model.to(device)
+        return model, model.trainable_parameters(), model.forward_current, model.forward
+    vit = official_style_vit(_vit(p), learnt + 1, p["rank"], list(range(p["depth"])))
+    with torch.no_grad():
+        for t, per_block in enumerate(branches):
+            for block, (rk, ek, rv, ev) in zip(vit.blocks, per_block):
+                a = block.attn
+                a.down_k[t].weight.copy_(rk), a.up_k[t].weight.copy_(ek)
+                a.down_v[t].weight.copy_(rv), a.up_v[t].weight.copy_(ev)
+    vit.heads = nn.ModuleList(heads)
+    for q in vit.parameters():
+        q.requires_grad_(False)
+    trainable = [q for blk in vit.blocks for q in (blk.attn.up_k[learnt].weight, blk.attn.up_v[learnt].weight)]
+    trainable += list(vit.heads[learnt].parameters())
+    for q in trainable:
+        q.requires_grad_(True)
+    vit = vit.to(device)
+
+    def features(x):
+        return vit.forward_head(vit.forward_features(x), pre_logits=True)
+
+    def current(x):
+        return vit.heads[learnt](features(x))
+
+    def every(x):
+        f = features(x)
+        return torch.cat([h(f) for h in vit.heads], dim=1)
+
+    return vit, trainable, current, every
+
+
+def _clip_spec(p: dict) -> dict:
+    return {"type": "pretrain_clip", "image_size": p["image_size"],
+            "arch": {"embed_dim": 32, "vision": {"width": p["embed_dim"], "layers": p["depth"],
+                                                 "patch_size": p["patch_size"], "head_width": 16},
+                     "text": {"width": 32, "heads": 2, "layers": p["depth"], "context_length": p["context_length"]}}}
+
+
+def diki_model(p: dict, device):
+    """CLIP (open_clip ViT-B/16 sizes, untrained, or tiny) with DIKI's prefixes in its first 8 (tiny: all) blocks."""
+    from .models.clip_prefix import CLIPPrefix, build_clip
+
+    torch.manual_seed(0)
+    if p["clip"]:
+        import open_clip
+
+        clip = open_clip.create_model(p["clip"], pretrained=None, force_quick_gelu=True)
+        depth = 8
+    else:
+        clip = build_clip(_clip_spec(p))
+        depth = p["depth"]
+    return CLIPPrefix(clip.eval().requires_grad_(False), depth, depth, 8).to(device)
+
+
+def class_tokens(p: dict, model) -> torch.Tensor:
+    from .models.clip_prefix import prompts, tokenize
+
+    names = [f"class number {i} of the benchmark" if i % 2 else f"object {i}" for i in range(p["classes"])]
+    return tokenize(prompts(names, None), model.clip.context_length)
+
+
+def diki_tasks(model, learnt: int, device, gen: torch.Generator):
+    """``learnt`` tasks' prefixes (values non-zero, as after training) and Gaussians of the frozen features."""
+    from .methods.diki import fit_gaussian
+
+    prefixes = []
+    for _ in range(learnt):
+        pre = model.new_prefix(gen)
+        prefixes.append({k: (v if k.endswith("key") else torch.randn(v.shape, generator=gen) * 0.1).to(device)
+                         for k, v in pre.items()})
+    dim = model.clip.visual.output_dim
+    gaussians = []
+    for t in range(learnt):  # tight clusters around different unit vectors, as normalised CLIP features
+        centre = F.normalize(torch.randn(dim, generator=gen), dim=0)
+        feats = F.normalize(centre + 0.05 * torch.randn(4 * dim, dim, generator=gen), dim=1)
+        gaussians.append(fit_gaussian(feats))
+    return prefixes, gaussians
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# cases: one step each, returning (images in the step, step function)
+# ---------------------------------------------------------------------------------------------------------------
+def _autocast(device, impl: str):
+    """ifcl's precision (bf16 autocast on CUDA, its default ``gpu_precision``); the references run in float32."""
+    from .training import autocast
+
+    return autocast(device, "bf16" if impl == "ifcl" else "fp32")
+
+
+def case_inflora_step(p, device, impl, learnt):
+    model, trainable, current, _ = inflora_models(p, learnt, impl, device)
+    params = trainable if impl == "ifcl" else list(model.parameters())  # official: Adam over every parameter
+    opt = torch.optim.Adam(params, lr=5e-4)
+    n = p["batch"][device.type]["train"]
+    x = torch.rand(n, 3, p["image_size"], p["image_size"], device=device)
+    y = torch.randint(0, 10, (n,), device=device)
+
+    def step():
+        with _autocast(device, impl):
+            loss = F.cross_entropy(current(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return n, step
+
+
+def case_inflora_collect(p, device, impl, learnt):
+    from .chain import collect_second_moments
+
+    model, _, _, _ = inflora_models(p, learnt, impl, device)
+    n = p["batch"][device.type]["train"]
+    batch = [(torch.rand(n, 3, p["image_size"], p["image_size"], device=device), None)]
+    if impl == "ifcl":
+        def step():
+            with _autocast(device, impl):
+                collect_second_moments(model, batch, device)
+        return n, step
+    attns = [blk.attn for blk in model.blocks]
+
+    def step():
+        with torch.no_grad():
+            for a in attns:
+                a.moment, a.count = torch.zeros(p["embed_dim"], p["embed_dim"]), 0
+            model.forward_features(batch[0][0])
+            _ = [a.moment for a in attns]
+            for a in attns:
+                a.moment = None
+    return n, step
+
+
+def case_dualgpm_update(p, device, impl, learnt):
+    from .methods.inflora import update_memory
+
+    d = p["embed_dim"]
+    gen = torch.Generator().manual_seed(2)
+    # second moments with a decaying spectrum, as the layers' inputs have; one per block
+    covs = []
+    for _ in range(p["depth"]):
+        a = torch.randn(d, d, generator=gen) * torch.logspace(0, -3, d)
+        covs.append(a @ a.T / d)
+    first = [update_memory(None, c, 0.95) for c in covs]
+    official_first = [official_style_memory_update(None, c, 0.95)[0] for c in covs]
+
+    def step():
+        if impl == "ifcl":
+            for m, c in zip(first, covs):
+                update_memory(m, c, 0.97).projector()
+        else:
+            for m, c in zip(official_first, covs):
+                official_style_memory_update(m, c, 0.97)
+    return p["depth"], step  # "images" = layers updated
+
+
+def case_diki_step(p, device, impl, learnt):
+    model = diki_model(p, device)
+    gen = torch.Generator().manual_seed(3)
+    prefix = {k: v.to(device).requires_grad_(True) for k, v in model.new_prefix(gen).items()}
+    tokens = class_tokens(p, model).to(device)
+    opt = torch.optim.SGD(list(prefix.values()), lr=5.0)
+    n = p["batch"][device.type]["train"]
+    x = torch.rand(n, 3, p["image_size"], p["image_size"], device=device)
+    y = torch.randint(0, p["classes"], (n,), device=device)
+    scale = model.logit_scale().detach()
+
+    def step():
+        with _autocast(device, impl):
+            if impl == "ifcl":
+                text = model.encode_text(tokens, prefix)
+            else:
+                with torch.no_grad():  # computed and thrown away in training (reference/diki.md §3.2)
+                    F.normalize(model.clip.encode_image(x), dim=-1)
+                model._install("text", prefix, 1.0)
+                try:
+                    text = F.normalize(model.clip.encode_text(tokens), dim=-1)
+                finally:
+                    model._install("text", None, 1.0)
+            loss = F.cross_entropy(scale * model.encode_image(x, prefix) @ text.T, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return n, step
+
+
+def case_diki_eval(p, device, impl, learnt):
+    from .diki_chain import calibrated_logits
+
+    model = diki_model(p, device)
+    gen = torch.Generator().manual_seed(4)
+    prefixes, gaussians = diki_tasks(model, learnt, device, gen)
+    tokens = class_tokens(p, model).to(device)
+    n = p["batch"][device.type]["eval"]
+    x = torch.rand(n, 3, p["image_size"], p["image_size"], device=device)
+    with torch.no_grad():
+        frozen = F.normalize(model.clip.encode_image(x), dim=-1).float().cpu()  # the per-dataset feature cache
+    means = torch.stack([g.mean for g in gaussians]).to(device)
+    covs = torch.stack([g.covariance for g in gaussians]).to(device)
+    cal = {"batchwise": True, "scale": 512}
+
+    def step():
+        with torch.no_grad(), _autocast(device, impl):
+            if impl == "ifcl":
+                calibrated_logits(model, prefixes, gaussians, x, tokens, frozen, cal)
+            else:
+                official_style_calibrated_logits(model, prefixes, means, covs, x, tokens)
+    return n, step
+
+
+CASES = {"inflora_step": case_inflora_step, "inflora_collect": case_inflora_collect,
+         "dualgpm_update": case_dualgpm_update, "diki_step": case_diki_step, "diki_eval": case_diki_eval}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# timing
+# ---------------------------------------------------------------------------------------------------------------
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_case(case: str, impl: str, learnt: int, preset: str, device: str, threads: int, warmup: int, repeats: int) -> dict:
+    """Time one case in this process: ``warmup`` untimed steps, then the median of ``repeats`` timed steps."""
+    torch.set_num_threads(threads)
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 for the references
+        torch.cuda.reset_peak_memory_stats()
+    p = PRESETS[preset]
+    items, step = CASES[case](p, dev, impl, learnt)
+    for _ in range(warmup):
+        step()
+    _sync(dev)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        _sync(dev)
+        times.append(time.perf_counter() - start)
+    times.sort()
+    median = times[len(times) // 2]
+    peak = (torch.cuda.max_memory_allocated() if dev.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    return {"case": case, "impl": impl, "learnt_tasks": learnt, "seconds_per_step": median,
+            "items_per_step": items, "items_per_second": items / median, "peak_memory_mb": peak / 2**20,
+            "times": times}
+
+
+def _child(queue, args):
+    try:
+        queue.put(time_case(*args))
+    except BaseException as e:  # noqa: BLE001  (reported to the parent)
+        queue.put({"error": f"{type(e).__name__}: {e}"})
+
+
+def run_isolated(*args) -> dict:
+    """``time_case`` in a fresh process (spawned: no CUDA state or peak memory carried over)."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(queue, args))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    if "error" in result:
+        raise RuntimeError(f"benchmark case {args[:3]} failed: {result['error']}")
+    return result
+
+
+# Which (case, learnt tasks) pairs are measured; the ratio is reference time / ifcl time of the same pair.
+PLAN = [("inflora_step", 1), ("inflora_step", 10), ("inflora_step", 20), ("inflora_collect", 10),
+        ("dualgpm_update", 10), ("diki_step", 1), ("diki_eval", 11)]
+
+
+def run_benchmark(preset: str = "paper", device: str = "cpu", threads: int | None = None, warmup: int = 1,
+                  repeats: int = 3, cases: list[str] | None = None, log=print) -> dict:
+    threads = threads or torch.get_num_threads()
+    rows, ratios = [], {}
+    for case, learnt in PLAN:
+        if cases and case not in cases:
+            continue
+        pair = {}
+        for impl in ("official-style", "ifcl"):
+            r = run_isolated(case, impl, learnt, preset, device, threads, warmup, repeats)
+            rows.append(r)
+            pair[impl] = r
+            log(f"{case:16s} T={learnt:<3d} {impl:15s} {r['seconds_per_step'] * 1000:10.1f} ms/step "
+                f"{r['items_per_second']:10.1f} /s  peak {r['peak_memory_mb']:8.0f} MB")
+        ratio = pair["official-style"]["seconds_per_step"] / pair["ifcl"]["seconds_per_step"]
+        ratios[f"{case}@T={learnt}"] = ratio
+        log(f"{case:16s} T={learnt:<3d} speed-up {ratio:.2f}x")
+    growth = {impl: {r["learnt_tasks"]: r["seconds_per_step"] for r in rows
+                     if r["case"] == "inflora_step" and r["impl"] == impl} for impl in ("ifcl", "official-style")}
+    info = {"device": device, "preset": preset, "threads": threads, "warmup": warmup, "repeats": repeats,
+            "torch": torch.__version__, "machine": platform.platform(), "processor": platform.processor(),
+            "cuda_device": torch.cuda.get_device_name(0) if device.startswith("cuda") else None}
+    return {"settings": info, "shapes": PRESETS[preset], "results": rows, "speedups": ratios,
+            "inflora_step_seconds_by_learnt_tasks": growth}
+
+
+def format_report(report: dict) -> str:
+    s = report["settings"]
+    lines = [f"ifcl bench speed: preset {s['preset']}, device {s['device']} ({s['cuda_device'] or s['processor']}), "
+             f"{s['threads']} threads, torch {s['torch']}",
+             "| case | learnt tasks | implementation | ms / step | items / s | peak memory (MB) |", "|---|---|---|---|---|---|"]
+    for r in report["results"]:
+        lines.append(f"| {r['case']} | {r['learnt_tasks']} | {r['impl']} | {r['seconds_per_step'] * 1000:.1f} | "
+                     f"{r['items_per_second']:.1f} | {r['peak_memory_mb']:.0f} |")
+    lines.append("")
+    lines.append("| case | speed-up (official-style time / ifcl time) |")
+    lines.append("|---|---|")
+    lines += [f"| {k} | {v:.2f}x |" for k, v in report["speedups"].items()]
+    return "\n".join(lines) + "\n"
+
