@@ -22,8 +22,12 @@ TARGETS = ["all"]
 # Its jobs take seconds, so the status is polled often.
 CLUSTER_FLAGS = ["--slurm-status-command", "squeue", "--seconds-between-status-checks", "5",
                  "--slurm-init-seconds-before-status-checks", "5"]
-LOCAL_RULES = {"generate_dataset", "split_tasks", "aggregate_run", "summarize", "figures", "fetch_source",
-               "fetch_weights"}
+
+
+def local_rules() -> set[str]:
+    """The rules declared `localrule: True` in workflow/rules (they run where Snakemake runs, not in SLURM)."""
+    chunks = "\n".join(p.read_text() for p in (REPO / "workflow/rules").glob("*.smk")).split("\nrule ")
+    return {chunk.split(":", 1)[0].strip() for chunk in chunks[1:] if "\n    localrule: True" in chunk}
 
 
 def snakemake(workdir: Path, env: dict, *args: str) -> str:
@@ -59,7 +63,11 @@ def test_the_demo_runs_through_the_slurm_profile_with_one_slurm_job_per_step(tmp
     first_lines = {p: p.read_text().splitlines()[0] if p.read_text() else "" for p in rule_logs}
     on_slurm = {p: m.group(1) for p, line in first_lines.items() if (m := re.match(r"SLURM job (\d+) on ", line))}
     assert sorted(on_slurm.values()) == sorted(slurm_ids)
-    assert {p.relative_to(cluster / "logs").parts[0] for p in rule_logs if p not in on_slurm} <= LOCAL_RULES
+    local = {p.relative_to(cluster / "logs").parts[0].removesuffix(".log") for p in rule_logs if p not in on_slurm}
+    assert local <= local_rules() and {"split_tasks", "aggregate_run", "summarize"} <= local
+    # every job was given its rule's threads as CPUs: 2 for the pretraining and data rules, 1 for the task steps
+    cpus = {p.relative_to(cluster / "logs").parts[0]: int(first_lines[p].rsplit("(", 1)[1].split()[0]) for p in on_slurm}
+    assert cpus["pretrain_backbone"] == cpus["pretrain_clip"] == 2 and cpus["train_task"] == cpus["train_prefix"] == 1
     trained = [p for p in on_slurm if p.parts[-4] in ("train_task", "train_prefix")]
     assert trained and all("GPU: using the inherited CUDA_VISIBLE_DEVICES" in p.read_text() for p in trained)
 

@@ -52,10 +52,10 @@ class LoRAQKV(nn.Module):
         out = self.qkv(x)
         if not self.active:
             return out
-        q, k, v = out.split(self.attn_dim, dim=-1)
-        k = k + F.linear(F.linear(x, self.down_k), self.up_k)
-        v = v + F.linear(F.linear(x, self.down_v), self.up_v)
-        return torch.cat((q, k, v), dim=-1)
+        d = self.attn_dim  # the branch is added in place to the k and v parts (no copy of q, k, v)
+        out[..., d : 2 * d] += F.linear(F.linear(x, self.down_k), self.up_k)
+        out[..., 2 * d :] += F.linear(F.linear(x, self.down_v), self.up_v)
+        return out
 
     def begin(self, down_k: torch.Tensor, down_v: torch.Tensor) -> None:
         """Install task t's frozen down-projections and a zero (trainable) up-projection."""
