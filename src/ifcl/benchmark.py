@@ -475,6 +475,14 @@ PLAN = [("inflora_step", 1), ("inflora_step", 10), ("inflora_step", 20), ("inflo
         ("dualgpm_update", 10), ("diki_step", 1), ("diki_eval", 11)]
 
 
+def _cpu_name() -> str:
+    try:
+        lines = open("/proc/cpuinfo").read().splitlines()
+        return next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor()
+
+
 def run_benchmark(preset: str = "paper", device: str = "cpu", threads: int | None = None, warmup: int = 1,
                   repeats: int = 3, cases: list[str] | None = None, log=print) -> dict:
     threads = threads or torch.get_num_threads()
@@ -495,7 +503,7 @@ def run_benchmark(preset: str = "paper", device: str = "cpu", threads: int | Non
     growth = {impl: {r["learnt_tasks"]: r["seconds_per_step"] for r in rows
                      if r["case"] == "inflora_step" and r["impl"] == impl} for impl in ("ifcl", "official-style")}
     info = {"device": device, "preset": preset, "threads": threads, "warmup": warmup, "repeats": repeats,
-            "torch": torch.__version__, "machine": platform.platform(), "processor": platform.processor(),
+            "torch": torch.__version__, "machine": platform.platform(), "processor": _cpu_name(),
             "cuda_device": torch.cuda.get_device_name(0) if device.startswith("cuda") else None}
     return {"settings": info, "shapes": PRESETS[preset], "results": rows, "speedups": ratios,
             "inflora_step_seconds_by_learnt_tasks": growth}
