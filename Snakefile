@@ -10,6 +10,9 @@ if not workflow.overwrite_configfiles:
     configfile: "config/config.yaml"
 
 
+report: "workflow/report/workflow.rst"
+
+
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/tasks.smk"
@@ -19,12 +22,12 @@ include: "workflow/rules/figures.smk"
 
 
 rule all:
-    """Everything: every run's files, the summary tables and the figures."""
+    """Everything: every run's files, the summary tables and the figures (what `snakemake --report` shows)."""
     default_target: True
     input:
         run_targets(),
         rules.summarize.output,
-        rules.figures.output,
+        figure_targets(),
 
 
 rule runs:

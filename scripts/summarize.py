@@ -1,8 +1,9 @@
-# Rule summarize: metrics.json of every run -> summary.csv, summary.md, summary.json (mean ± std over seeds).
+# Rule summarize: metrics.json of every run -> summary.{csv,md,html,json} (mean ± std over seeds next to the published
+# numbers of config/published.yaml).
 from ifcl.runlog import logging_to
 
 with logging_to(snakemake.log[0]):
     from ifcl.results import summarize
 
-    p = snakemake.params
-    summarize(p.runs, p.experiments, snakemake.output.csv, snakemake.output.md, snakemake.output.json)
+    p, out = snakemake.params, snakemake.output
+    summarize(p.runs, p.experiments, p.published, out.csv, out.md, out.json, out.html)

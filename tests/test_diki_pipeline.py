@@ -44,6 +44,25 @@ def test_per_task_files_and_a_complete_mtil_matrix(workdir):
     assert len(metrics["zero_shot_per_task"]) == 2
     summary = (workdir / "results" / "summary" / "summary.md").read_text()
     assert "| tiny_diki | diki | tc_shapes > tc_textures | 2 | 1 |" in summary and "Transfer" in summary
+    assert "### tiny_diki: per dataset" in summary
+
+
+def test_lambda_is_counted_per_test_image_and_plotted(workdir):
+    """eval.json holds a 20-bin histogram of λ per dataset (every test image once) beside the mean λ; the λ figure
+    and the run's other figures are drawn."""
+    run = workdir.joinpath(*RUN)
+    for t in range(2):
+        e = read_json(run / f"task{t}" / "eval.json")
+        assert e["weight_bin_edges"] == pytest.approx(np.linspace(0, 1, 21))
+        assert [sum(h) for h in e["weight_histogram"]] == [9, 9]  # 3 classes x 3 test images per dataset
+        centres = (np.arange(20) + 0.5) / 20
+        for counts, mean in zip(e["weight_histogram"], e["mean_weight"]):  # the binned mean is within half a bin
+            assert np.dot(counts, centres) / 9 == pytest.approx(mean, abs=0.025)
+    figures = workdir.joinpath("results", "figures", *RUN[2:])
+    for name in ("lambda", "acc_matrix"):
+        assert (figures / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert (figures / f"{name}.pdf").read_bytes()[:5] == b"%PDF-"
+    assert not (workdir / "results" / "figures" / "tiny_diki" / "forgetting.png").exists()  # class-incremental only
 
 
 def test_the_model_after_task_1_classifies_as_its_evaluation_did(workdir, monkeypatch):
@@ -71,8 +90,9 @@ def test_the_model_after_task_1_classifies_as_its_evaluation_did(workdir, monkey
 def test_frozen_features_are_shared_and_tasks_do_not_depend_on_each_other(workdir):
     proc = snakemake(workdir, TINY_DIKI_CONFIG, "--dry-run", "--forcerun", "gaussian", "train_prefix")
     planned = re.findall(r"^(?:local)?rule (\w+):\n(?:    .*\n)*?    output: (.*)$", proc.stdout, flags=re.M)
-    assert sorted(r for r, _ in planned) == ["aggregate_run", "evaluate_diki", "evaluate_diki", "figures", "gaussian",
-                                            "gaussian", "summarize", "train_prefix", "train_prefix"]
+    assert sorted(r for r, _ in planned) == ["accuracy_curves", "accuracy_matrix", "aggregate_run", "evaluate_diki",
+                                            "evaluate_diki", "gaussian", "gaussian", "lambda_histograms", "overview",
+                                            "summarize", "train_prefix", "train_prefix"]
     # task 1's prefix needs nothing of task 0
     dag = snakemake(workdir, TINY_DIKI_CONFIG, "results/runs/tiny_diki/seed0/task1/prefix.safetensors",
                     "--dry-run", "--forcerun", "train_prefix").stdout  # (targets before --forcerun's list)

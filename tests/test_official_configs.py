@@ -138,7 +138,11 @@ def test_dry_run_builds_every_task_of_every_seed(tmp_path):
         "memory": tasks - runs, "class_stats": ca_tasks, "align": ca_tasks - 5 * 2,
         "prepare_mtil": mtil_datasets, "frozen_features": 2 * mtil_datasets,  # train and test, shared by both orders
         "gaussian": diki_tasks, "train_prefix": diki_tasks, "evaluate_diki": diki_tasks,
-        "aggregate_run": runs + len(RELEASED_DIKI), "summarize": 1, "figures": 1, "all": 1,
+        "aggregate_run": runs + len(RELEASED_DIKI), "summarize": 1, "all": 1,
+        # figures: the curves and the overview; a heatmap per run; forgetting per InfLoRA experiment; the memory
+        # per InfLoRA run (every one of them keeps a memory); DIKI's λ per run
+        "accuracy_curves": 1, "overview": 1, "accuracy_matrix": runs + len(RELEASED_DIKI), "forgetting": len(exps),
+        "memory_sizes": runs, "lambda_histograms": len(RELEASED_DIKI),
     }
     assert counts == {**expected, "total": sum(expected.values())}
     assert not (tmp_path / "data").exists() and not (tmp_path / "results").exists()

@@ -55,13 +55,37 @@ def test_every_run_has_per_task_files_matrix_and_metrics(workdir):
         assert (workdir / "logs" / "train_task" / EXP / f"seed{seed}" / "task2.log").read_text().strip()
     # the two seeds use different class orders (shuffled) and different random reductions
     assert read_json(run_dir(workdir, 0) / "tasks.json") != read_json(run_dir(workdir, 1) / "tasks.json")
-    summary = pd.read_csv(workdir / "results" / "summary" / "summary.csv")
-    summary = summary.set_index("experiment")
-    assert sorted(summary.index) == ["tiny_inflora", "tiny_inflora-ca", EXP] and summary.loc[EXP, "seeds"] == 2
+    summary = pd.read_csv(workdir / "results" / "summary" / "summary.csv")  # one row per (experiment, metric)
+    assert sorted(summary.experiment.unique()) == ["tiny_inflora", "tiny_inflora-ca", EXP]
+    final = summary[(summary.experiment == EXP) & (summary.metric == "final")].iloc[0]
     finals = [read_json(run_dir(workdir, s) / "metrics.json")["final"] for s in (0, 1)]
-    assert summary.loc[EXP, "final_mean"] == pytest.approx(np.mean(finals))
-    assert summary.loc[EXP, "final_std"] == pytest.approx(np.std(finals, ddof=1))
+    assert final.seeds == 2 and pd.isna(final.paper)  # nothing published for the tiny experiments
+    assert final["mean"] == pytest.approx(np.mean(finals)) and final["std"] == pytest.approx(np.std(finals, ddof=1))
     assert "± " in (workdir / "results" / "summary" / "summary.md").read_text()
+
+
+def test_every_figure_and_the_report(workdir):
+    """Per run an annotated accuracy matrix, per InfLoRA run its memory, per experiment the forgetting, the curves
+    (also as data) and the overview, each PNG and PDF; `snakemake --report` puts them in one HTML file."""
+    figures = workdir / "results" / "figures"
+    stems = ["accuracy_curves", "overview"] + [f"{exp}/forgetting" for exp in TINY_CONFIG["experiments"]]
+    stems += [f"{exp}/seed{s}/acc_matrix" for exp, spec in TINY_CONFIG["experiments"].items() for s in spec["seeds"]]
+    stems += [f"{exp}/seed0/memory" for exp in ("tiny_inflora", "tiny_inflora-ca")]
+    for stem in stems:
+        assert (figures / f"{stem}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", stem
+        assert (figures / f"{stem}.pdf").read_bytes()[:5] == b"%PDF-", stem
+    assert sorted(p.relative_to(figures).as_posix() for p in figures.rglob("*.png")) == sorted(f"{s}.png" for s in stems)
+    curves = read_json(figures / "accuracy_curves.json")
+    assert {(r["experiment"], r["seed"]) for r in curves} == {(EXP, 0), (EXP, 1), ("tiny_inflora", 0), ("tiny_inflora-ca", 0)}
+    assert [r["accuracy"] for r in curves if r["experiment"] == EXP and r["seed"] == 1] == pytest.approx(
+        read_json(run_dir(workdir, 1) / "metrics.json")["curve"])
+
+    report = workdir / "report.html"
+    snakemake(workdir, TINY_CONFIG, "--report", str(report))
+    html = report.read_text()
+    for text in ("InfLoRA and DIKI, task by task", "Summary", "Overview", "Accuracy matrices", "Forgetting",
+                 "InfLoRA memory", "summary.html", "overview.png", "acc_matrix.png", "memory.png"):
+        assert text in html, text
 
 
 def reversed_keys(obj):
@@ -87,7 +111,8 @@ def test_a_task_level_change_reruns_only_that_task_and_its_dependants(workdir):
                       for rule, name in (("train_task", "adapter.safetensors"), ("evaluate_task", "eval.json"))}
     task_jobs = {(r, o) for r, o in planned if r in ("reduction", "train_task", "evaluate_task")}
     assert task_jobs == expected_tasks
-    assert {r for r, _ in planned} == {"train_task", "evaluate_task", "aggregate_run", "summarize", "figures"}
+    assert {r for r, _ in planned} == {"train_task", "evaluate_task", "aggregate_run", "summarize", "accuracy_curves",
+                                      "overview", "accuracy_matrix", "forgetting"}
 
     untouched = {p: p.read_bytes() for s in (0, 1) for p in (run_dir(workdir, s) / "task0").iterdir()}
     old_t1 = (run_dir(workdir, 0) / "task1" / "train_log.csv").read_text()

@@ -213,13 +213,17 @@ def model_after_task(experiment: dict, backbone_spec: dict, weights: str, run_di
     return DIKIModel(model, prefixes, gaussians, experiment["calibration"]).eval()
 
 
+WEIGHT_BINS = 20  # eval.json's histogram of the per-image λ: equal bins on [0, 1]
+
+
 @torch.no_grad()
 def evaluate(experiment: dict, task: int, dataset_specs: list[dict], backbone_spec: dict, weights: str,
              gaussian_files: list[str], prefix_files: list[str], test_csvs: list[str], feature_files: list[str],
              out: str, threads: int = 1) -> None:
     """Row ``task`` of the accuracy matrix: every dataset of the sequence (seen and unseen) through the calibrated
     path (§3.2, §5.2): batches of ``eval_batch_size`` consecutive test images, the task from the learnt Gaussians
-    (batch-wise majority vote, or per sample), λ per image, the batch's (or the task's) mean λ for the text."""
+    (batch-wise majority vote, or per sample), λ per image, the batch's (or the task's) mean λ for the text.
+    eval.json also holds, per dataset, the mean λ and the counts of λ in ``WEIGHT_BINS`` equal bins on [0, 1]."""
     torch.set_num_threads(threads)
     device = pick_device()
     model = _prefix_model(backbone_spec, weights, experiment["prefix"]).to(device)
@@ -227,25 +231,32 @@ def evaluate(experiment: dict, task: int, dataset_specs: list[dict], backbone_sp
     prefixes = [{k: v.to(device) for k, v in load_state(f)[0].items() if k != "rng_state"} for f in prefix_files]
     cal = experiment["calibration"]
     start = time.perf_counter()
-    accs, weights_mean, chosen = [], [], []
+    accs, weights_mean, chosen, histograms = [], [], [], []
     for spec, test_csv, feature_file in zip(dataset_specs, test_csvs, feature_files):
         frozen = load_state(feature_file)[0]["features"]
         tokens = _prompt_tokens(test_csv, spec, model.clip).to(device)
         loader = make_loader(_dataset(test_csv, backbone_spec), experiment["eval_batch_size"], shuffle=False)
         correct = total = 0
         lam_sum, counts = 0.0, torch.zeros(len(gaussians), dtype=torch.long)
+        histogram = torch.zeros(WEIGHT_BINS, dtype=torch.long)
         for x, y in loader:
-            logits, ids, lam = calibrated_logits(model, prefixes, gaussians, x.to(device), tokens,
-                                                 frozen[total: total + len(y)], cal)
+            with autocast(device, experiment["gpu_precision"]):
+                logits, ids, lam = calibrated_logits(model, prefixes, gaussians, x.to(device), tokens,
+                                                     frozen[total: total + len(y)], cal)
             correct += int((logits.argmax(1).cpu() == y).sum())
             total += len(y)
             lam_sum += float(lam.sum())
             counts += torch.bincount(ids, minlength=len(gaussians))
+            bins = (lam.double() * WEIGHT_BINS).floor().long().clamp(0, WEIGHT_BINS - 1)  # λ = 1: the last bin
+            histogram += torch.bincount(bins, minlength=WEIGHT_BINS)
         if total != frozen.shape[0]:
             raise RuntimeError(f"{test_csv}: {total} images but {frozen.shape[0]} cached features")
         accs.append(100.0 * correct / total)
         weights_mean.append(lam_sum / total)
         chosen.append(counts.tolist())
+        histograms.append(histogram.tolist())
     print(f"after task {task}: accuracy per dataset {[round(a, 2) for a in accs]}; "
           f"mean λ per dataset {[round(w, 3) for w in weights_mean]} ({time.perf_counter() - start:.1f} s)")
-    write_json(out, {"task": task, "accuracy": accs, "mean_weight": weights_mean, "selected_task_counts": chosen})
+    edges = [b / WEIGHT_BINS for b in range(WEIGHT_BINS + 1)]
+    write_json(out, {"task": task, "accuracy": accs, "mean_weight": weights_mean, "selected_task_counts": chosen,
+                     "weight_histogram": histograms, "weight_bin_edges": edges})

@@ -32,6 +32,15 @@ def cil_accuracy_curve(acc, task_sizes: Sequence[float]) -> np.ndarray:
     return np.array([np.dot(acc[i, : i + 1], sizes[: i + 1]) / sizes[: i + 1].sum() for i in range(len(sizes))])
 
 
+def forgetting_per_task(acc) -> np.ndarray:
+    """Forgetting of each old task j < T-1 after the last task: max_{j <= l < T-1} acc[l, j] - acc[T-1, j], the
+    best accuracy it had from when it was learnt until before the last task, minus its final accuracy (Chaudhry et
+    al.). Empty for a single task."""
+    acc = _square(acc)
+    T = acc.shape[0]
+    return np.array([acc[j : T - 1, j].max() - acc[T - 1, j] for j in range(T - 1)])
+
+
 def cil_metrics(acc, task_sizes: Sequence[float]) -> dict:
     """Class-incremental metrics of one run.
 
@@ -46,10 +55,8 @@ def cil_metrics(acc, task_sizes: Sequence[float]) -> dict:
     curve = cil_accuracy_curve(acc, task_sizes)
     T = acc.shape[0]
     if T > 1:
-        last = acc[T - 1, : T - 1]
-        best_before = np.array([acc[j : T - 1, j].max() for j in range(T - 1)])
-        forgetting = float(np.mean(best_before - last))
-        bwt = float(np.mean(last - np.diag(acc)[: T - 1]))
+        forgetting = float(np.mean(forgetting_per_task(acc)))
+        bwt = float(np.mean(acc[T - 1, : T - 1] - np.diag(acc)[: T - 1]))
     else:
         forgetting = bwt = 0.0
     return {

@@ -39,14 +39,25 @@ def load_settings(path: str | Path) -> dict:
     return settings
 
 
+def read_matrix(path: str | Path) -> np.ndarray:
+    """A run's acc_matrix.csv as an array (row i: after task i; blank cells: NaN)."""
+    rows = [line.split(",")[1:] for line in Path(path).read_text().splitlines()[1:]]
+    return np.array([[float(v) if v else np.nan for v in row] for row in rows])
+
+
 def accuracy_curve(matrix_csv: str | Path, metrics_json: str | Path, protocol: str) -> np.ndarray:
     """Accuracy after each task of one run: A_t (class-incremental: over all classes seen so far, sample-weighted,
     as metrics.json's ``curve``) or, for MTIL, the mean over the datasets learnt so far (row t of the matrix)."""
     if protocol == "cil":
         return np.asarray(read_json(metrics_json)["curve"], dtype=float)
-    rows = [line.split(",")[1:] for line in Path(matrix_csv).read_text().splitlines()[1:]]
-    acc = np.array([[float(v) for v in row] for row in rows])
+    acc = read_matrix(matrix_csv)
     return np.array([acc[t, : t + 1].mean() for t in range(len(acc))])
+
+
+def curve_records(curves: dict[str, dict[int, np.ndarray]]) -> list[dict]:
+    """The accuracy curves as data (``dvc plots show``): one record per experiment, seed and number of tasks learnt."""
+    return [{"experiment": exp, "seed": int(seed), "task": t + 1, "accuracy": float(a)}
+            for exp, by_seed in curves.items() for seed, curve in by_seed.items() for t, a in enumerate(curve)]
 
 
 def _save(fig, outputs: list[str | Path], dpi: int) -> None:
@@ -57,33 +68,221 @@ def _save(fig, outputs: list[str | Path], dpi: int) -> None:
             fig.savefig(f, format=fmt, dpi=dpi, metadata=metadata)
 
 
-def plot_accuracy_curves(curves: dict[str, list[np.ndarray]], settings: dict, outputs: list[str | Path]) -> None:
-    """One line per experiment (mean over seeds) with a band over seeds, accuracy against the number of tasks
-    learnt; ``curves[experiment]`` holds one curve per seed."""
-    import matplotlib
+# ---- one function per figure: plain arrays and dicts in, PNG + PDF out; each returns its Figure (made outside
+# pyplot: nothing to close) so that tests can read what was drawn ----
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def _figure(width: float, height: float):
+    """A figure outside pyplot (no global state, nothing to close): Agg for PNG, the PDF backend for PDF."""
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height))
+
+
+def _write(fig, outputs: list[str | Path], settings: dict):
+    fig.tight_layout()
+    _save(fig, outputs, settings["dpi"])
+    return fig
+
+
+def _band(ax, x, runs: np.ndarray, band: str, color) -> None:
+    """Shade the spread over seeds (rows of ``runs``) around their mean: sample std, min-max, or nothing."""
+    if len(runs) < 2 or band == "none":
+        return
+    mean = runs.mean(axis=0)
+    if band == "std":
+        spread = runs.std(axis=0, ddof=1)
+        low, high = mean - spread, mean + spread
+    else:
+        low, high = runs.min(axis=0), runs.max(axis=0)
+    ax.fill_between(x, low, high, color=color, alpha=0.2, linewidth=0)
+
+
+def _draw_curves(ax, curves: dict[str, list[np.ndarray]], band: str) -> None:
+    """One line per experiment (mean over its seeds' curves) with a band over seeds, against the tasks learnt."""
     from matplotlib.ticker import MaxNLocator
 
-    fig, ax = plt.subplots(figsize=(settings["width"], settings["height"]))
-    for name, runs in curves.items():
+    for k, (name, runs) in enumerate(curves.items()):
         runs = np.stack(runs)
-        tasks = np.arange(1, runs.shape[1] + 1)
-        mean = runs.mean(axis=0)
-        (line,) = ax.plot(tasks, mean, marker="o", markersize=3, label=f"{name} ({len(runs)} seed{'s' * (len(runs) > 1)})")
-        if len(runs) > 1 and settings["band"] != "none":
-            if settings["band"] == "std":
-                spread = runs.std(axis=0, ddof=1)
-                low, high = mean - spread, mean + spread
-            else:
-                low, high = runs.min(axis=0), runs.max(axis=0)
-            ax.fill_between(tasks, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
+        x = np.arange(1, runs.shape[1] + 1)
+        ax.plot(x, runs.mean(axis=0), marker="o", markersize=3, color=f"C{k}",
+                label=f"{name} ({len(runs)} seed{'s' * (len(runs) > 1)})")
+        _band(ax, x, runs, band, f"C{k}")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("tasks learnt")
     ax.set_ylabel("accuracy on the tasks learnt (%)")
     ax.grid(alpha=0.3)
+
+
+def plot_accuracy_curves(curves: dict[str, list[np.ndarray]], settings: dict, outputs: list[str | Path]):
+    """Every experiment in one plot: accuracy against the number of tasks learnt, one line per experiment (mean
+    over seeds) with a band over seeds; ``curves[experiment]`` holds one curve per seed."""
+    fig = _figure(settings["width"], settings["height"])
+    ax = fig.subplots()
+    _draw_curves(ax, curves, settings["band"])
     ax.legend(fontsize="small")
-    fig.tight_layout()
-    _save(fig, outputs, settings["dpi"])
-    plt.close(fig)
+    return _write(fig, outputs, settings)
+
+
+def matrix_annotations(acc) -> list[list[str]]:
+    """The text of each cell of the accuracy-matrix heatmap: the accuracy with one decimal, blank where it is NaN."""
+    return [["" if np.isnan(v) else f"{v:.1f}" for v in row] for row in np.asarray(acc, dtype=float)]
+
+
+def plot_accuracy_matrix(acc, labels: list[str], title: str, settings: dict, outputs: list[str | Path]):
+    """Heatmap of one run's accuracy matrix (row i: after learning task i; column j: accuracy on task j; both
+    named by ``labels``), every cell annotated with its value, NaN cells (tasks not learnt yet) blank."""
+    acc = np.asarray(acc, dtype=float)
+    n = len(acc)
+    side = max(settings["height"], 0.5 * n + 1.5)
+    fig = _figure(side * 1.25, side)
+    ax = fig.subplots()
+    image = ax.imshow(np.ma.masked_invalid(acc), cmap="viridis", vmin=0, vmax=100)
+    for i, row in enumerate(matrix_annotations(acc)):
+        for j, text in enumerate(row):
+            if text:
+                ax.text(j, i, text, ha="center", va="center", fontsize=8 if n <= 10 else 6,
+                        color="white" if acc[i, j] < 60 else "black")
+    long = max(map(len, labels)) > 6
+    ax.set_xticks(range(n), labels, rotation=45 if long else 0, ha="right" if long else "center")
+    ax.set_yticks(range(n), labels)
+    ax.set_xlabel("accuracy on")
+    ax.set_ylabel("after learning")
+    ax.set_title(title, fontsize="medium")
+    fig.colorbar(image, ax=ax, label="accuracy (%)")
+    return _write(fig, outputs, settings)
+
+
+def plot_forgetting(per_seed: list[np.ndarray], title: str, settings: dict, outputs: list[str | Path]):
+    """Forgetting of each old task after the last task (``per_seed``: one array per seed, from
+    ifcl.metrics.forgetting_per_task): bars at the mean over seeds, error bars at the sample std."""
+    runs = np.stack(per_seed)
+    mean = runs.mean(axis=0)
+    std = runs.std(axis=0, ddof=1) if len(runs) > 1 else None
+    fig = _figure(settings["width"], settings["height"])
+    ax = fig.subplots()
+    ax.bar(np.arange(len(mean)), mean, yerr=std, capsize=3, color="C3", alpha=0.8)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(mean)), [f"task {j}" for j in range(len(mean))])
+    ax.set_ylabel("forgetting (points)")
+    seeds = f"{len(runs)} seed{'s' * (len(runs) > 1)}" + (", mean ± std" if len(runs) > 1 else "")
+    ax.set_title(f"{title}: best accuracy before the last task − final ({seeds})", fontsize="medium")
+    ax.grid(axis="y", alpha=0.3)
+    return _write(fig, outputs, settings)
+
+
+def memory_dimensions(metas: list[dict]) -> tuple[list[str], np.ndarray, list[list[str]]]:
+    """From the metadata of an InfLoRA run's memory.safetensors after tasks 0, 1, ...: the adapted blocks (in
+    order), the dimension of the old tasks' space per task and block, and the kind of memory kept per task and
+    block ("remove": a basis of the old space; "retain": a basis of its complement)."""
+    layers = sorted(metas[0]["old_space_dims"], key=int)
+    dims = np.array([[m["old_space_dims"][layer] for layer in layers] for m in metas])
+    kinds = [[m["layer_kinds"][layer] for layer in layers] for m in metas]
+    return layers, dims, kinds
+
+
+def plot_memory_sizes(layers: list[str], dims: np.ndarray, kinds: list[list[str]], width: int | None, title: str,
+                      settings: dict, outputs: list[str | Path]):
+    """The dimension of the old tasks' space in each adapted block after each task (one line per block; hollow
+    markers where the memory is kept as a basis of the complement), against the layer width."""
+    import matplotlib
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import MaxNLocator
+
+    fig = _figure(settings["width"], settings["height"])
+    ax = fig.subplots()
+    tasks = np.arange(len(dims))
+    colors = matplotlib.colormaps["viridis"](np.linspace(0, 0.9, len(layers)))
+    for i, (layer, color) in enumerate(zip(layers, colors)):
+        ax.plot(tasks, dims[:, i], color=color, label=f"block {layer}")
+        retain = np.array([k[i] == "retain" for k in kinds])
+        ax.scatter(tasks[~retain], dims[~retain, i], color=color, s=18, zorder=3)
+        ax.scatter(tasks[retain], dims[retain, i], facecolors="white", edgecolors=color, s=18, zorder=3)
+    handles = ax.get_legend_handles_labels()[0] + [
+        Line2D([], [], marker="o", linestyle="", color="gray", label="kept: old space"),
+        Line2D([], [], marker="o", linestyle="", markerfacecolor="white", color="gray", label="kept: complement")]
+    if width:
+        handles.append(ax.axhline(width, color="gray", linestyle="--", linewidth=1, label=f"layer width {width}"))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("memory after task")
+    ax.set_ylabel("dimension of the old tasks' space")
+    ax.set_title(title, fontsize="medium")
+    ax.grid(alpha=0.3)
+    ax.legend(handles=handles, fontsize="x-small", ncol=2 if len(handles) > 8 else 1, loc="best")
+    return _write(fig, outputs, settings)
+
+
+def lambda_histograms(evals: list[dict]) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
+    """From a DIKI run's eval.json after each task (row t): the bin edges of λ and, per row, the counts over the
+    datasets learnt so far (0..t) and over the unseen ones (t+1 onwards)."""
+    edges = np.asarray(evals[0]["weight_bin_edges"], dtype=float)
+    rows = []
+    for e in evals:
+        counts, t = np.asarray(e["weight_histogram"], dtype=np.int64), e["task"]
+        rows.append((counts[: t + 1].sum(axis=0), counts[t + 1 :].sum(axis=0)))
+    return edges, rows
+
+
+def plot_lambda_histograms(edges: np.ndarray, rows: list[tuple[np.ndarray, np.ndarray]], names: list[str],
+                           title: str, settings: dict, outputs: list[str | Path]):
+    """DIKI's weight λ per test image after each task: its distribution over the datasets learnt so far and over
+    the unseen ones (as fractions of their images), one panel per task (``names``: the sequence)."""
+    n = len(rows)
+    ncols = min(n, 3)
+    nrows = -(-n // ncols)
+    fig = _figure(settings["width"] * ncols / 2 + 1, settings["height"] * nrows * 0.75 + 0.5)
+    axes = np.asarray(fig.subplots(nrows, ncols, squeeze=False, sharex=True)).ravel()
+    for t, (ax, (seen, unseen)) in enumerate(zip(axes, rows)):
+        for counts, label, color in ((seen, "learnt", "C0"), (unseen, "unseen", "C1")):
+            if counts.sum():
+                ax.stairs(counts / counts.sum(), edges, fill=True, alpha=0.45, color=color,
+                          label=f"{label} ({int(counts.sum())} images)")
+        ax.set_title(f"after task {t} ({names[t]})", fontsize="small")
+        ax.set_xlim(0, 1)
+        ax.legend(fontsize="x-small")
+        ax.grid(alpha=0.3)
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    for ax in axes[(nrows - 1) * ncols:]:
+        ax.set_xlabel("λ (weight of the learnt knowledge)")
+    for ax in axes[::ncols]:
+        ax.set_ylabel("fraction of images")
+    fig.suptitle(title, fontsize="medium")
+    return _write(fig, outputs, settings)
+
+
+def plot_overview(benchmarks: list[dict], settings: dict, outputs: list[str | Path]):
+    """One row per benchmark: the accuracy after each task (mean over seeds with a band) and the final metrics
+    (bars at the mean, error bars at the sample std, a black bar where a number is published). Each benchmark:
+    ``{"title", "metrics": [(key, label)], "curves": {experiment: [curve per seed]},
+    "values": {experiment: {key: {"mean", "std", "paper"?}}}}``."""
+    from matplotlib.lines import Line2D
+
+    fig = _figure(settings["width"] * 2, settings["height"] * len(benchmarks) + 0.4)
+    axes = np.asarray(fig.subplots(len(benchmarks), 2, squeeze=False))
+    for (curve_ax, bar_ax), bench in zip(axes, benchmarks):
+        names = list(bench["curves"])
+        _draw_curves(curve_ax, bench["curves"], settings["band"])
+        curve_ax.set_title(bench["title"], fontsize="medium")
+        curve_ax.legend(fontsize="x-small")
+
+        width = 0.8 / len(names)
+        published = False
+        for k, name in enumerate(names):
+            for g, (key, _) in enumerate(bench["metrics"]):
+                v = bench["values"][name][key]
+                x = g - 0.4 + width * (k + 0.5)
+                bar_ax.bar(x, v["mean"], width, yerr=v["std"] if v["std"] else None, capsize=2, color=f"C{k}")
+                bar_ax.annotate(f"{v['mean']:.1f}", (x, v["mean"] + (v["std"] or 0)), xytext=(0, 2),
+                                textcoords="offset points", ha="center", fontsize=6)
+                if "paper" in v:
+                    bar_ax.plot([x - width / 2, x + width / 2], [v["paper"]] * 2, color="black", linewidth=2,
+                                gid="published")
+                    published = True
+        bar_ax.set_xticks(range(len(bench["metrics"])), [label for _, label in bench["metrics"]])
+        bar_ax.axhline(0, color="black", linewidth=0.8)
+        bar_ax.set_ylabel("%")
+        bar_ax.set_title("the metrics papers report (mean ± std over seeds)", fontsize="medium")
+        bar_ax.grid(axis="y", alpha=0.3)
+        if published:
+            bar_ax.legend(handles=[Line2D([], [], color="black", linewidth=2, label="published")], fontsize="x-small")
+    return _write(fig, outputs, settings)

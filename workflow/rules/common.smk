@@ -25,6 +25,7 @@ from ifcl.config import (ConfigError, canonical, check, merge_includes, task_tra
                          uses_memory)
 from ifcl.data.benchmarks import sources_of
 from ifcl.plots import load_settings as figure_settings
+from ifcl.results import check_published, load_published
 from ifcl.data.sources import MARKER as SOURCE_MARKER, SOURCES
 from ifcl.models.weights import backbone_weights_file, weights_name
 
@@ -283,6 +284,72 @@ try:
     FIGURE_SETTINGS = figure_settings(os.path.join(workflow.basedir, "params.yaml"))
 except ValueError as e:
     raise WorkflowError(f"Invalid figure settings: {e}")
+
+# The published numbers the summary compares with (a parameter of the summarize rule, so an edit re-runs it).
+try:
+    PUBLISHED = canonical(load_published(os.path.join(workflow.basedir, "config", "published.yaml")))
+    check_published(PUBLISHED, EXPERIMENTS)
+except ValueError as e:
+    raise WorkflowError(f"Invalid published numbers: {e}")
+
+
+# ---- figures ----
+
+FIGURES = "results/figures"
+RUN_FIGURES = "results/figures/{exp}/seed{seed}"
+
+
+def has_forgetting(spec):
+    """Class-incremental experiments with old tasks to forget."""
+    return not is_diki(spec) and spec["num_tasks"] > 1
+
+
+def has_memory_files(spec):
+    """InfLoRA experiments with a memory file (written after every task but the last)."""
+    return uses_memory(spec) and spec["num_tasks"] > 1
+
+
+FORGETTING_EXPERIMENTS = experiments_where(has_forgetting)
+MEMORY_EXPERIMENTS = experiments_where(has_memory_files)
+
+
+def figure_targets():
+    """Every figure (PNG and PDF) and the accuracy curves as data."""
+    targets = [f"{FIGURES}/accuracy_curves.{ext}" for ext in ("png", "pdf", "json")]
+    targets += [f"{FIGURES}/overview.{ext}" for ext in ("png", "pdf")]
+    for exp, spec in EXPERIMENTS.items():
+        names = ["acc_matrix"]
+        if has_memory_files(spec):
+            names.append("memory")
+        if is_diki(spec):
+            names.append("lambda")
+        for seed in spec["seeds"]:
+            run = RUN_FIGURES.format(exp=exp, seed=seed)
+            targets += [f"{run}/{name}.{ext}" for name in names for ext in ("png", "pdf")]
+        if has_forgetting(spec):
+            targets += [f"{FIGURES}/{exp}/forgetting.{ext}" for ext in ("png", "pdf")]
+    return targets
+
+
+def matrix_labels(wildcards):
+    """Names of the rows and columns of a run's accuracy matrix: MTIL's datasets (class-incremental: none, the
+    script numbers the tasks)."""
+    spec = EXPERIMENTS[wildcards.exp]
+    return spec["sequence"] if is_diki(spec) else None
+
+
+def seed_matrices(wildcards):
+    return [f"{run}/acc_matrix.csv" for run in run_dirs(wildcards.exp)]
+
+
+def memory_files(wildcards):
+    """An InfLoRA run's memory after each task but the last."""
+    run = RUN.format(exp=wildcards.exp, seed=wildcards.seed)
+    return [f"{run}/task{t}/memory.safetensors" for t in range(EXPERIMENTS[wildcards.exp]["num_tasks"] - 1)]
+
+
+def diki_evals(wildcards):
+    return run_evals(wildcards)["evals"]
 
 
 # ---- DIKI ----

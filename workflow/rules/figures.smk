@@ -1,15 +1,24 @@
-# Figures of the results (ifcl.plots), PNG and PDF; plot settings from params.yaml (FIGURE_SETTINGS).
+# Figures of the results (ifcl.plots), PNG and PDF; plot settings from params.yaml (FIGURE_SETTINGS). The PNGs and
+# the summary tables are marked for `snakemake --report` (captions in workflow/report/).
 
 
 rule figures:
-    """Accuracy after each task, one line per experiment with a band over seeds (settings: params.yaml)."""
+    """Every figure: the target of dvc.yaml's figures stage."""
+    input:
+        figure_targets(),
+
+
+rule accuracy_curves:
+    """Accuracy after each task, one line per experiment with a band over seeds (settings: params.yaml), and the
+    curves as data for `dvc plots show`."""
     input:
         [path for by_seed in run_results().values() for files in by_seed.values() for path in files.values()],
     output:
-        png="results/figures/accuracy_curves.png",
-        pdf="results/figures/accuracy_curves.pdf",
+        png=report(f"{FIGURES}/accuracy_curves.png", caption="../report/accuracy_curves.rst", category="Overview"),
+        pdf=f"{FIGURES}/accuracy_curves.pdf",
+        data=f"{FIGURES}/accuracy_curves.json",
     params:
-        code=code("figures"),
+        code=code("accuracy_curves"),
         runs=run_results(),
         protocols=protocols(),
         settings=FIGURE_SETTINGS,
@@ -17,6 +26,116 @@ rule figures:
     conda:
         CONDA_ENV
     log:
-        "logs/figures.log",
+        "logs/accuracy_curves.log",
     script:
-        "../../scripts/figures.py"
+        "../../scripts/accuracy_curves.py"
+
+
+rule overview:
+    """One page: per benchmark, the methods' accuracy curves and final metrics next to the published numbers."""
+    input:
+        [path for by_seed in run_results().values() for files in by_seed.values() for path in files.values()],
+        summary=rules.summarize.output.json,
+    output:
+        png=report(f"{FIGURES}/overview.png", caption="../report/overview.rst", category="Overview"),
+        pdf=f"{FIGURES}/overview.pdf",
+    params:
+        code=code("overview"),
+        runs=run_results(),
+        protocols=protocols(),
+        settings=FIGURE_SETTINGS,
+    localrule: True
+    conda:
+        CONDA_ENV
+    log:
+        "logs/overview.log",
+    script:
+        "../../scripts/overview.py"
+
+
+rule accuracy_matrix:
+    """Heatmap of one run's accuracy matrix, every cell annotated."""
+    input:
+        f"{RUN}/acc_matrix.csv",
+    output:
+        png=report(f"{RUN_FIGURES}/acc_matrix.png", caption="../report/accuracy_matrix.rst",
+                   category="Accuracy matrices", subcategory="{exp}", labels={"experiment": "{exp}", "seed": "{seed}"}),
+        pdf=f"{RUN_FIGURES}/acc_matrix.pdf",
+    params:
+        code=code("accuracy_matrix"),
+        labels=matrix_labels,
+        settings=FIGURE_SETTINGS,
+    localrule: True
+    conda:
+        CONDA_ENV
+    log:
+        "logs/accuracy_matrix/{exp}/seed{seed}.log",
+    script:
+        "../../scripts/accuracy_matrix.py"
+
+
+rule forgetting:
+    """Class-incremental experiments: forgetting of each old task after the last one, mean ± std over seeds."""
+    input:
+        seed_matrices,
+    output:
+        png=report(f"{FIGURES}/{{exp}}/forgetting.png", caption="../report/forgetting.rst", category="Forgetting",
+                   labels={"experiment": "{exp}"}),
+        pdf=f"{FIGURES}/{{exp}}/forgetting.pdf",
+    wildcard_constraints:
+        exp=FORGETTING_EXPERIMENTS,
+    params:
+        code=code("forgetting"),
+        settings=FIGURE_SETTINGS,
+    localrule: True
+    conda:
+        CONDA_ENV
+    log:
+        "logs/forgetting/{exp}.log",
+    script:
+        "../../scripts/forgetting.py"
+
+
+rule memory_sizes:
+    """InfLoRA: the dimension of the old tasks' space kept in each adapted block's memory, after each task."""
+    input:
+        memory_files,
+    output:
+        png=report(f"{RUN_FIGURES}/memory.png", caption="../report/memory_sizes.rst", category="InfLoRA memory",
+                   subcategory="{exp}", labels={"experiment": "{exp}", "seed": "{seed}"}),
+        pdf=f"{RUN_FIGURES}/memory.pdf",
+    wildcard_constraints:
+        exp=MEMORY_EXPERIMENTS,
+    params:
+        code=code("memory_sizes"),
+        settings=FIGURE_SETTINGS,
+    localrule: True
+    conda:
+        CONDA_ENV
+    log:
+        "logs/memory_sizes/{exp}/seed{seed}.log",
+    script:
+        "../../scripts/memory_sizes.py"
+
+
+rule lambda_histograms:
+    """DIKI: the distribution of λ over the test images of the learnt and the unseen datasets, after each task."""
+    input:
+        diki_evals,
+    output:
+        png=report(f"{RUN_FIGURES}/lambda.png", caption="../report/lambda_histograms.rst", category="DIKI λ",
+                   subcategory="{exp}", labels={"experiment": "{exp}", "seed": "{seed}"}),
+        pdf=f"{RUN_FIGURES}/lambda.pdf",
+    wildcard_constraints:
+        exp=DIKI_EXPERIMENTS,
+    params:
+        code=code("lambda_histograms"),
+        sequence=lambda wildcards: EXPERIMENTS[wildcards.exp]["sequence"],
+        settings=FIGURE_SETTINGS,
+    localrule: True
+    conda:
+        CONDA_ENV
+    log:
+        "logs/lambda_histograms/{exp}/seed{seed}.log",
+    script:
+        "../../scripts/lambda_histograms.py"

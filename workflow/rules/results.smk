@@ -22,17 +22,20 @@ rule aggregate_run:
 
 
 rule summarize:
-    """Mean ± std over seeds of every metric, one row per configured experiment."""
+    """Mean ± std over seeds of every metric of every configured experiment, next to the published numbers
+    (config/published.yaml) with the difference."""
     input:
         [files["metrics"] for by_seed in run_results().values() for files in by_seed.values()],
     output:
-        csv="results/summary/summary.csv",
-        md="results/summary/summary.md",
+        csv=report("results/summary/summary.csv", caption="../report/summary.rst", category="Summary"),
+        md=report("results/summary/summary.md", caption="../report/summary.rst", category="Summary"),
+        html=report("results/summary/summary.html", caption="../report/summary.rst", category="Summary"),
         json="results/summary/summary.json",
     params:
         code=code("summarize"),
         runs=run_results(),
         experiments=EXPERIMENTS,
+        published=PUBLISHED,
     localrule: True
     conda:
         CONDA_ENV

@@ -1,0 +1,14 @@
+# Rule accuracy_curves: acc_matrix.csv and metrics.json of every run -> accuracy_curves.{png,pdf} and the curves as
+# data (accuracy_curves.json, for `dvc plots show`).
+from ifcl.runlog import logging_to
+
+with logging_to(snakemake.log[0]):
+    from ifcl.files import write_json
+    from ifcl.plots import accuracy_curve, curve_records, plot_accuracy_curves
+
+    p, out = snakemake.params, snakemake.output
+    curves = {exp: {seed: accuracy_curve(files["matrix"], files["metrics"], p.protocols[exp])
+                    for seed, files in by_seed.items()} for exp, by_seed in p.runs.items()}
+    plot_accuracy_curves({exp: list(by_seed.values()) for exp, by_seed in curves.items()}, p.settings,
+                         [out.png, out.pdf])
+    write_json(out.data, curve_records(curves))

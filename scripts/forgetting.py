@@ -1,0 +1,10 @@
+# Rule forgetting: acc_matrix.csv of every seed of a class-incremental experiment -> forgetting of each old task
+# (bars: mean over seeds, error bars: std), PNG and PDF.
+from ifcl.runlog import logging_to
+
+with logging_to(snakemake.log[0]):
+    from ifcl.metrics import forgetting_per_task
+    from ifcl.plots import plot_forgetting, read_matrix
+
+    per_seed = [forgetting_per_task(read_matrix(path)) for path in snakemake.input]
+    plot_forgetting(per_seed, snakemake.wildcards.exp, snakemake.params.settings, list(snakemake.output))

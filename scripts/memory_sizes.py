@@ -1,0 +1,14 @@
+# Rule memory_sizes: an InfLoRA run's memory.safetensors after each task -> the old tasks' space per adapted block
+# against the task (PNG and PDF).
+from ifcl.runlog import logging_to
+
+with logging_to(snakemake.log[0]):
+    from ifcl.plots import memory_dimensions, plot_memory_sizes
+    from ifcl.state import load_state
+
+    states = [load_state(path) for path in snakemake.input]
+    layers, dims, kinds = memory_dimensions([meta for _, meta in states])
+    width = next(iter(states[0][0].values())).shape[0]  # each basis is [layer width, k]
+    w = snakemake.wildcards
+    plot_memory_sizes(layers, dims, kinds, width, f"{w.exp}, seed {w.seed}: InfLoRA's memory",
+                      snakemake.params.settings, list(snakemake.output))

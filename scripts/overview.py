@@ -1,0 +1,13 @@
+# Rule overview: summary.json and every run's accuracy curve -> one page comparing the methods on each benchmark
+# (curves and final metrics with the published numbers), PNG and PDF.
+from ifcl.runlog import logging_to
+
+with logging_to(snakemake.log[0]):
+    from ifcl.files import read_json
+    from ifcl.plots import accuracy_curve, plot_overview
+    from ifcl.results import overview_benchmarks
+
+    p = snakemake.params
+    curves = {exp: [accuracy_curve(files["matrix"], files["metrics"], p.protocols[exp]) for files in by_seed.values()]
+              for exp, by_seed in p.runs.items()}
+    plot_overview(overview_benchmarks(read_json(snakemake.input.summary), curves), p.settings, list(snakemake.output))
