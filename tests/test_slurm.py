@@ -63,8 +63,8 @@ def test_the_demo_runs_through_the_slurm_profile_with_one_slurm_job_per_step(tmp
     first_lines = {p: p.read_text().splitlines()[0] if p.read_text() else "" for p in rule_logs}
     on_slurm = {p: m.group(1) for p, line in first_lines.items() if (m := re.match(r"SLURM job (\d+) on ", line))}
     assert sorted(on_slurm.values()) == sorted(slurm_ids)
-    local = {p.relative_to(cluster / "logs").parts[0].removesuffix(".log") for p in rule_logs if p not in on_slurm}
-    assert local <= local_rules() and {"split_tasks", "aggregate_run", "summarize"} <= local
+    ran_here = {p.relative_to(cluster / "logs").parts[0].removesuffix(".log") for p in rule_logs if p not in on_slurm}
+    assert ran_here <= local_rules() and {"split_tasks", "aggregate_run", "summarize"} <= ran_here
     # every job was given its rule's threads as CPUs: 2 for the pretraining and data rules, 1 for the task steps
     cpus = {p.relative_to(cluster / "logs").parts[0]: int(first_lines[p].rsplit("(", 1)[1].split()[0]) for p in on_slurm}
     assert cpus["pretrain_backbone"] == cpus["pretrain_clip"] == 2 and cpus["train_task"] == cpus["train_prefix"] == 1
