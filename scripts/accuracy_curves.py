@@ -4,11 +4,10 @@ from ifcl.runlog import logging_to
 
 with logging_to(snakemake.log[0]):
     from ifcl.files import write_json
-    from ifcl.plots import accuracy_curve, curve_records, plot_accuracy_curves
+    from ifcl.plots import curve_records, plot_accuracy_curves, run_curves
 
     p, out = snakemake.params, snakemake.output
-    curves = {exp: {seed: accuracy_curve(files["matrix"], files["metrics"], p.protocols[exp])
-                    for seed, files in by_seed.items()} for exp, by_seed in p.runs.items()}
+    curves = run_curves(p.runs, p.protocols)
     plot_accuracy_curves({exp: list(by_seed.values()) for exp, by_seed in curves.items()}, p.settings,
                          [out.png, out.pdf])
     write_json(out.data, curve_records(curves))

@@ -4,10 +4,9 @@ from ifcl.runlog import logging_to
 
 with logging_to(snakemake.log[0]):
     from ifcl.files import read_json
-    from ifcl.plots import accuracy_curve, plot_overview
+    from ifcl.plots import plot_overview, run_curves
     from ifcl.results import overview_benchmarks
 
     p = snakemake.params
-    curves = {exp: [accuracy_curve(files["matrix"], files["metrics"], p.protocols[exp]) for files in by_seed.values()]
-              for exp, by_seed in p.runs.items()}
+    curves = {exp: list(by_seed.values()) for exp, by_seed in run_curves(p.runs, p.protocols).items()}
     plot_overview(overview_benchmarks(read_json(snakemake.input.summary), curves), p.settings, list(snakemake.output))

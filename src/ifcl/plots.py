@@ -54,6 +54,13 @@ def accuracy_curve(matrix_csv: str | Path, metrics_json: str | Path, protocol: s
     return np.array([acc[t, : t + 1].mean() for t in range(len(acc))])
 
 
+def run_curves(runs: dict[str, dict[int, dict]], protocols: dict[str, str]) -> dict[str, dict[int, np.ndarray]]:
+    """:func:`accuracy_curve` of every run (``runs[exp][seed]`` = its ``matrix`` and ``metrics`` files), by
+    experiment and seed."""
+    return {exp: {seed: accuracy_curve(files["matrix"], files["metrics"], protocols[exp])
+                  for seed, files in by_seed.items()} for exp, by_seed in runs.items()}
+
+
 def curve_records(curves: dict[str, dict[int, np.ndarray]]) -> list[dict]:
     """The accuracy curves as data (``dvc plots show``): one record per experiment, seed and number of tasks learnt."""
     return [{"experiment": exp, "seed": int(seed), "task": t + 1, "accuracy": float(a)}

@@ -25,7 +25,7 @@ from ifcl.config import (ConfigError, canonical, check, merge_includes, task_tra
                          uses_memory)
 from ifcl.data.benchmarks import sources_of
 from ifcl.plots import load_settings as figure_settings
-from ifcl.results import check_published, load_published
+from ifcl.results import check_published, load_published, protocol_of
 from ifcl.data.sources import MARKER as SOURCE_MARKER, SOURCES
 from ifcl.models.weights import backbone_weights_file, weights_name
 
@@ -276,7 +276,7 @@ def run_results():
 
 
 def protocols():
-    return {exp: "mtil" if is_diki(spec) else "cil" for exp, spec in EXPERIMENTS.items()}
+    return {exp: protocol_of(spec) for exp, spec in EXPERIMENTS.items()}
 
 
 # Plot settings: the figures section of DVC's parameter file next to the Snakefile (defaults where it is absent).
