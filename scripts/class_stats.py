@@ -8,4 +8,5 @@ with logging_to(snakemake.log[0]):
 
     w, p = snakemake.wildcards, snakemake.params
     class_stats(snakemake.config["experiments"][w.exp], int(w.t), p.dataset, p.backbone, snakemake.input.backbone,
-                str(Path(snakemake.input.tasks).parent), snakemake.input.train, snakemake.output[0], snakemake.threads)
+                str(Path(snakemake.input.tasks).parent), snakemake.input.train, snakemake.output[0], snakemake.threads,
+                snakemake.input.decoded or None)

@@ -7,4 +7,4 @@ with logging_to(snakemake.log[0]):
     w, p, inp = snakemake.wildcards, snakemake.params, snakemake.input
     evaluate(snakemake.config["experiments"][w.exp], int(w.t), p.datasets, p.backbone, inp.backbone,
              list(inp.gaussians), list(inp.prefixes), list(inp.tests), list(inp.features), snakemake.output[0],
-             snakemake.threads)
+             snakemake.threads, list(inp.decoded) or None)

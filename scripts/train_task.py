@@ -9,4 +9,4 @@ with logging_to(snakemake.log[0]):
     w, p = snakemake.wildcards, snakemake.params
     train_task(w.exp, snakemake.config["experiments"][w.exp], int(w.seed), int(w.t), p.train, p.dataset, p.backbone,
                snakemake.input.backbone, str(Path(snakemake.input.tasks).parent), snakemake.input.train,
-               snakemake.output.adapter, snakemake.output.log_csv, snakemake.threads)
+               snakemake.output.adapter, snakemake.output.log_csv, snakemake.threads, snakemake.input.decoded or None)

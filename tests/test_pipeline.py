@@ -213,7 +213,7 @@ def test_the_model_after_task_k_loads_and_reproduces_its_evaluation(workdir, mon
     model = load_model(TINY_CONFIG, exp, 0, 1, root=workdir)
     monkeypatch.chdir(workdir)  # manifests list paths relative to the pipeline's working directory
     loader = _loader(f"data/prepared/{spec['dataset']}/test.csv", seen, tasks, config["datasets"][spec["dataset"]],
-                     config["backbones"][spec["backbone"]], False, 64)
+                     config["backbones"][spec["backbone"]], False, 64, "cpu")
     logits, targets = predict_logits(model, loader)
     assert logits.shape[1] == len(seen)
     accuracy = 100.0 * float((logits.argmax(1) == targets).float().mean())

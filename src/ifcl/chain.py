@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from .config import derive_seed, task_train_params, uses_alignment, uses_memory
-from .data.loader import ManifestDataset, make_loader, make_transform
+from .data.loader import image_batches
 from .files import file_sha256, read_json, write_csv, write_json
 from .gpu import claim_device
 from .methods.inflora import LayerMemory, design_reduction, threshold, update_memory
@@ -139,7 +139,7 @@ def load_memory(path: str | Path, lora_blocks: list[int]) -> list[LayerMemory]:
 
 
 def _collect(experiment_name, experiment, seed, task, stage, dataset_spec, backbone_spec, backbone_weights, run_dir,
-             train_csv, upto, threads):
+             train_csv, upto, threads, decoded):
     """Second moments of every adapted layer over task t's augmented training images (the official collection
     passes: training transform, shuffled loader) with the finished tasks < ``upto`` merged."""
     torch.set_num_threads(threads)
@@ -149,13 +149,15 @@ def _collect(experiment_name, experiment, seed, task, stage, dataset_spec, backb
     device = pick_device()
     model = replay(build_model(backbone_spec, backbone_weights, experiment), run_dir, tasks, upto).to(device).eval()
     batch_size = task_train_params(experiment, task)["batch_size"]
-    loader = _loader(train_csv, tasks["tasks"][task], tasks, dataset_spec, backbone_spec, True, batch_size, job_seed)
+    loader = _loader(train_csv, tasks["tasks"][task], tasks, dataset_spec, backbone_spec, True, batch_size, device,
+                     job_seed, decoded)
     with autocast(device, experiment["gpu_precision"]):
         return model.lora_blocks, collect_second_moments(model, loader, device)
 
 
 def reduction(experiment_name: str, experiment: dict, seed: int, task: int, dataset_spec: dict, backbone_spec: dict,
-              backbone_weights: str, run_dir: str, train_csv: str, out: str, threads: int = 1) -> None:
+              backbone_weights: str, run_dir: str, train_csv: str, out: str, threads: int = 1,
+              decoded: str | None = None) -> None:
     """Down-projections R_t of task t, frozen while the task trains.
 
     seq-lora: LoRA's random init. InfLoRA: designed from the task's inputs, orthogonal to the old tasks' space
@@ -169,17 +171,18 @@ def reduction(experiment_name: str, experiment: dict, seed: int, task: int, data
         save_state(out, reduction_state(model.lora_blocks, down_k, down_v), meta)
         return
     blocks, covs = _collect(experiment_name, experiment, seed, task, "design", dataset_spec, backbone_spec,
-                            backbone_weights, run_dir, train_csv, task, threads)
+                            backbone_weights, run_dir, train_csv, task, threads, decoded)
     memories = load_memory(task_dir(run_dir, task - 1) / MEMORY, blocks) if task else [None] * len(blocks)
     downs = [design_reduction(c, m, experiment["rank"]) for c, m in zip(covs, memories)]
     save_state(out, reduction_state(blocks, downs, downs), meta)
 
 
 def memory(experiment_name: str, experiment: dict, seed: int, task: int, dataset_spec: dict, backbone_spec: dict,
-           backbone_weights: str, run_dir: str, train_csv: str, out: str, threads: int = 1) -> None:
+           backbone_weights: str, run_dir: str, train_csv: str, out: str, threads: int = 1,
+           decoded: str | None = None) -> None:
     """The (Dual)GPM memory after task t, from the task's inputs with its trained branch (reference/inflora.md §3)."""
     blocks, covs = _collect(experiment_name, experiment, seed, task, "memory", dataset_spec, backbone_spec,
-                            backbone_weights, run_dir, train_csv, task + 1, threads)
+                            backbone_weights, run_dir, train_csv, task + 1, threads, decoded)
     previous = load_memory(task_dir(run_dir, task - 1) / MEMORY, blocks) if task else [None] * len(blocks)
     eps = threshold(task, experiment["num_tasks"], experiment["lamb"], experiment["lame"])
     dual = experiment["memory"] == "dualgpm"
@@ -189,16 +192,18 @@ def memory(experiment_name: str, experiment: dict, seed: int, task: int, dataset
                                         "update": experiment["memory"], "backbone_sha256": file_sha256(backbone_weights)})
 
 
-def _loader(manifest, classes, tasks, dataset_spec, backbone_spec, train: bool, batch_size: int, seed: int = 0):
+def _loader(manifest, classes, tasks, dataset_spec, backbone_spec, train: bool, batch_size: int, device, seed: int = 0,
+            decoded: str | None = None):
+    """Batches on ``device`` of the manifest's images of ``classes``: ``train``: the training transform, shuffled;
+    else the test transform in manifest order. ``decoded``: read from that decoded-image cache."""
     name = dataset_spec["train_transform"] if train else dataset_spec["test_transform"]
-    tf = make_transform(name, backbone_spec["image_size"], backbone_spec["mean"], backbone_spec["std"],
-                        dataset_spec["crop_scale"])
-    return make_loader(ManifestDataset(manifest, classes, tasks["class_order"], tf), batch_size, shuffle=train, seed=seed)
+    return image_batches(manifest, classes, tasks["class_order"], name, backbone_spec, batch_size, shuffle=train,
+                         seed=seed, device=device, crop_scale=dataset_spec["crop_scale"], decoded=decoded)
 
 
 def train_task(experiment_name: str, experiment: dict, seed: int, task: int, train_cfg: dict, dataset_spec: dict,
                backbone_spec: dict, backbone_weights: str, run_dir: str, train_csv: str, adapter_out: str, log_out: str,
-               threads: int = 1) -> None:
+               threads: int = 1, decoded: str | None = None) -> None:
     """Train E_t (k and v of every adapted block) and head t on task t's classes, old tasks merged and frozen."""
     torch.set_num_threads(threads)
     job_seed = derive_seed(experiment_name, seed, task, "train")
@@ -210,7 +215,8 @@ def train_task(experiment_name: str, experiment: dict, seed: int, task: int, tra
     model.set_trainable()
     model.to(device).eval()  # no dropout/BN; the official loop also runs in eval mode (reference/inflora.md §4.2)
     known = sum(len(c) for c in tasks["tasks"][:task])
-    loader = _loader(train_csv, tasks["tasks"][task], tasks, dataset_spec, backbone_spec, True, train_cfg["batch_size"], job_seed)
+    loader = _loader(train_csv, tasks["tasks"][task], tasks, dataset_spec, backbone_spec, True, train_cfg["batch_size"],
+                     device, job_seed, decoded)
     n_trainable = sum(p.numel() for p in model.trainable_parameters())
     print(f"task {task}: {len(loader.dataset)} images, {n_trainable} trainable parameters")
     rows = train_classifier(model.trainable_parameters(), model.forward_current, loader, train_cfg,
@@ -223,7 +229,7 @@ def train_task(experiment_name: str, experiment: dict, seed: int, task: int, tra
 
 
 def evaluate_task(experiment: dict, task: int, dataset_spec: dict, backbone_spec: dict, backbone_weights: str,
-                  run_dir: str, test_csv: str, out: str, threads: int = 1) -> None:
+                  run_dir: str, test_csv: str, out: str, threads: int = 1, decoded: str | None = None) -> None:
     """Class-incremental evaluation after task t: arg-max over every seen head on the test images of all seen
     classes (task-agnostic); one accuracy per seen task (a row of the accuracy matrix)."""
     torch.set_num_threads(threads)
@@ -231,7 +237,8 @@ def evaluate_task(experiment: dict, task: int, dataset_spec: dict, backbone_spec
     device = pick_device()
     model = model_after_task(backbone_spec, backbone_weights, experiment, run_dir, task).to(device)
     seen = [c for t in tasks["tasks"][: task + 1] for c in t]
-    loader = _loader(test_csv, seen, tasks, dataset_spec, backbone_spec, False, experiment["eval_batch_size"])
+    loader = _loader(test_csv, seen, tasks, dataset_spec, backbone_spec, False, experiment["eval_batch_size"], device,
+                     decoded=decoded)
     start = time.perf_counter()
     logits, targets = predict_logits(model, loader, device, experiment["gpu_precision"])
     sizes = [len(c) for c in tasks["tasks"][: task + 1]]
@@ -249,7 +256,7 @@ def evaluate_task(experiment: dict, task: int, dataset_spec: dict, backbone_spec
 
 @torch.no_grad()
 def class_stats(experiment: dict, task: int, dataset_spec: dict, backbone_spec: dict, backbone_weights: str,
-                run_dir: str, train_csv: str, out: str, threads: int = 1) -> None:
+                run_dir: str, train_csv: str, out: str, threads: int = 1, decoded: str | None = None) -> None:
     """InfLoRA+CA: per-class Gaussian of the features (all branches 0..t) of task t's training images under the
     test transform (reference/inflora.md §5.2); old classes keep the statistics of their own task."""
     torch.set_num_threads(threads)
@@ -257,7 +264,7 @@ def class_stats(experiment: dict, task: int, dataset_spec: dict, backbone_spec: 
     device = pick_device()
     model = replay(build_model(backbone_spec, backbone_weights, experiment), run_dir, tasks, task + 1).to(device).eval()
     classes = tasks["tasks"][task]
-    loader = _loader(train_csv, classes, tasks, dataset_spec, backbone_spec, False, 64)
+    loader = _loader(train_csv, classes, tasks, dataset_spec, backbone_spec, False, 64, device, decoded=decoded)
     feats, targets = predict_logits(model.features, loader, device, experiment["gpu_precision"])
     known = sum(len(c) for c in tasks["tasks"][:task])
     stats = [class_statistics(feats[targets == known + i], experiment["ca"]["covariance_eps"]) for i in range(len(classes))]

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from .chain import pick_device, seed_everything
 from .config import derive_seed
-from .data.loader import ManifestDataset, make_loader, make_transform
+from .data.loader import image_batches
 from .data.manifest import class_names_of, read_manifest
 from .files import file_sha256, write_csv, write_json
 from .methods.diki import TaskGaussian, calibrate, fit_gaussian, iteration_lrs
@@ -34,11 +34,13 @@ from .state import load_state, save_state
 from .training import autocast
 
 
-def _dataset(manifest: str, backbone_spec: dict) -> ManifestDataset:
-    """Every image of a manifest with its dataset-local label, under CLIP's preprocessing (no augmentation, §1)."""
+def _batches(manifest: str, backbone_spec: dict, batch_size: int, device, shuffle: bool = False, seed: int = 0,
+             decoded: str | None = None):
+    """Every image of a manifest with its dataset-local label, under CLIP's preprocessing (no augmentation, §1),
+    in batches on ``device``; ``decoded``: read from that decoded-image cache."""
     labels = sorted({label for _, label, _ in read_manifest(manifest)})
-    tf = make_transform("clip", backbone_spec["image_size"], backbone_spec["mean"], backbone_spec["std"])
-    return ManifestDataset(manifest, labels, labels, tf)
+    return image_batches(manifest, labels, labels, "clip", backbone_spec, batch_size, shuffle, seed, device,
+                         decoded=decoded)
 
 
 def _prompt_tokens(manifest: str, dataset_spec: dict, clip) -> torch.Tensor:
@@ -58,10 +60,10 @@ def frozen_features(backbone_spec: dict, weights: str, dataset_spec: dict, manif
     torch.set_num_threads(threads)
     device = pick_device()
     clip = load_clip(backbone_spec, weights).to(device)
-    loader = make_loader(_dataset(manifest, backbone_spec), batch_size, shuffle=False)
+    loader = _batches(manifest, backbone_spec, batch_size, device)
     feats, labels = [], []
     for x, y in tqdm(loader, desc="frozen features", leave=False, mininterval=5):
-        feats.append(F.normalize(clip.encode_image(x.to(device)), dim=-1).float().cpu())
+        feats.append(F.normalize(clip.encode_image(x), dim=-1).float().cpu())
         labels.append(y)
     feats, labels = torch.cat(feats), torch.cat(labels)
     text = F.normalize(clip.encode_text(_prompt_tokens(manifest, dataset_spec, clip).to(device)), dim=-1).float().cpu()
@@ -90,7 +92,7 @@ def _accuracy(model: CLIPPrefix, prefix: dict, tokens: torch.Tensor, loader, dev
     with torch.no_grad(), autocast(device, precision):
         text = model.encode_text(tokens, prefix)
         for x, y in loader:
-            pred = (model.encode_image(x.to(device), prefix) @ text.T).argmax(1).cpu()
+            pred = (model.encode_image(x, prefix) @ text.T).argmax(1).cpu()
             correct += int((pred == y).sum())
             total += len(y)
     return 100.0 * correct / total
@@ -98,7 +100,8 @@ def _accuracy(model: CLIPPrefix, prefix: dict, tokens: torch.Tensor, loader, dev
 
 def train_prefix(experiment_name: str, experiment: dict, seed: int, task: int, dataset_spec: dict, backbone_spec: dict,
                  weights: str, train_csv: str, val_csv: str | None, out: str, log_out: str,
-                 previous_prefix: str | None = None, threads: int = 1) -> None:
+                 previous_prefix: str | None = None, threads: int = 1, decoded_train: str | None = None,
+                 decoded_val: str | None = None) -> None:
     """Train task t's prefixes on dataset t: SGD, per-iteration cosine, cross-entropy over the dataset's classes with
     its template; keep the epoch with the best validation accuracy (§4)."""
     torch.set_num_threads(threads)
@@ -114,11 +117,11 @@ def train_prefix(experiment_name: str, experiment: dict, seed: int, task: int, d
     seed_everything(int(torch.randint(2**62, (1,), generator=gen)))
     prefix = {k: v.to(device).requires_grad_(True) for k, v in model.new_prefix(gen).items()}
     tokens = _prompt_tokens(train_csv, dataset_spec, model.clip).to(device)
-    loader = make_loader(_dataset(train_csv, backbone_spec), cfg["batch_size"], shuffle=True,
-                         seed=int(torch.randint(2**62, (1,), generator=gen)))
+    loader = _batches(train_csv, backbone_spec, cfg["batch_size"], device, shuffle=True,
+                      seed=int(torch.randint(2**62, (1,), generator=gen)), decoded=decoded_train)
     val = None
     if val_csv is not None and read_manifest(val_csv):
-        val = make_loader(_dataset(val_csv, backbone_spec), experiment["eval_batch_size"], shuffle=False)
+        val = _batches(val_csv, backbone_spec, experiment["eval_batch_size"], device, decoded=decoded_val)
     optimizer = torch.optim.SGD(list(prefix.values()), lr=cfg["lr"], momentum=0.0, weight_decay=cfg["weight_decay"])
     lrs = iteration_lrs(cfg["lr"], cfg["epochs"] * len(loader), cfg["final_lr_ratio"])
     scale = model.logit_scale().detach()
@@ -130,7 +133,7 @@ def train_prefix(experiment_name: str, experiment: dict, seed: int, task: int, d
         for x, y in tqdm(loader, desc=f"task {task} epoch {epoch}", leave=False, mininterval=5):
             for group in optimizer.param_groups:
                 group["lr"] = lrs[step]
-            x, y = x.to(device), y.to(device)
+            y = y.to(device)
             with autocast(device, experiment["gpu_precision"]):
                 logits = scale * model.encode_image(x, prefix) @ model.encode_text(tokens, prefix).T
                 loss = F.cross_entropy(logits, y)
@@ -219,7 +222,7 @@ WEIGHT_BINS = 20  # eval.json's histogram of the per-image λ: equal bins on [0,
 @torch.no_grad()
 def evaluate(experiment: dict, task: int, dataset_specs: list[dict], backbone_spec: dict, weights: str,
              gaussian_files: list[str], prefix_files: list[str], test_csvs: list[str], feature_files: list[str],
-             out: str, threads: int = 1) -> None:
+             out: str, threads: int = 1, decoded: list[str] | None = None) -> None:
     """Row ``task`` of the accuracy matrix: every dataset of the sequence (seen and unseen) through the calibrated
     path (§3.2, §5.2): batches of ``eval_batch_size`` consecutive test images, the task from the learnt Gaussians
     (batch-wise majority vote, or per sample), λ per image, the batch's (or the task's) mean λ for the text.
@@ -232,16 +235,17 @@ def evaluate(experiment: dict, task: int, dataset_specs: list[dict], backbone_sp
     cal = experiment["calibration"]
     start = time.perf_counter()
     accs, weights_mean, chosen, histograms = [], [], [], []
-    for spec, test_csv, feature_file in zip(dataset_specs, test_csvs, feature_files):
+    for spec, test_csv, feature_file, cache in zip(dataset_specs, test_csvs, feature_files,
+                                                   decoded or [None] * len(test_csvs)):
         frozen = load_state(feature_file)[0]["features"]
         tokens = _prompt_tokens(test_csv, spec, model.clip).to(device)
-        loader = make_loader(_dataset(test_csv, backbone_spec), experiment["eval_batch_size"], shuffle=False)
+        loader = _batches(test_csv, backbone_spec, experiment["eval_batch_size"], device, decoded=cache)
         correct = total = 0
         lam_sum, counts = 0.0, torch.zeros(len(gaussians), dtype=torch.long)
         histogram = torch.zeros(WEIGHT_BINS, dtype=torch.long)
         for x, y in loader:
             with autocast(device, experiment["gpu_precision"]):
-                logits, ids, lam = calibrated_logits(model, prefixes, gaussians, x.to(device), tokens,
+                logits, ids, lam = calibrated_logits(model, prefixes, gaussians, x, tokens,
                                                      frozen[total: total + len(y)], cal)
             correct += int((logits.argmax(1).cpu() == y).sum())
             total += len(y)

@@ -26,6 +26,7 @@ from ifcl.config import (ConfigError, canonical, check, merge_includes, task_tra
 from ifcl.data.benchmarks import sources_of
 from ifcl.plots import load_settings as figure_settings
 from ifcl.results import check_published, load_published, protocol_of
+from ifcl.data.manifest import DETERMINISTIC, decoded_file
 from ifcl.data.sources import MARKER as SOURCE_MARKER, SOURCES
 from ifcl.models.weights import backbone_weights_file, weights_name
 
@@ -135,6 +136,24 @@ def exp_manifest(split):
     return files
 
 
+def decoded_images(exp, dataset, split, transform):
+    """The decoded-image cache a step of experiment ``exp`` reads for a dataset split under ``transform``:
+    with image_cache deterministic, for the deterministic transforms; with all, also for random crops."""
+    spec = EXPERIMENTS[exp]
+    if spec["image_cache"] == "none" or (transform not in DETERMINISTIC and spec["image_cache"] != "all"):
+        return []
+    return decoded_file(dataset, split, transform, BACKBONES[spec["backbone"]]["image_size"])
+
+
+def exp_decoded(split, transform_key):
+    """The cache of the experiment's dataset split under its train_transform or test_transform, if it uses one."""
+    def files(wildcards):
+        dataset = EXPERIMENTS[wildcards.exp]["dataset"]
+        return decoded_images(wildcards.exp, dataset, split, DATASETS[dataset][transform_key])
+
+    return files
+
+
 def task_files(wildcards, upto, names=("reduction.safetensors", "adapter.safetensors")):
     """State files of tasks 0..upto-1 of the run (what rebuilds the model after task upto-1)."""
     run = RUN.format(exp=wildcards.exp, seed=wildcards.seed)
@@ -206,7 +225,7 @@ def reduction_inputs(wildcards):
     inputs = {"tasks": f"{run}/tasks.json", "backbone": exp_backbone_weights(wildcards)}
     if uses_memory(EXPERIMENTS[wildcards.exp]):
         inputs.update(train=exp_manifest("train")(wildcards), previous=previous_tasks(wildcards),
-                      memory=previous_memory(wildcards))
+                      memory=previous_memory(wildcards), decoded=exp_decoded("train", "train_transform")(wildcards))
     return inputs
 
 
@@ -364,6 +383,9 @@ def diki_train_inputs(wildcards):
     inputs = {"backbone": backbone_weights(spec["backbone"]), "train": manifest(ds, "train")}
     if DATASETS[ds]["type"] == "mtil" or DATASETS[ds].get("val_per_class"):
         inputs["val"] = manifest(ds, "val")
+    if spec["image_cache"] != "none":  # CLIP's preprocessing is deterministic: cached from `deterministic` on
+        for split in [s for s in ("train", "val") if s in inputs]:
+            inputs[f"decoded_{split}"] = decoded_images(wildcards.exp, ds, split, "clip")
     t = int(wildcards.t)
     if spec["rng"] == "sequential" and t > 0:  # the random stream continues from the previous task
         inputs["previous"] = f"{RUN.format(exp=wildcards.exp, seed=wildcards.seed)}/task{t - 1}/prefix.safetensors"
@@ -380,6 +402,8 @@ def diki_eval_inputs(wildcards):
         "prefixes": [f"{run}/task{s}/prefix.safetensors" for s in learnt],
         "tests": [manifest(ds, "test") for ds in spec["sequence"]],
         "features": [features(spec["backbone"], ds, "test") for ds in spec["sequence"]],
+        "decoded": [decoded_images(wildcards.exp, ds, "test", "clip") for ds in spec["sequence"]]
+        if spec["image_cache"] != "none" else [],
     }
 
 

@@ -143,6 +143,28 @@ rule folder_manifest:
         "../../scripts/prepare_dataset.py"
 
 
+rule decode_images:
+    """Decode a dataset split once under a deterministic transform into a memory-mapped uint8 array (image_cache)."""
+    input:
+        lambda wildcards: manifest(wildcards.dataset, wildcards.split),
+    output:
+        "data/decoded/{dataset}/{split}-{transform}-{size}.npy",
+    params:
+        code=code("decode_images"),
+    wildcard_constraints:
+        dataset=r"[^/]+",
+        split="train|val|test",
+        transform="|".join(DETERMINISTIC),
+        size=r"\d+",
+    threads: 2
+    conda:
+        CONDA_ENV
+    log:
+        "logs/decode_images/{dataset}/{split}-{transform}-{size}.log",
+    script:
+        "../../scripts/decode_images.py"
+
+
 rule pretrain_backbone:
     """Pretrain a small ViT on generated classes disjoint from the continual ones (demo backbones)."""
     input:

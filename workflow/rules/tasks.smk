@@ -53,6 +53,7 @@ rule train_task:
         backbone=exp_backbone_weights,
         train=exp_manifest("train"),
         reduction="results/runs/{exp}/seed{seed}/task{t}/reduction.safetensors",
+        decoded=exp_decoded("train", "train_transform"),
         previous=previous_tasks,
     output:
         adapter="results/runs/{exp}/seed{seed}/task{t}/adapter.safetensors",
@@ -84,6 +85,7 @@ rule evaluate_task:
         test=exp_manifest("test"),
         states=tasks_up_to_current,
         heads=aligned_heads,
+        decoded=exp_decoded("test", "test_transform"),
     output:
         "results/runs/{exp}/seed{seed}/task{t}/eval.json",
     params:
@@ -111,6 +113,7 @@ rule memory:
         train=exp_manifest("train"),
         states=tasks_up_to_current,
         memory=previous_memory,
+        decoded=exp_decoded("train", "train_transform"),
     output:
         "results/runs/{exp}/seed{seed}/task{t}/memory.safetensors",
     params:
@@ -137,6 +140,7 @@ rule class_stats:
         backbone=exp_backbone_weights,
         train=exp_manifest("train"),
         states=tasks_up_to_current,
+        decoded=exp_decoded("train", "test_transform"),
     output:
         "results/runs/{exp}/seed{seed}/task{t}/class_stats.safetensors",
     params:

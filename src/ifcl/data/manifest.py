@@ -20,6 +20,25 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".ti
 COLUMNS = ("path", "label", "class_name")
 
 
+# Transforms without randomness: a decoded-image cache (ifcl.data.decoded) can store their output.
+DETERMINISTIC = ("resize", "resize-center-crop", "clip")
+
+
+def cache_transform(transform: str) -> str:
+    """The deterministic transform a decoded-image cache for ``transform`` stores (random crops are taken from
+    ``resize``, on the device)."""
+    if transform == "random-resized-crop-flip":
+        return "resize"
+    if transform not in DETERMINISTIC:
+        raise ValueError(f"unknown transform {transform!r}")
+    return transform
+
+
+def decoded_file(dataset: str, split: str, transform: str, size: int) -> str:
+    """Where the decoded-image cache of a dataset split read under ``transform`` at ``size`` px lives."""
+    return f"data/decoded/{dataset}/{split}-{cache_transform(transform)}-{size}.npy"
+
+
 class DatasetError(RuntimeError):
     """Missing or malformed data; the message says what was expected where."""
 

@@ -1,0 +1,8 @@
+# Rule decode_images: one dataset split decoded under a deterministic transform -> data/decoded/...npy.
+from ifcl.runlog import logging_to
+
+with logging_to(snakemake.log[0]):
+    from ifcl.data.decoded import write_decoded
+
+    w = snakemake.wildcards
+    write_decoded(snakemake.input[0], w.transform, int(w.size), snakemake.output[0], snakemake.threads)
