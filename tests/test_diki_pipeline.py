@@ -2,6 +2,7 @@
 Transfer / Average / Last, tasks independent of each other, exact re-runs, and the sequential-RNG option."""
 import copy
 import re
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -123,3 +124,21 @@ def test_sequential_rng_chains_the_tasks(tmp_path):
                     "--dry-run", "--forcerun", "train_prefix").stdout
     assert "task0/prefix.safetensors" in dag
     assert not np.isnan(pd.read_csv(run / "acc_matrix.csv", index_col=0).to_numpy()).any()
+
+
+def test_decoded_image_caches_give_the_same_files(workdir, tmp_path):
+    """image_cache: deterministic: training, validation and evaluation read CLIP-preprocessed images from the
+    decoded-image caches, and every file of the run is the same bit for bit."""
+    wd = tmp_path / "cached"
+    shutil.copytree(workdir, wd, symlinks=True)
+    config = copy.deepcopy(TINY_DIKI_CONFIG)
+    config["experiments"]["tiny_diki"]["image_cache"] = "deterministic"
+    snakemake(wd, config, "runs")
+    run, cached_run = workdir.joinpath(*RUN), wd.joinpath(*RUN)
+    before = {p.relative_to(run): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+    after = {p.relative_to(cached_run): p.read_bytes() for p in sorted(cached_run.rglob("*")) if p.is_file()}
+    assert after == before
+    assert "decoded-image cache data/decoded/tc_shapes/val-clip-16.npy" in \
+        (wd / "logs" / "train_prefix" / "tiny_diki" / "seed0" / "task0.log").read_text()
+    assert "decoded-image cache data/decoded/tc_textures/test-clip-16.npy" in \
+        (wd / "logs" / "evaluate_diki" / "tiny_diki" / "seed0" / "task1.log").read_text()

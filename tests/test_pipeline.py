@@ -1,5 +1,6 @@
 """The workflow end to end on the tiny generated config: per-task files for 2 seeds, metrics and summary; nothing to
 do on a second run; a task-level change re-runs exactly the affected tasks; re-running a task reproduces its files."""
+import copy
 import hashlib
 import re
 import shutil
@@ -234,3 +235,31 @@ def test_the_model_after_task_k_loads_and_reproduces_its_evaluation(workdir, mon
     show = subprocess.run([sys.executable, "-m", "ifcl.cli", "run", "show", str(tampered)], capture_output=True, text=True)
     assert show.returncode != 0 and "task1/adapter.safetensors" in show.stderr and "digest" in show.stderr
     shutil.rmtree(tampered)
+
+
+def test_decoded_image_caches_change_nothing_or_only_what_the_option_says(workdir, tmp_path):
+    """image_cache: deterministic (InfLoRA+CA: evaluation and class statistics read the test-transform cache) gives
+    the same files bit for bit; all (InfLoRA: also the training passes, cropped on the device) trains on the cache."""
+    wd = tmp_path / "cached"
+    shutil.copytree(workdir, wd, symlinks=True)
+    config = copy.deepcopy(TINY_CONFIG)
+    config["experiments"]["tiny_inflora-ca"]["image_cache"] = "deterministic"
+    config["experiments"]["tiny_inflora"]["image_cache"] = "all"
+    snakemake(wd, config, "runs")
+    assert sorted(p.name for p in (wd / "data" / "decoded" / "tiny_shapes").iterdir()) == ["test-resize-16.npy",
+                                                                                       "train-resize-16.npy"]
+
+    def files(root, exp):
+        run = root / "results" / "runs" / exp / "seed0"
+        return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+
+    assert files(wd, "tiny_inflora-ca") == files(workdir, "tiny_inflora-ca")
+    logs = wd / "logs"
+    for rule, split in (("evaluate_task", "test"), ("class_stats", "train")):  # class statistics: train images
+        assert f"decoded-image cache data/decoded/tiny_shapes/{split}-resize-16.npy" in \
+            (logs / rule / "tiny_inflora-ca" / "seed0" / "task1.log").read_text()
+    for rule in ("train_task", "reduction", "memory"):
+        assert "decoded-image cache data/decoded/tiny_shapes/train-resize-16.npy" in \
+            (logs / rule / "tiny_inflora" / "seed0" / "task0.log").read_text()
+    cached, plain = files(wd, "tiny_inflora"), files(workdir, "tiny_inflora")
+    assert cached.keys() == plain.keys() and cached["task0/adapter.safetensors"] != plain["task0/adapter.safetensors"]
