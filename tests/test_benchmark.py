@@ -81,14 +81,15 @@ def test_the_official_style_calibrated_inference_gives_ifcls_logits():
 def test_bench_speed_writes_a_report_with_the_ratios(tmp_path):
     out = tmp_path / "speed.json"
     proc = subprocess.run([sys.executable, "-m", "ifcl.cli", "bench", "speed", "--preset", "tiny", "--repeats", "1",
-                           "--warmup", "0", "--case", "inflora_step", "--case", "diki_eval", "--out", str(out)],
+                           "--warmup", "0", "--case", "inflora_step", "--case", "diki_eval", "--case", "inflora_train_e2e",
+                           "--out", str(out)],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
     assert set(report["speedups"]) == {"inflora_step@T=1", "inflora_step@T=10", "inflora_step@T=20",
-                                       "diki_eval@T=11"}
+                                       "inflora_train_e2e@T=10", "diki_eval@T=11"}
     assert {(r["case"], r["impl"]) for r in report["results"]} == {
-        (c, i) for c in ("inflora_step", "diki_eval") for i in ("ifcl", "official-style")}
+        (c, i) for c in ("inflora_step", "inflora_train_e2e", "diki_eval") for i in ("ifcl", "official-style")}
     assert all(r["seconds_per_step"] > 0 and r["peak_memory_mb"] > 0 for r in report["results"])
     assert set(report["inflora_step_seconds_by_learnt_tasks"]["ifcl"]) == {"1", "10", "20"}
     assert "| inflora_step | 10 | ifcl |" in proc.stdout and "speed-up" in proc.stdout

@@ -7,6 +7,8 @@ the official code computes it (references below, written for this benchmark from
   (:meth:`ifcl.models.vit_lora.ViTLoRA.end_task`); the official ``Attention_LoRA`` stacks and sums Σ_s E_s R_s of
   every task in every forward and multiplies every token by that d × d matrix, with timm 0.6's explicit softmax
   attention; Adam over every network parameter (reference/inflora.md §1.2, §4.2).
+- ``inflora_train_e2e``: the same step with its data, end to end: the official loader (JPEG decoding and PIL
+  augmentation in DataLoader workers) against ifcl's ``image_cache: all`` (decoded once, augmented on the device).
 - ``inflora_collect``: InfLoRA's collection pass (C = XᵀX / n per adapted layer, §2.2). Official: per-sample
   ``bmm`` summed, moved to the CPU and folded into a running mean in every block of every batch.
 - ``dualgpm_update``: the memory update of every layer after a task (§3), ifcl's torch code against the official
@@ -293,21 +295,74 @@ def _autocast(device, impl: str):
     return autocast(device, "bf16" if impl == "ifcl" else "fp32")
 
 
-def case_inflora_step(p, device, impl, learnt):
+def case_inflora_step(p, device, impl, learnt, batch=None):
+    """One training step on a fixed batch in memory, or on ``batch()`` (images, labels) fetched in the step."""
     model, trainable, current, _ = inflora_models(p, learnt, impl, device)
     params = trainable if impl == "ifcl" else list(model.parameters())  # official: Adam over every parameter
     opt = torch.optim.Adam(params, lr=5e-4)
     n = p["batch"][device.type]["train"]
-    x = torch.rand(n, 3, p["image_size"], p["image_size"], device=device)
-    y = torch.randint(0, 10, (n,), device=device)
+    fixed = (torch.rand(n, 3, p["image_size"], p["image_size"], device=device), torch.randint(0, 10, (n,)))
 
     def step():
+        x, y = batch() if batch else fixed
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with _autocast(device, impl):
             loss = F.cross_entropy(current(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
     return n, step
+
+
+def _photo_like_images(folder, count: int, gen: torch.Generator) -> str:
+    """``count`` JPEG files of 500 × 375 px (ImageNet-R-like: smooth random colour fields, which compress like
+    photographs) in 10 classes, and their manifest."""
+    from PIL import Image
+
+    from .data.manifest import write_manifest
+
+    rows = []
+    for i in range(count):
+        small = (torch.rand(3, 19, 25, generator=gen) * 255).to(torch.uint8)
+        img = Image.fromarray(small.permute(1, 2, 0).numpy()).resize((500, 375), Image.BICUBIC)
+        path = f"{folder}/img{i}.jpg"
+        img.save(path, quality=90)
+        rows.append((path, i % 10, f"class{i % 10}"))
+    write_manifest(f"{folder}/train.csv", rows)
+    return f"{folder}/train.csv"
+
+
+def case_inflora_train_e2e(p, device, impl, learnt):
+    """A training step with its data: the official loader (JPEG decoding, PIL RandomResizedCrop + flip, ToTensor in
+    ``min(16, cores - 1)`` DataLoader workers, as the official 16) against ifcl's ``image_cache: all`` (the
+    training images decoded once, at the training resolution, cropped and flipped on the device). The cache is
+    written before timing (a one-off cost per dataset)."""
+    import os
+    import tempfile
+
+    from .data.decoded import write_decoded
+    from .data.loader import ManifestDataset, image_batches, make_loader, make_transform
+
+    folder = tempfile.mkdtemp(prefix="ifcl-bench-")
+    n = p["batch"][device.type]["train"]
+    manifest = _photo_like_images(folder, 4 * n, torch.Generator().manual_seed(5))
+    size, image = p["image_size"], {"image_size": p["image_size"], "mean": [0.0] * 3, "std": [1.0] * 3}
+    classes = list(range(10))
+    if impl == "ifcl":
+        write_decoded(manifest, "resize", size, f"{folder}/train-resize.npy", threads=os.cpu_count() or 1)
+        batches = image_batches(manifest, classes, classes, "random-resized-crop-flip", image, n, shuffle=True,
+                                device=device, decoded=f"{folder}/train-resize.npy")
+    else:
+        workers = max(1, min(16, (os.cpu_count() or 2) - 1))
+        tf = make_transform("random-resized-crop-flip", size, image["mean"], image["std"])
+        batches = make_loader(ManifestDataset(manifest, classes, classes, tf), n, shuffle=True, num_workers=workers,
+                              pin_memory=device.type == "cuda")
+    def passes():  # every pass loads its batches anew
+        while True:
+            yield from batches
+    data = passes()
+    _, step_on = case_inflora_step(p, device, impl, learnt, batch=lambda: next(data))
+    return n, step_on
 
 
 def case_inflora_collect(p, device, impl, learnt):
@@ -411,7 +466,8 @@ def case_diki_eval(p, device, impl, learnt):
     return n, step
 
 
-CASES = {"inflora_step": case_inflora_step, "inflora_collect": case_inflora_collect,
+CASES = {"inflora_step": case_inflora_step, "inflora_train_e2e": case_inflora_train_e2e,
+         "inflora_collect": case_inflora_collect,
          "dualgpm_update": case_dualgpm_update, "diki_step": case_diki_step, "diki_eval": case_diki_eval}
 
 
@@ -471,7 +527,8 @@ def run_isolated(*args) -> dict:
 
 
 # Which (case, learnt tasks) pairs are measured; the ratio is reference time / ifcl time of the same pair.
-PLAN = [("inflora_step", 1), ("inflora_step", 10), ("inflora_step", 20), ("inflora_collect", 10),
+PLAN = [("inflora_step", 1), ("inflora_step", 10), ("inflora_step", 20), ("inflora_train_e2e", 10),
+        ("inflora_collect", 10),
         ("dualgpm_update", 10), ("diki_step", 1), ("diki_eval", 11)]
 
 
