@@ -70,7 +70,7 @@ def test_the_model_after_task_1_classifies_as_its_evaluation_did(workdir, monkey
     """ifcl.runs.load_model on a DIKI run: a module with the prefixes and Gaussians of tasks 0 and 1 whose calibrated
     logits give the accuracies of task1/eval.json (each tiny test set is one evaluation batch)."""
     from ifcl.data.manifest import class_names_of, read_manifest
-    from ifcl.diki_chain import DIKIModel, _dataset
+    from ifcl.diki_chain import DIKIModel, _batches
     from ifcl.models.clip_prefix import prompts, tokenize
     from ifcl.runs import load_model
 
@@ -80,11 +80,11 @@ def test_the_model_after_task_1_classifies_as_its_evaluation_did(workdir, monkey
     accuracies = []
     for name in TINY_DIKI_CONFIG["experiments"]["tiny_diki"]["sequence"]:
         test = f"data/prepared/{name}/test.csv"
-        images, labels = zip(*_dataset(test, TINY_DIKI_CONFIG["backbones"]["tiny_clip"]))
+        images, labels = next(iter(_batches(test, TINY_DIKI_CONFIG["backbones"]["tiny_clip"], 1000, "cpu")))
         names = class_names_of(read_manifest(test))
         tokens = tokenize(prompts(names, TINY_DIKI_CONFIG["datasets"][name]["template"]), model.model.clip.context_length)
-        logits = model(torch.stack(images), tokens)
-        accuracies.append(100.0 * float((logits.argmax(1) == torch.tensor(labels)).float().mean()))
+        logits = model(images, tokens)
+        accuracies.append(100.0 * float((logits.argmax(1) == labels).float().mean()))
     assert accuracies == pytest.approx(read_json(workdir.joinpath(*RUN) / "task1" / "eval.json")["accuracy"], abs=1e-6)
 
 
