@@ -63,7 +63,7 @@ def test_prefix_attention_module_equals_the_formula_through_the_projections():
     torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
 
 
-def test_frozen_clip_exactly_when_weight_is_zero_or_values_are_zero():
+def test_frozen_clip_when_no_prefix_weight_zero_or_values_zero():
     clip = tiny_clip()
     x, tok = torch.rand(4, 3, 32, 32), tokens(["a red circle", "the digit 3"])
     frozen_image = F.normalize(clip.encode_image(x), dim=-1)
@@ -73,10 +73,12 @@ def test_frozen_clip_exactly_when_weight_is_zero_or_values_are_zero():
     torch.testing.assert_close(frozen_text, F.normalize(clip.encode_text(tok), dim=-1), rtol=0, atol=1e-5)
     fresh = model.new_prefix(torch.Generator().manual_seed(0))  # values 0
     trained = {k: torch.randn_like(p) for k, p in fresh.items()}
-    assert torch.equal(model.encode_image(x, fresh), frozen_image)
-    assert torch.equal(model.encode_text(tok, fresh), frozen_text)
-    assert torch.equal(model.encode_image(x, trained, weight=torch.zeros(4)), frozen_image)
-    assert torch.equal(model.encode_text(tok, trained, weight=0.0), frozen_text)
+    # with prefixes the block computes one packed projection and fused attention: the frozen CLIP up to rounding
+    same = dict(rtol=0, atol=1e-6)
+    torch.testing.assert_close(model.encode_image(x, fresh), frozen_image, **same)
+    torch.testing.assert_close(model.encode_text(tok, fresh), frozen_text, **same)
+    torch.testing.assert_close(model.encode_image(x, trained, weight=torch.zeros(4)), frozen_image, **same)
+    torch.testing.assert_close(model.encode_text(tok, trained, weight=0.0), frozen_text, **same)
     assert not torch.allclose(model.encode_image(x, trained), frozen_image)
     assert torch.equal(model.encode_image(x), frozen_image)  # nothing left installed
     # per-sample prefixes: a sample with task A's prefix gets what the batch-wide task A prefix gives it

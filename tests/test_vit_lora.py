@@ -21,7 +21,36 @@ def test_zero_up_projection_leaves_the_backbone_unchanged():
     ref = vit.forward_head(vit.forward_features(x), pre_logits=True)
     model = ViTLoRA(vit, rank=4)
     model.begin_task(*downs(model, torch.Generator().manual_seed(1)), num_classes=5)
-    assert torch.equal(model.features(x), ref)
+    torch.testing.assert_close(model.features(x), ref, rtol=0, atol=1e-6)
+
+
+def test_features_are_timms_cls_features_with_the_last_block_run_for_the_cls_token_only():
+    model = ViTLoRA(tiny_vit(), rank=4)
+    gen = torch.Generator().manual_seed(2)
+    model.begin_task(*downs(model, gen), num_classes=5)
+    with torch.no_grad():
+        for l in model.lora_layers:
+            l.up_k.normal_(generator=gen)
+            l.up_v.normal_(generator=gen)
+    model.set_trainable()
+    x = torch.randn(3, 3, 16, 16)
+    vit = model.vit
+    full = vit.forward_head(vit.forward_features(x), pre_logits=True)  # every token through every block
+    full_grads = torch.autograd.grad(full.square().sum(), model.trainable_parameters()[:-2])
+    ours = model.features(x)
+    assert ours.shape == (3, 32) and full.abs().max() > 0.1
+    torch.testing.assert_close(ours, full, rtol=0, atol=1e-5)
+    ours_grads = torch.autograd.grad(ours.square().sum(), model.trainable_parameters()[:-2])
+    for a, b in zip(ours_grads, full_grads):
+        assert b.abs().max() > 0
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    from ifcl.models.vit_lora import cls_through_block
+    seq = torch.randn(2, 17, 32)
+    torch.testing.assert_close(cls_through_block(vit.blocks[1], seq), vit.blocks[1](seq)[:, :1], rtol=0, atol=1e-5)
+    pooled = tiny_vit()
+    pooled.reset_classifier(0, global_pool="avg")
+    with pytest.raises(ValueError, match="CLS token"):
+        ViTLoRA(pooled, rank=2)
 
 
 def test_lora_is_a_weight_delta_on_k_and_v_and_merging_keeps_the_function():
@@ -78,14 +107,18 @@ def test_second_moment_collection_matches_xtx_over_n():
     for l in model.lora_layers:
         l.start_collecting()
     seen = []
-    hook = model.vit.blocks[0].norm1.register_forward_hook(lambda m, i, o: seen.append(o.detach().reshape(-1, 32)))
+    first, last = [], []  # the last block too: its keys and values need every token's input
+    hooks = [model.vit.blocks[i].norm1.register_forward_hook(lambda m, i, o, out=out: out.append(o.detach().reshape(-1, 32)))
+             for i, out in ((0, first), (-1, last))]
     with torch.no_grad():
         model.features(torch.randn(3, 3, 16, 16))
         model.features(torch.randn(2, 3, 16, 16))
-    hook.remove()
-    X = torch.cat(seen)
-    C = model.lora_layers[0].stop_collecting()
-    torch.testing.assert_close(C, X.T @ X / X.shape[0], atol=1e-5, rtol=1e-5)
+    for hook in hooks:
+        hook.remove()
+    for layer, seen in ((model.lora_layers[0], first), (model.lora_layers[-1], last)):
+        X = torch.cat(seen)
+        assert X.shape[0] == 5 * 17
+        torch.testing.assert_close(layer.stop_collecting(), X.T @ X / X.shape[0], atol=1e-5, rtol=1e-5)
 
 
 def test_random_reduction_is_lora_default_init():

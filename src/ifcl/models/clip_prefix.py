@@ -6,8 +6,10 @@ already projected, keys U(−1, 1) and values 0 at creation) get their own softm
 
     Out = [A_orig + λ·softmax(Q P_Kᵀ / √d) P_V] W_o + b_o = MHA(x) + λ·[softmax(Q P_Kᵀ / √d) P_V] W_o
 
-The frozen attention is computed by the original ``nn.MultiheadAttention`` module, so with λ = 0 or zero values the
-model *is* the frozen CLIP, bit for bit. A task's prefixes are a plain dict of tensors (``visual.<i>.key`` …,
+With no prefixes installed the block is the original ``nn.MultiheadAttention`` module, bit for bit. With prefixes,
+one packed in-projection gives Q, K and V, both softmaxes run as fused attention, and the λ-scaled sum goes
+through the output projection once, as the official code computes it; with λ = 0 or zero values that is the frozen
+attention up to float rounding. A task's prefixes are a plain dict of tensors (``visual.<i>.key`` …,
 ``text.<i>.value``), one dict per task: only the current task's tensors are trained.
 """
 from __future__ import annotations
@@ -51,17 +53,21 @@ class PrefixAttention(nn.Module):
         self.prefix: tuple[torch.Tensor, torch.Tensor] | None = None
         self.weight: torch.Tensor | float = 1.0
 
-    def forward(self, query, key, value, need_weights=False, attn_mask=None, **kwargs):
-        out = self.mha(query, key, value, need_weights=False, attn_mask=attn_mask)[0]
+    def forward(self, query, key, value, need_weights=False, attn_mask=None, key_padding_mask=None, **kwargs):
         if self.prefix is None:
-            return out, None
+            return self.mha(query, key, value, need_weights=False, attn_mask=attn_mask,
+                            key_padding_mask=key_padding_mask)[0], None
+        if key is not query or value is not query or key_padding_mask is not None:
+            raise ValueError("prefixed attention is self-attention without a key padding mask")
         b, n, d = query.shape
         h = self.mha.num_heads
-        q = F.linear(query, self.mha.in_proj_weight[:d], self.mha.in_proj_bias[:d] if self.mha.in_proj_bias is not None else None)
-        q = q.view(b, n, h, d // h).transpose(1, 2)
+        q, k, v = F.linear(query, self.mha.in_proj_weight, self.mha.in_proj_bias).view(b, n, 3, h, d // h).permute(
+            2, 0, 3, 1, 4)
+        if attn_mask is not None and attn_mask.dtype == torch.bool:  # MultiheadAttention: True = may not attend
+            attn_mask = attn_mask.logical_not()
         pk, pv = (p.to(q.dtype).expand(b, -1, -1).reshape(b, -1, h, d // h).transpose(1, 2) for p in self.prefix)
-        extra = _weighted(prefix_attention(q, pk, pv), self.weight).transpose(1, 2).reshape(b, n, d)
-        return out + F.linear(extra, self.mha.out_proj.weight), None
+        heads = residual_attention(q, k, v, pk, pv, self.weight, attn_mask=attn_mask)
+        return self.mha.out_proj(heads.transpose(1, 2).reshape(b, n, d)), None
 
 
 class CLIPPrefix(nn.Module):

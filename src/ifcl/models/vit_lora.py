@@ -8,7 +8,9 @@ For an adapted block with attention input x (the ``norm1`` output) the key and v
 with R_s (``down``, rank × d) the frozen down-projection and E_s (``up``, d × rank) the trained up-projection of
 task s. The official code stacks and sums every branch in every forward; here the finished branches are merged
 into W_k and W_v once (:meth:`ViTLoRA.end_task`), which is the same function at a cost independent of the number
-of tasks. Only the current task's branch is kept separate, so that it can be trained.
+of tasks. Only the current task's branch is kept separate, so that it can be trained; it is added to the qkv
+output as one rank-2r product. The features are the CLS token, so the last block runs for that token alone
+(:func:`cls_through_block`).
 
 Sizes are arguments (:func:`build_vit`), so tests use tiny ViTs and the papers use ViT-B/16.
 """
@@ -52,10 +54,11 @@ class LoRAQKV(nn.Module):
         out = self.qkv(x)
         if not self.active:
             return out
-        d = self.attn_dim  # the branch is added in place to the k and v parts (no copy of q, k, v)
-        out[..., d : 2 * d] += F.linear(F.linear(x, self.down_k), self.up_k)
-        out[..., 2 * d :] += F.linear(F.linear(x, self.down_v), self.up_v)
-        return out
+        # both branches as one rank-2r product added to the whole qkv output: [x R_kᵀ, x R_vᵀ] [[0, E_k, 0], [0, 0, E_v]]ᵀ
+        low = F.linear(x, torch.cat([self.down_k, self.down_v])).flatten(0, -2)
+        up = torch.cat([self.up_k.new_zeros(self.attn_dim, 2 * self.rank), F.pad(self.up_k, (0, self.rank)),
+                        F.pad(self.up_v, (self.rank, 0))])
+        return torch.addmm(out.flatten(0, -2), low, up.T).view(out.shape)
 
     def begin(self, down_k: torch.Tensor, down_v: torch.Tensor) -> None:
         """Install task t's frozen down-projections and a zero (trainable) up-projection."""
@@ -88,6 +91,23 @@ class LoRAQKV(nn.Module):
         return moment.cpu()
 
 
+def cls_through_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """timm's ``Block.forward`` on the sequence x [B, N, D], for the output of its first (CLS) token only:
+    keys and values of every token, the query, attention output, projection and MLP of the CLS token. Returns
+    [B, 1, D], which equals ``block(x)[:, :1]`` up to float rounding."""
+    a = block.attn
+    b, n, _ = x.shape
+    h = block.norm1(x)
+    q, k, v = a.qkv(h).reshape(b, n, 3, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k = a.q_norm(q[:, :, :1]), a.k_norm(k)
+    o = F.scaled_dot_product_attention(q, k, v, dropout_p=a.attn_drop.p if a.training else 0.0)
+    o = a.norm(o.transpose(1, 2).reshape(b, 1, -1))
+    if getattr(a, "gate", None) is not None:
+        o = o * a.gate(h[:, :1]).sigmoid()
+    y = x[:, :1] + block.drop_path1(block.ls1(a.proj_drop(a.proj(o))))
+    return y + block.drop_path2(block.ls2(block.mlp(block.norm2(y))))
+
+
 class ViTLoRA(nn.Module):
     """Frozen timm ViT + per-task LoRA on k/v of the chosen blocks + one linear head per task.
 
@@ -108,6 +128,8 @@ class ViTLoRA(nn.Module):
         for i in self.lora_blocks:
             attn = vit.blocks[i].attn
             attn.qkv = LoRAQKV(attn.qkv, rank)
+        if getattr(vit, "global_pool", None) != "token" or getattr(vit, "attn_pool", None) is not None:
+            raise ValueError("ViTLoRA expects a timm ViT pooled by its CLS token (global_pool='token')")
         self.rank = rank
         self.embed_dim = vit.embed_dim
         self.heads = nn.ModuleList()
@@ -147,8 +169,15 @@ class ViTLoRA(nn.Module):
             p.requires_grad_(True)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """The CLS token after the final norm (reference/inflora.md §1.1)."""
-        return self.vit.forward_head(self.vit.forward_features(x), pre_logits=True)
+        """The CLS token after the final norm (reference/inflora.md §1.1), i.e. timm's
+        ``forward_head(forward_features(x), pre_logits=True)``. Only the CLS token of the last block's output is
+        read, so that block runs its attention output, MLP and the final norm for that token alone
+        (:func:`cls_through_block`); the official code computes them for all 197 tokens and keeps one."""
+        vit = self.vit
+        x = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(x))))
+        for block in vit.blocks[:-1]:
+            x = block(x)
+        return vit.forward_head(vit.norm(cls_through_block(vit.blocks[-1], x)), pre_logits=True)
 
     def forward_current(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of the current task's head only (training, local labels)."""
