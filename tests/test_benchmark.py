@@ -62,7 +62,9 @@ def test_the_official_style_memory_update_keeps_the_same_space():
 
 def test_the_official_style_calibrated_inference_gives_ifcls_logits():
     dev = torch.device("cpu")
-    model = bench.diki_model(TINY, dev)
+    model, official = bench.diki_model(TINY, dev), bench.diki_model(TINY, dev, "official-style")
+    assert isinstance(model.clip.visual.transformer.resblocks[0].mlp.gelu, torch.nn.SiLU)  # folded QuickGELU
+    assert not isinstance(official.clip.visual.transformer.resblocks[0].mlp.gelu, torch.nn.SiLU)
     prefixes, gaussians = bench.diki_tasks(model, 3, dev, torch.Generator().manual_seed(0))
     tokens = bench.class_tokens(TINY, model)
     x = torch.rand(6, 3, TINY["image_size"], TINY["image_size"])
@@ -72,7 +74,7 @@ def test_the_official_style_calibrated_inference_gives_ifcls_logits():
         frozen = F.normalize(model.clip.encode_image(x), dim=-1)
         ours, _, lam = calibrated_logits(model, prefixes, gaussians, x, tokens, frozen,
                                          {"batchwise": True, "scale": 512})
-        ref = bench.official_style_calibrated_logits(model, prefixes, means, covs, x, tokens)
+        ref = bench.official_style_calibrated_logits(official, prefixes, means, covs, x, tokens)
     # the reference runs the text tower on the full context, ifcl up to the end token only
     assert int(tokens.argmax(-1).max()) + 1 < tokens.shape[1]
     torch.testing.assert_close(ref, ours, rtol=1e-4, atol=1e-5)

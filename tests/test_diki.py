@@ -61,16 +61,50 @@ def test_prefix_attention_module_equals_the_formula_through_the_projections():
     heads = direct(qkv[0], qkv[1], qkv[2], split(pk), split(pv), w)
     expected = F.linear(heads.transpose(1, 2).reshape(2, 5, 16), mha.out_proj.weight, mha.out_proj.bias)
     torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+    # queries of the first token only (the class token in a tower's last block), keys and values of all tokens
+    first, _ = layer(x[:, :1], x, x)
+    torch.testing.assert_close(first, expected[:, :1], rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="one sequence"):
+        layer(x, x, x.clone())
+
+
+def test_image_features_with_the_last_block_for_the_class_token_only():
+    from ifcl.models.clip_prefix import class_token_through
+
+    clip = tiny_clip()
+    x = torch.rand(3, 3, 32, 32)
+    block = clip.visual.transformer.resblocks[-1]
+    seq = torch.randn(3, 17, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(class_token_through(block, seq), block(seq)[:, :1], rtol=0, atol=1e-5)
+        original = F.normalize(clip.encode_image(x), dim=-1)
+    model = CLIPPrefix(clip, depth_vision=3, depth_text=3, length=4)  # the last block prefixed too
+    trained = {k: torch.randn_like(p) for k, p in model.new_prefix(torch.Generator().manual_seed(0)).items()}
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_image(x), original, rtol=0, atol=1e-6)
+        model._install("visual", trained, torch.full((3,), 0.5))
+        try:  # every token through every block, open_clip's own forward
+            full = F.normalize(model.clip.encode_image(x), dim=-1)
+        finally:
+            model._install("visual", None, 1.0)
+        ours = model.encode_image(x, trained, torch.full((3,), 0.5))
+    assert not torch.allclose(ours, original, atol=1e-3)
+    torch.testing.assert_close(ours, full, rtol=0, atol=1e-5)
 
 
 def test_frozen_clip_when_no_prefix_weight_zero_or_values_zero():
     clip = tiny_clip()
     x, tok = torch.rand(4, 3, 32, 32), tokens(["a red circle", "the digit 3"])
-    frozen_image = F.normalize(clip.encode_image(x), dim=-1)
+    with torch.no_grad():  # open_clip's own computation, before CLIPPrefix rewrites the model
+        original_image = F.normalize(clip.encode_image(x), dim=-1)
+        original_text = F.normalize(clip.encode_text(tok), dim=-1)
     model = CLIPPrefix(clip, depth_vision=2, depth_text=2, length=4)
-    frozen_text = model.encode_text(tok)  # no prefixes installed: the frozen text tower
-    # computed to the end token only, it is open_clip's full-context encode_text up to float rounding
-    torch.testing.assert_close(frozen_text, F.normalize(clip.encode_text(tok), dim=-1), rtol=0, atol=1e-5)
+    assert all(isinstance(b.mlp.gelu, torch.nn.SiLU) for b in clip.visual.transformer.resblocks)  # folded
+    frozen_image = model.encode_image(x)  # no prefixes installed: the frozen towers
+    frozen_text = model.encode_text(tok)
+    # QuickGELU folded into SiLU, the text tower computed to the end token only: open_clip's CLIP up to rounding
+    torch.testing.assert_close(frozen_image, original_image, rtol=0, atol=1e-6)
+    torch.testing.assert_close(frozen_text, original_text, rtol=0, atol=1e-5)
     fresh = model.new_prefix(torch.Generator().manual_seed(0))  # values 0
     trained = {k: torch.randn_like(p) for k, p in fresh.items()}
     # with prefixes the block computes one packed projection and fused attention: the frozen CLIP up to rounding
@@ -85,6 +119,10 @@ def test_frozen_clip_when_no_prefix_weight_zero_or_values_zero():
     per_sample = model.encode_image(x, per_sample=[trained, fresh, trained, fresh], weight=torch.ones(4))
     torch.testing.assert_close(per_sample[0], model.encode_image(x, trained)[0])
     torch.testing.assert_close(per_sample[1], frozen_image[1])
+    # unfolded (the benchmark's official-style reference): with no prefix it is open_clip's computation exactly
+    unfolded = CLIPPrefix(tiny_clip(), depth_vision=2, depth_text=2, length=4, fold_gelu=False)
+    with torch.no_grad():
+        assert torch.equal(unfolded.clip.encode_image(x), tiny_clip().encode_image(x))
 
 
 def test_prefix_initialisation_and_the_vit_b16_count():

@@ -244,8 +244,11 @@ def _clip_spec(p: dict) -> dict:
                      "text": {"width": 32, "heads": 2, "layers": p["depth"], "context_length": p["context_length"]}}}
 
 
-def diki_model(p: dict, device):
-    """CLIP (open_clip ViT-B/16 sizes, untrained, or tiny) with DIKI's prefixes in its first 8 (tiny: all) blocks."""
+def diki_model(p: dict, device, impl: str = "ifcl"):
+    """CLIP (open_clip ViT-B/16 sizes, untrained, or tiny) with DIKI's prefixes in its first 8 (tiny: all) blocks,
+    the same weights for either ``impl``. ifcl's folds QuickGELU into the MLPs' projections; the reference's keeps
+    open_clip's QuickGELU, so that with no prefix installed it is the original CLIP computation (the official
+    ``image_encoder_ori``)."""
     from .models.clip_prefix import CLIPPrefix, build_clip
 
     torch.manual_seed(0)
@@ -257,7 +260,7 @@ def diki_model(p: dict, device):
     else:
         clip = build_clip(_clip_spec(p))
         depth = p["depth"]
-    return CLIPPrefix(clip.eval().requires_grad_(False), depth, depth, 8).to(device)
+    return CLIPPrefix(clip.eval().requires_grad_(False), depth, depth, 8, fold_gelu=impl == "ifcl").to(device)
 
 
 def class_tokens(p: dict, model) -> torch.Tensor:
@@ -413,7 +416,7 @@ def case_dualgpm_update(p, device, impl, learnt):
 
 
 def case_diki_step(p, device, impl, learnt):
-    model = diki_model(p, device)
+    model = diki_model(p, device, impl)
     gen = torch.Generator().manual_seed(3)
     prefix = {k: v.to(device).requires_grad_(True) for k, v in model.new_prefix(gen).items()}
     tokens = class_tokens(p, model).to(device)
@@ -445,7 +448,7 @@ def case_diki_step(p, device, impl, learnt):
 def case_diki_eval(p, device, impl, learnt):
     from .diki_chain import calibrated_logits
 
-    model = diki_model(p, device)
+    model = diki_model(p, device, impl)
     gen = torch.Generator().manual_seed(4)
     prefixes, gaussians = diki_tasks(model, learnt, device, gen)
     tokens = class_tokens(p, model).to(device)
