@@ -18,7 +18,9 @@ the official code computes it (references below, written for this benchmark from
   prompts at the full 77-token context.
 - ``diki_eval``: calibrated inference on one test batch with T tasks learnt. Official: the frozen image encoder
   on the batch, one ``MultivariateNormal`` per learnt task built (Cholesky) on every call, the full-context text
-  tower, the prefixed image tower. ifcl: frozen features from the per-dataset cache, Gaussians factored once.
+  tower, the prefixed image tower. ifcl: frozen features from the per-dataset cache, Gaussians factored once, the
+  short text tower, and in both towers QuickGELU folded into the MLPs' projections and (image) the last block run
+  for the class token only (:mod:`ifcl.models.clip_prefix`); the reference keeps open_clip's QuickGELU.
 
 References run in float32 without autocast (the official InfLoRA precision; DIKI's official fp16 is not used).
 On CUDA ifcl's side uses bf16 autocast. Every case runs in its own process, so its peak memory (CPU: peak RSS of
