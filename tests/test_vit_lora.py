@@ -108,8 +108,8 @@ def test_second_moment_collection_matches_xtx_over_n():
         l.start_collecting()
     seen = []
     first, last = [], []  # the last block too: its keys and values need every token's input
-    hooks = [model.vit.blocks[i].norm1.register_forward_hook(lambda m, i, o, out=out: out.append(o.detach().reshape(-1, 32)))
-             for i, out in ((0, first), (-1, last))]
+    hooks = [model.vit.blocks[i].norm1.register_forward_hook(
+        lambda m, i, o, out=out: out.append(o.detach().reshape(-1, 32))) for i, out in ((0, first), (-1, last))]
     with torch.no_grad():
         model.features(torch.randn(3, 3, 16, 16))
         model.features(torch.randn(2, 3, 16, 16))

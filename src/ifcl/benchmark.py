@@ -4,9 +4,10 @@ Each case times one step of ifcl's own code (the functions the pipeline runs) an
 the official code computes it (references below, written for this benchmark from reference/*.md):
 
 - ``inflora_step``: one training step of task T+1 with T tasks learnt. ifcl merges finished branches into W_k, W_v
-  (:meth:`ifcl.models.vit_lora.ViTLoRA.end_task`) and runs the last block for the CLS token only; the official ``Attention_LoRA`` stacks and sums Σ_s E_s R_s of
-  every task in every forward and multiplies every token by that d × d matrix, with timm 0.6's explicit softmax
-  attention; Adam over every network parameter (reference/inflora.md §1.2, §4.2).
+  (:meth:`ifcl.models.vit_lora.ViTLoRA.end_task`) and runs the last block for the CLS token only; the official
+  ``Attention_LoRA`` stacks and sums Σ_s E_s R_s of every task in every forward and multiplies every token by that
+  d × d matrix, with timm 0.6's explicit softmax attention; Adam over every network parameter (reference/inflora.md
+  §1.2, §4.2).
 - ``inflora_train_e2e``: the same step with its data, end to end: the official loader (JPEG decoding and PIL
   augmentation in DataLoader workers) against ifcl's ``image_cache: all`` (decoded once, augmented on the device).
 - ``inflora_collect``: InfLoRA's collection pass (C = XᵀX / n per adapted layer, §2.2). Official: per-sample

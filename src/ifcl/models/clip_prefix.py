@@ -148,7 +148,8 @@ class CLIPPrefix(nn.Module):
     def encode_image(self, images: torch.Tensor, prefix: dict | None = None, weight=1.0,
                      per_sample: list[dict] | None = None) -> torch.Tensor:
         """L2-normalised image features; ``prefix`` (one task for the batch) or ``per_sample`` (one per image),
-        scaled by ``weight`` (scalar or [B]). The last block runs for the class token only (:func:`encode_image_cls`)."""
+        scaled by ``weight`` (scalar or [B]). The last block runs for the class token only
+        (:func:`encode_image_cls`)."""
         self._install("visual", prefix, weight, per_sample)
         try:
             return F.normalize(encode_image_cls(self.clip.visual, images), dim=-1)

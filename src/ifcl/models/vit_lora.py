@@ -54,7 +54,8 @@ class LoRAQKV(nn.Module):
         out = self.qkv(x)
         if not self.active:
             return out
-        # both branches as one rank-2r product added to the whole qkv output: [x R_kᵀ, x R_vᵀ] [[0, E_k, 0], [0, 0, E_v]]ᵀ
+        # both branches as one rank-2r product added to the whole qkv output:
+        # [x R_kᵀ, x R_vᵀ] [[0, E_k, 0], [0, 0, E_v]]ᵀ (no in-place slice additions, whose backward copies the gradient)
         low = F.linear(x, torch.cat([self.down_k, self.down_v])).flatten(0, -2)
         up = torch.cat([self.up_k.new_zeros(self.attn_dim, 2 * self.rank), F.pad(self.up_k, (0, self.rank)),
                         F.pad(self.up_v, (self.rank, 0))])
@@ -118,6 +119,8 @@ class ViTLoRA(nn.Module):
 
     def __init__(self, vit: nn.Module, rank: int, lora_blocks: Sequence[int] | str = "all"):
         super().__init__()
+        if getattr(vit, "global_pool", None) != "token" or getattr(vit, "attn_pool", None) is not None:
+            raise ValueError("ViTLoRA expects a timm ViT pooled by its CLS token (global_pool='token')")
         self.vit = vit
         for p in self.vit.parameters():
             p.requires_grad_(False)
@@ -128,8 +131,6 @@ class ViTLoRA(nn.Module):
         for i in self.lora_blocks:
             attn = vit.blocks[i].attn
             attn.qkv = LoRAQKV(attn.qkv, rank)
-        if getattr(vit, "global_pool", None) != "token" or getattr(vit, "attn_pool", None) is not None:
-            raise ValueError("ViTLoRA expects a timm ViT pooled by its CLS token (global_pool='token')")
         self.rank = rank
         self.embed_dim = vit.embed_dim
         self.heads = nn.ModuleList()
