@@ -62,6 +62,17 @@ def test_failed_write_leaves_nothing(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
 
 
+def test_a_successful_write_removes_what_killed_writes_of_that_file_left(tmp_path):
+    target = tmp_path / "run[1].json"  # glob characters in the name are taken literally
+    killed = [tmp_path / ".run[1].json.k3j9x.part", tmp_path / ".run[1].json.0a1b2.part"]
+    others = [tmp_path / ".run1.json.k3j9x.part", tmp_path / ".other.json.zz.part", tmp_path / "run[1].json.part"]
+    for f in killed + others:
+        f.write_text("half")
+    write_json(target, {"a": 1})
+    assert json.loads(target.read_text()) == {"a": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([target.name] + [f.name for f in others])
+
+
 def test_written_files_get_the_permissions_of_a_plain_open(tmp_path):
     """mkstemp's temporary files are private (0600); a result must be readable by the lab, as open() would make it."""
     mask = os.umask(0o022)

@@ -6,6 +6,7 @@ an interrupted job never leaves a file that looks finished.
 from __future__ import annotations
 
 import csv
+import glob
 import hashlib
 import io
 import json
@@ -24,7 +25,9 @@ def _umask() -> int:
 
 @contextmanager
 def atomic_path(path: str | os.PathLike, mode: str = "wb") -> Iterator:
-    """Open a temporary file beside ``path``; on success fsync and rename it to ``path``, on error delete it."""
+    """Open a temporary file beside ``path``; on success fsync and rename it to ``path``, on error delete it. A
+    successful write also deletes the temporary files of earlier writes of ``path`` that were killed outright
+    (SIGKILL, power loss), which had no chance to delete their own."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
@@ -38,6 +41,8 @@ def atomic_path(path: str | os.PathLike, mode: str = "wb") -> Iterator:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.part"):
+        stale.unlink(missing_ok=True)
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
