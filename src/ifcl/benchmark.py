@@ -363,6 +363,7 @@ def case_inflora_train_e2e(p, device, impl, learnt):
         tf = make_transform("random-resized-crop-flip", size, image["mean"], image["std"])
         batches = make_loader(ManifestDataset(manifest, classes, classes, tf), n, shuffle=True, num_workers=workers,
                               pin_memory=device.type == "cuda")
+
     def passes():  # every pass loads its batches anew
         while True:
             yield from batches

@@ -11,8 +11,6 @@ from torchvision import transforms as T
 
 from .manifest import DatasetError, read_manifest
 
-TRANSFORMS = ("random-resized-crop-flip", "resize", "resize-center-crop", "clip")
-
 
 def geometric_ops(name: str, size: int, crop_scale: Sequence[float] = (0.08, 1.0)) -> list:
     """The PIL resizing and cropping of a transform (everything before ``ToTensor``)."""
