@@ -1,6 +1,8 @@
 import copy
 import hashlib
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,21 +12,38 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 
-# A complete config small enough for CI: 6 generated classes in 3 tasks, 2 seeds, a 2-block ViT.
+# The tiny config the pipeline tests share (built once per test session, see `tiny_run`): every method and every
+# kind of rule the demo has, small enough for CI. Both backbones, a 2-block ViT and a tiny CLIP, are pretrained here
+# on the same 8 generated classes. The class-incremental part: 6 other classes in 3 tasks; seq-lora with 2 seeds
+# (shuffled orders), InfLoRA (DualGPM, one adapted block) and InfLoRA+CA (GPM, all blocks) with one. DIKI: two
+# generated datasets, one task each, one seed.
 TINY_CONFIG = {
     "datasets": {
-        "tiny_pretrain": {"type": "generated", "domain": "shapes", "classes": {"start": 40, "count": 4},
-                          "train_per_class": 6, "test_per_class": 2, "image_size": 16, "seed": 7,
-                          "train_transform": "random-resized-crop-flip", "test_transform": "resize"},
         "tiny_shapes": {"type": "generated", "domain": "shapes", "classes": {"start": 0, "count": 6},
                         "train_per_class": 6, "test_per_class": 3, "image_size": 16, "seed": 0,
                         "train_transform": "random-resized-crop-flip", "test_transform": "resize"},
+        "tc_pretrain": {"type": "generated",
+                        "parts": [{"domain": "shapes", "start": 40, "count": 4},
+                                  {"domain": "textures", "start": 40, "count": 4}],
+                        "train_per_class": 6, "test_per_class": 2, "image_size": 16, "seed": 7,
+                        "train_transform": "random-resized-crop-flip", "test_transform": "resize"},
+        "tc_shapes": {"type": "generated", "domain": "shapes", "classes": {"start": 0, "count": 3},
+                      "train_per_class": 8, "test_per_class": 3, "val_per_class": 2, "image_size": 16, "seed": 0,
+                      "template": "a photo of a {}."},
+        "tc_textures": {"type": "generated", "domain": "textures", "classes": {"start": 0, "count": 3},
+                        "train_per_class": 8, "test_per_class": 3, "image_size": 16, "seed": 0,
+                        "template": "a {} texture."},
     },
     "backbones": {
         "tiny_vit": {"type": "pretrain", "image_size": 16, "mean": [0, 0, 0], "std": [1, 1, 1],
                      "arch": {"patch_size": 8, "embed_dim": 16, "depth": 2, "num_heads": 2},
-                     "pretrain": {"dataset": "tiny_pretrain", "epochs": 1, "batch_size": 8, "lr": 1e-3,
+                     "pretrain": {"dataset": "tc_pretrain", "epochs": 1, "batch_size": 8, "lr": 1e-3,
                                   "weight_decay": 0.0, "seed": 0}},
+        "tiny_clip": {"type": "pretrain_clip", "image_size": 16, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25],
+                      "arch": {"embed_dim": 16, "vision": {"width": 32, "layers": 2, "patch_size": 8, "head_width": 16},
+                               "text": {"width": 32, "heads": 2, "layers": 2, "context_length": 12}},
+                      "pretrain": {"dataset": "tc_pretrain", "epochs": 1, "batch_size": 16, "lr": 0.001,
+                                   "weight_decay": 0.0, "seed": 0, "template": "a photo of a {}."}},
     },
     "experiments": {
         "tiny_seq-lora": {"method": "seq-lora", "dataset": "tiny_shapes", "backbone": "tiny_vit", "seeds": [0, 1],
@@ -46,70 +65,92 @@ TINY_CONFIG = {
                             "task_overrides": {}, "eval_batch_size": 16,
                             "ca": {"samples_per_class": 16, "epochs": 2, "lr": 0.01, "momentum": 0.9,
                                    "weight_decay": 5e-4, "logit_norm": 0.1, "covariance_eps": 1e-4}},
+        "tiny_diki": {"method": "diki", "sequence": ["tc_shapes", "tc_textures"], "backbone": "tiny_clip",
+                      "seeds": [0], "prefix": {"depth_vision": 1, "depth_text": 1, "length": 4},
+                      "train": {"optimizer": "sgd", "lr": 5.0, "final_lr_ratio": 0.001, "weight_decay": 0.0,
+                                "epochs": 2, "batch_size": 8},
+                      "rng": "per-task", "calibration": {"batchwise": True, "scale": None}, "eval_batch_size": 8},
     },
 }
+CIL_EXPERIMENTS = ("tiny_seq-lora", "tiny_inflora", "tiny_inflora-ca")
+# What the session's tiny run must still hold when the session ends (tests that change files work on a copy).
+RUN_OUTPUTS = ("data", "results")
 
 
-# DIKI on a tiny CLIP pretrained here: two generated datasets (one task each), one seed.
-TINY_DIKI_CONFIG = {'datasets': {'tc_pretrain': {'type': 'generated',
-                              'parts': [{'domain': 'shapes', 'start': 40, 'count': 4},
-                                        {'domain': 'textures', 'start': 40, 'count': 4}],
-                              'train_per_class': 6,
-                              'test_per_class': 2,
-                              'image_size': 16,
-                              'seed': 7,
-                              'train_transform': 'random-resized-crop-flip',
-                              'test_transform': 'resize'},
-              'tc_shapes': {'type': 'generated',
-                            'domain': 'shapes',
-                            'classes': {'start': 0, 'count': 3},
-                            'train_per_class': 8,
-                            'test_per_class': 3,
-                            'val_per_class': 2,
-                            'image_size': 16,
-                            'seed': 0,
-                            'template': 'a photo of a {}.'},
-              'tc_textures': {'type': 'generated',
-                              'domain': 'textures',
-                              'classes': {'start': 0, 'count': 3},
-                              'train_per_class': 8,
-                              'test_per_class': 3,
-                              'image_size': 16,
-                              'seed': 0,
-                              'template': 'a {} texture.'}},
- 'backbones': {'tiny_clip': {'type': 'pretrain_clip',
-                             'image_size': 16,
-                             'mean': [0.5, 0.5, 0.5],
-                             'std': [0.25, 0.25, 0.25],
-                             'arch': {'embed_dim': 16,
-                                      'vision': {'width': 32, 'layers': 2, 'patch_size': 8, 'head_width': 16},
-                                      'text': {'width': 32, 'heads': 2, 'layers': 2, 'context_length': 12}},
-                             'pretrain': {'dataset': 'tc_pretrain',
-                                          'epochs': 1,
-                                          'batch_size': 16,
-                                          'lr': 0.001,
-                                          'weight_decay': 0.0,
-                                          'seed': 0,
-                                          'template': 'a photo of a {}.'}}},
- 'experiments': {'tiny_diki': {'method': 'diki',
-                               'sequence': ['tc_shapes', 'tc_textures'],
-                               'backbone': 'tiny_clip',
-                               'seeds': [0],
-                               'prefix': {'depth_vision': 1, 'depth_text': 1, 'length': 4},
-                               'train': {'optimizer': 'sgd',
-                                         'lr': 5.0,
-                                         'final_lr_ratio': 0.001,
-                                         'weight_decay': 0.0,
-                                         'epochs': 2,
-                                         'batch_size': 8},
-                               'rng': 'per-task',
-                               'calibration': {'batchwise': True, 'scale': None},
-                               'eval_batch_size': 8}}}
+def only(config: dict, *experiments: str) -> dict:
+    """A copy of ``config`` with only the named experiments (every dataset and backbone kept)."""
+    config = copy.deepcopy(config)
+    config["experiments"] = {name: config["experiments"][name] for name in experiments}
+    return config
 
 
 @pytest.fixture
 def tiny_config():
     return copy.deepcopy(TINY_CONFIG)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """TINY_CONFIG run through the workflow once per test session (`all`: every run, the summary and the figures),
+    also when pytest-xdist runs the tests in several processes: the first to need it builds it, under a file lock,
+    and the others wait for it. Tests only read it, or run Snakemake there without changing a file under data/ or
+    results/ (a dry run, a run with nothing to do, a report); a test that changes files works on `copy_of_tiny_run`.
+    At the end of the session every file of data/ and results/ is checked to be as the build left it."""
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # the session's folder, also under xdist
+    workdir, built_file = shared / "tiny_run", shared / "tiny_run.json"
+    with FileLock(str(shared / "tiny_run.lock")):
+        if not built_file.exists():
+            proc = snakemake(workdir, TINY_CONFIG, check=False)
+            failure = None if proc.returncode == 0 else f"{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+            built_file.write_text(json.dumps({"failure": failure, "tree": tree(workdir, *RUN_OUTPUTS)}))
+        built = json.loads(built_file.read_text())
+    if built["failure"]:
+        raise AssertionError(f"the tiny run failed:\n{built['failure']}")
+    yield workdir
+    changed = sorted(set(built["tree"].items()) ^ set(tree(workdir, *RUN_OUTPUTS).items()))
+    assert not changed, f"a test changed the shared tiny run (it must work on a copy): {sorted({p for p, _ in changed})}"
+
+
+@pytest.fixture
+def copy_of_tiny_run(tiny_run, tmp_path):
+    """A copy of the session's tiny run (files, timestamps, Snakemake's metadata and logs) that a test may change."""
+    return copy_run(tiny_run, tmp_path / "tiny_run")
+
+
+def copy_run(workdir: Path, to: Path) -> Path:
+    """A copy of a workflow's working directory, without the locks of a Snakemake run that may be going on there."""
+    shutil.copytree(workdir, to, symlinks=True, ignore=shutil.ignore_patterns("locks"))
+    return to
+
+
+# The order of the tests, and how pytest-xdist shares them out between its processes (`-n 2 --dist loadscope
+# --no-loadscope-reorder` in pyproject.toml): the modules that read the session's tiny run go first, and together
+# to one process, which builds the run and then reads it; meanwhile the next modules, the DVC project and the
+# SLURM cluster (whose local run starts from the tiny run once it is built), go to the other; then the rest.
+TINY_RUN_MODULES = ("test_pipeline.py", "test_diki_pipeline.py")
+FIRST_MODULES = (*TINY_RUN_MODULES, "test_reproducibility.py", "test_slurm.py")
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: FIRST_MODULES.index(item.path.name) if item.path.name in FIRST_MODULES
+               else len(FIRST_MODULES))
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """--dist loadscope, with the tiny run's modules as one unit of work."""
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class TinyRunTogether(LoadScopeScheduling):
+        def _split_scope(self, nodeid):
+            module = nodeid.split("::", 1)[0].rsplit("/", 1)[-1]
+            return "the tiny run" if module in TINY_RUN_MODULES else super()._split_scope(nodeid)
+
+    return TinyRunTogether(config, log)
 
 
 def snakemake(workdir: Path, config: dict, *args: str, check: bool = True) -> subprocess.CompletedProcess:

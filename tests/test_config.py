@@ -1,7 +1,7 @@
 import pytest
 import yaml
 
-from conftest import REPO, TINY_CONFIG, TINY_DIKI_CONFIG, snakemake
+from conftest import REPO, only, snakemake
 from ifcl.config import ConfigError, check, derive_seed, merge_includes, task_train_params
 
 
@@ -32,15 +32,13 @@ def test_check_names_the_bad_key(tiny_config, edit, key):
 
 
 def test_diki_experiments_need_clip_backbones_and_known_datasets(tiny_config):
-    import copy
-
-    diki = copy.deepcopy(TINY_DIKI_CONFIG)
+    diki = only(tiny_config, "tiny_diki")
     check(diki)
     diki["experiments"]["tiny_diki"]["sequence"].append("nope")
     with pytest.raises(ConfigError, match=r"experiments\.tiny_diki\.sequence\[2\]: unknown dataset 'nope'"):
         check(diki)
-    both = {k: {**tiny_config[k], **TINY_DIKI_CONFIG[k]} for k in ("datasets", "backbones", "experiments")}
-    both["experiments"]["tiny_diki"] = {**both["experiments"]["tiny_diki"], "backbone": "tiny_vit"}
+    both = tiny_config
+    both["experiments"]["tiny_diki"]["backbone"] = "tiny_vit"
     with pytest.raises(ConfigError, match="tiny_diki.backbone: DIKI needs a CLIP backbone"):
         check(both)
     both["experiments"]["tiny_diki"]["backbone"] = "tiny_clip"

@@ -1,15 +1,16 @@
-"""DIKI through the workflow on a tiny CLIP pretrained in the pipeline: per-task files, a complete MTIL matrix with
-Transfer / Average / Last, tasks independent of each other, exact re-runs, and the sequential-RNG option."""
+"""DIKI through the workflow (the session's `tiny_run`: a tiny CLIP pretrained in the pipeline): per-task files, a
+complete MTIL matrix with Transfer / Average / Last, λ per test image, tasks independent of each other and the
+sequential-RNG option. Exact re-runs and the decoded-image caches of DIKI tasks are checked with the other methods'
+in test_pipeline.py."""
 import copy
 import re
-import shutil
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-from conftest import TINY_DIKI_CONFIG, snakemake
+from conftest import TINY_CONFIG, snakemake
 from ifcl.files import read_json
 from ifcl.state import load_state
 
@@ -17,11 +18,9 @@ pytestmark = pytest.mark.pipeline
 RUN = ("results", "runs", "tiny_diki", "seed0")
 
 
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    wd = tmp_path_factory.mktemp("diki")
-    snakemake(wd, TINY_DIKI_CONFIG)
-    return wd
+@pytest.fixture
+def workdir(tiny_run):
+    return tiny_run
 
 
 def test_per_task_files_and_a_complete_mtil_matrix(workdir):
@@ -74,71 +73,45 @@ def test_the_model_after_task_1_classifies_as_its_evaluation_did(workdir, monkey
     from ifcl.models.clip_prefix import prompts, tokenize
     from ifcl.runs import load_model
 
-    model = load_model(TINY_DIKI_CONFIG, "tiny_diki", 0, 1, root=workdir)
+    model = load_model(TINY_CONFIG, "tiny_diki", 0, 1, root=workdir)
     assert isinstance(model, DIKIModel) and len(model.task_prefixes()) == 2 and len(model.gaussians) == 2
     monkeypatch.chdir(workdir)
     accuracies = []
-    for name in TINY_DIKI_CONFIG["experiments"]["tiny_diki"]["sequence"]:
+    for name in TINY_CONFIG["experiments"]["tiny_diki"]["sequence"]:
         test = f"data/prepared/{name}/test.csv"
-        images, labels = next(iter(_batches(test, TINY_DIKI_CONFIG["backbones"]["tiny_clip"], 1000, "cpu")))
+        images, labels = next(iter(_batches(test, TINY_CONFIG["backbones"]["tiny_clip"], 1000, "cpu")))
         names = class_names_of(read_manifest(test))
-        tokens = tokenize(prompts(names, TINY_DIKI_CONFIG["datasets"][name]["template"]), model.model.clip.context_length)
+        tokens = tokenize(prompts(names, TINY_CONFIG["datasets"][name]["template"]), model.model.clip.context_length)
         logits = model(images, tokens)
         accuracies.append(100.0 * float((logits.argmax(1) == labels).float().mean()))
     assert accuracies == pytest.approx(read_json(workdir.joinpath(*RUN) / "task1" / "eval.json")["accuracy"], abs=1e-6)
 
 
 def test_frozen_features_are_shared_and_tasks_do_not_depend_on_each_other(workdir):
-    proc = snakemake(workdir, TINY_DIKI_CONFIG, "--dry-run", "--forcerun", "gaussian", "train_prefix")
+    proc = snakemake(workdir, TINY_CONFIG, "--dry-run", "--forcerun", "gaussian", "train_prefix")
     planned = re.findall(r"^(?:local)?rule (\w+):\n(?:    .*\n)*?    output: (.*)$", proc.stdout, flags=re.M)
     assert sorted(r for r, _ in planned) == ["accuracy_curves", "accuracy_matrix", "aggregate_run", "evaluate_diki",
                                             "evaluate_diki", "gaussian", "gaussian", "lambda_histograms", "overview",
                                             "summarize", "train_prefix", "train_prefix"]
     # task 1's prefix needs nothing of task 0
-    dag = snakemake(workdir, TINY_DIKI_CONFIG, "results/runs/tiny_diki/seed0/task1/prefix.safetensors",
+    dag = snakemake(workdir, TINY_CONFIG, "results/runs/tiny_diki/seed0/task1/prefix.safetensors",
                     "--dry-run", "--forcerun", "train_prefix").stdout  # (targets before --forcerun's list)
     assert "task1/prefix.safetensors" in dag
     assert "task0" not in dag
 
 
-def test_rerunning_a_task_reproduces_its_files_exactly(workdir):
-    run = workdir.joinpath(*RUN)
-    files = [run / "task1" / n for n in ("gaussian.safetensors", "prefix.safetensors", "eval.json")]
-    before = {p: p.read_bytes() for p in files}
-    for p in files:
-        p.unlink()
-    snakemake(workdir, TINY_DIKI_CONFIG)
-    assert {p: p.read_bytes() for p in files} == before
-
-
-def test_sequential_rng_chains_the_tasks(tmp_path):
-    config = copy.deepcopy(TINY_DIKI_CONFIG)
+def test_sequential_rng_chains_the_tasks(copy_of_tiny_run):
+    config = copy.deepcopy(TINY_CONFIG)
     config["experiments"]["tiny_diki"]["rng"] = "sequential"
     config["experiments"]["tiny_diki"]["calibration"]["batchwise"] = False  # the per-sample path works too
-    snakemake(tmp_path, config)
-    run = tmp_path.joinpath(*RUN)
+    proc = snakemake(copy_of_tiny_run, config, "runs")
+    ran = re.findall(r"^(?:local)?rule (\w+):", proc.stdout + proc.stderr, re.M)
+    assert ran.count("train_prefix") == ran.count("evaluate_diki") == 2 and "gaussian" not in ran
+    run = copy_of_tiny_run.joinpath(*RUN)
     state0, _ = load_state(run / "task0" / "prefix.safetensors")
     assert state0["rng_state"].dtype == torch.uint8
     # task 1's training continues task 0's random stream, so it needs task 0's prefix file
-    dag = snakemake(tmp_path, config, "results/runs/tiny_diki/seed0/task1/prefix.safetensors",
+    dag = snakemake(copy_of_tiny_run, config, "results/runs/tiny_diki/seed0/task1/prefix.safetensors",
                     "--dry-run", "--forcerun", "train_prefix").stdout
     assert "task0/prefix.safetensors" in dag
     assert not np.isnan(pd.read_csv(run / "acc_matrix.csv", index_col=0).to_numpy()).any()
-
-
-def test_decoded_image_caches_give_the_same_files(workdir, tmp_path):
-    """image_cache: deterministic: training, validation and evaluation read CLIP-preprocessed images from the
-    decoded-image caches, and every file of the run is the same bit for bit."""
-    wd = tmp_path / "cached"
-    shutil.copytree(workdir, wd, symlinks=True)
-    config = copy.deepcopy(TINY_DIKI_CONFIG)
-    config["experiments"]["tiny_diki"]["image_cache"] = "deterministic"
-    snakemake(wd, config, "runs")
-    run, cached_run = workdir.joinpath(*RUN), wd.joinpath(*RUN)
-    before = {p.relative_to(run): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
-    after = {p.relative_to(cached_run): p.read_bytes() for p in sorted(cached_run.rglob("*")) if p.is_file()}
-    assert after == before
-    assert "decoded-image cache data/decoded/tc_shapes/val-clip-16.npy" in \
-        (wd / "logs" / "train_prefix" / "tiny_diki" / "seed0" / "task0.log").read_text()
-    assert "decoded-image cache data/decoded/tc_textures/test-clip-16.npy" in \
-        (wd / "logs" / "evaluate_diki" / "tiny_diki" / "seed0" / "task1.log").read_text()

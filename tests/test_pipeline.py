@@ -1,5 +1,6 @@
-"""The workflow end to end on the tiny generated config: per-task files for 2 seeds, metrics and summary; nothing to
-do on a second run; a task-level change re-runs exactly the affected tasks; re-running a task reproduces its files."""
+"""The workflow end to end on the tiny generated config (the session's `tiny_run`): per-task files for 2 seeds,
+metrics, summary, figures and report; nothing to do on a second run; a task-level change re-runs exactly the affected
+tasks; re-running tasks reproduces their files. DIKI's own checks are in test_diki_pipeline.py."""
 import copy
 import hashlib
 import re
@@ -12,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import TINY_CONFIG, snakemake
+from conftest import CIL_EXPERIMENTS, TINY_CONFIG, snakemake
 from ifcl.files import read_json
 from ifcl.state import load_state
 
@@ -21,11 +22,9 @@ EXP = "tiny_seq-lora"
 TASK_FILES = ("reduction.safetensors", "adapter.safetensors", "train_log.csv", "eval.json")
 
 
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    wd = tmp_path_factory.mktemp("pipeline")
-    snakemake(wd, TINY_CONFIG)
-    return wd
+@pytest.fixture
+def workdir(tiny_run):
+    return tiny_run
 
 
 def run_dir(wd, seed):
@@ -57,7 +56,7 @@ def test_every_run_has_per_task_files_matrix_and_metrics(workdir):
     # the two seeds use different class orders (shuffled) and different random reductions
     assert read_json(run_dir(workdir, 0) / "tasks.json") != read_json(run_dir(workdir, 1) / "tasks.json")
     summary = pd.read_csv(workdir / "results" / "summary" / "summary.csv")  # one row per (experiment, metric)
-    assert sorted(summary.experiment.unique()) == ["tiny_inflora", "tiny_inflora-ca", EXP]
+    assert sorted(summary.experiment.unique()) == ["tiny_diki", "tiny_inflora", "tiny_inflora-ca", EXP]
     final = summary[(summary.experiment == EXP) & (summary.metric == "final")].iloc[0]
     finals = [read_json(run_dir(workdir, s) / "metrics.json")["final"] for s in (0, 1)]
     assert final.seeds == 2 and pd.isna(final.paper)  # nothing published for the tiny experiments
@@ -66,18 +65,21 @@ def test_every_run_has_per_task_files_matrix_and_metrics(workdir):
 
 
 def test_every_figure_and_the_report(workdir):
-    """Per run an annotated accuracy matrix, per InfLoRA run its memory, per experiment the forgetting, the curves
-    (also as data) and the overview, each PNG and PDF; `snakemake --report` puts them in one HTML file."""
+    """Per run an annotated accuracy matrix, per InfLoRA run its memory, per DIKI run its λ histograms, per
+    class-incremental experiment the forgetting, the curves (also as data) and the overview, each PNG and PDF;
+    `snakemake --report` puts them in one HTML file."""
     figures = workdir / "results" / "figures"
-    stems = ["accuracy_curves", "overview"] + [f"{exp}/forgetting" for exp in TINY_CONFIG["experiments"]]
-    stems += [f"{exp}/seed{s}/acc_matrix" for exp, spec in TINY_CONFIG["experiments"].items() for s in spec["seeds"]]
-    stems += [f"{exp}/seed0/memory" for exp in ("tiny_inflora", "tiny_inflora-ca")]
+    experiments = TINY_CONFIG["experiments"]
+    stems = ["accuracy_curves", "overview"] + [f"{exp}/forgetting" for exp in CIL_EXPERIMENTS]
+    stems += [f"{exp}/seed{s}/acc_matrix" for exp, spec in experiments.items() for s in spec["seeds"]]
+    stems += [f"{exp}/seed0/memory" for exp in ("tiny_inflora", "tiny_inflora-ca")] + ["tiny_diki/seed0/lambda"]
     for stem in stems:
         assert (figures / f"{stem}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", stem
         assert (figures / f"{stem}.pdf").read_bytes()[:5] == b"%PDF-", stem
     assert sorted(p.relative_to(figures).as_posix() for p in figures.rglob("*.png")) == sorted(f"{s}.png" for s in stems)
     curves = read_json(figures / "accuracy_curves.json")
-    assert {(r["experiment"], r["seed"]) for r in curves} == {(EXP, 0), (EXP, 1), ("tiny_inflora", 0), ("tiny_inflora-ca", 0)}
+    assert {(r["experiment"], r["seed"]) for r in curves} == {(exp, s) for exp, spec in experiments.items()
+                                                              for s in spec["seeds"]}
     assert [r["accuracy"] for r in curves if r["experiment"] == EXP and r["seed"] == 1] == pytest.approx(
         read_json(run_dir(workdir, 1) / "metrics.json")["curve"])
 
@@ -85,7 +87,8 @@ def test_every_figure_and_the_report(workdir):
     snakemake(workdir, TINY_CONFIG, "--report", str(report))
     html = report.read_text()
     for text in ("InfLoRA and DIKI, task by task", "Summary", "Overview", "Accuracy matrices", "Forgetting",
-                 "InfLoRA memory", "summary.html", "overview.png", "acc_matrix.png", "memory.png"):
+                 "InfLoRA memory", "DIKI \\u03bb", "summary.html", "overview.png", "acc_matrix.png", "memory.png",
+                 "lambda.png"):
         assert text in html, text
 
 
@@ -102,9 +105,10 @@ def test_second_run_has_nothing_to_do_whatever_the_key_order_of_the_config(workd
     assert "Nothing to be done" in proc.stdout + proc.stderr, proc.stderr[-3000:]
 
 
-def test_a_task_level_change_reruns_only_that_task_and_its_dependants(workdir):
-    config = {**TINY_CONFIG, "experiments": {**TINY_CONFIG["experiments"],
-                                             EXP: {**TINY_CONFIG["experiments"][EXP], "task_overrides": {1: {"epochs": 2}}}}}
+def test_a_task_level_change_reruns_only_that_task_and_its_dependants(copy_of_tiny_run):
+    workdir = copy_of_tiny_run
+    config = copy.deepcopy(TINY_CONFIG)
+    config["experiments"][EXP]["task_overrides"] = {1: {"epochs": 2}}
     jobs = planned_jobs(snakemake(workdir, config, "--dry-run"))
     planned = {(rule, out.split(",")[0].strip()) for rule, out in jobs}
     expected_tasks = {(rule, f"results/runs/{EXP}/seed{s}/task{t}/{name}")
@@ -117,10 +121,11 @@ def test_a_task_level_change_reruns_only_that_task_and_its_dependants(workdir):
 
     untouched = {p: p.read_bytes() for s in (0, 1) for p in (run_dir(workdir, s) / "task0").iterdir()}
     old_t1 = (run_dir(workdir, 0) / "task1" / "train_log.csv").read_text()
-    snakemake(workdir, config)
+    snakemake(workdir, config, "runs")  # the jobs planned above, but for the summary and figures
     assert all(p.read_bytes() == b for p, b in untouched.items())
     new_t1 = (run_dir(workdir, 0) / "task1" / "train_log.csv").read_text()
     assert len(new_t1.splitlines()) == 3 and len(old_t1.splitlines()) == 2  # header + one row per epoch
+    assert "Nothing to be done" in snakemake(workdir, config, "runs", "--dry-run").stdout
 
 
 def test_inflora_run_has_designed_reductions_and_memories(workdir):
@@ -154,26 +159,30 @@ def test_inflora_ca_aligns_every_head_after_each_task(workdir):
     assert len(pd.read_csv(run / "task2" / "align_log.csv")) == 2
 
 
-@pytest.mark.parametrize("exp, seed, names", [
-    (EXP, 1, ("reduction.safetensors", "adapter.safetensors")),
-    ("tiny_inflora", 0, ("reduction.safetensors", "adapter.safetensors", "memory.safetensors")),
-    ("tiny_inflora-ca", 0, ("reduction.safetensors", "adapter.safetensors", "memory.safetensors",
-                            "class_stats.safetensors", "aligned_heads.safetensors")),
-])
-def test_rerunning_a_task_from_earlier_files_reproduces_it_exactly(workdir, exp, seed, names):
-    run = workdir / "results" / "runs" / exp / f"seed{seed}"
-    files = [run / f"task{t}" / n for t in range(3) for n in names if (run / f"task{t}" / n).exists()]
-    before = {p: p.read_bytes() for p in files}
-    before_eval = (run / "task2" / "eval.json").read_text()
-    for p in files:
-        if not p.parent.name == "task0":
-            p.unlink()
-    (run / "task2" / "eval.json").unlink()
-    config = {**TINY_CONFIG, "experiments": {**TINY_CONFIG["experiments"],
-                                             EXP: {**TINY_CONFIG["experiments"][EXP], "task_overrides": {1: {"epochs": 2}}}}}
-    snakemake(workdir, config)
-    assert {p: p.read_bytes() for p in files} == before
-    assert (run / "task2" / "eval.json").read_text() == before_eval
+# Per run: the state files regenerated from those of the earlier tasks (with what depends on them). Between them,
+# this test, the decoded-image cache test below (image_cache: deterministic re-runs InfLoRA+CA's class statistics,
+# alignments and evaluations and DIKI's prefixes and evaluations, and must give the same bytes) and
+# test_reproducibility.py (a deleted InfLoRA task regenerated with the task after it) re-run every kind of state file.
+RERUN = {
+    (EXP, 1): ("task2/reduction.safetensors", "task2/adapter.safetensors", "task2/eval.json"),
+    ("tiny_inflora-ca", 0): ("task1/memory.safetensors", "task2/reduction.safetensors", "task2/adapter.safetensors",
+                             "task2/class_stats.safetensors", "task2/aligned_heads.safetensors", "task2/eval.json"),
+    ("tiny_diki", 0): ("task1/gaussian.safetensors", "task1/eval.json"),
+}
+
+
+def test_rerunning_tasks_from_earlier_files_reproduces_them_exactly(copy_of_tiny_run):
+    """Deleted state files are made again from the earlier tasks' files, byte for byte (both runs in one Snakemake
+    run)."""
+    deleted = {}
+    for (exp, seed), names in RERUN.items():
+        run = copy_of_tiny_run / "results" / "runs" / exp / f"seed{seed}"
+        deleted.update({run / name: (run / name).read_bytes() for name in names})
+    for p in deleted:
+        p.unlink()
+    snakemake(copy_of_tiny_run, TINY_CONFIG, *(str(p.relative_to(copy_of_tiny_run)) for p in deleted))
+    differ = [str(p.relative_to(copy_of_tiny_run)) for p, b in deleted.items() if p.read_bytes() != b]
+    assert not differ
 
 
 def test_a_users_class_folder_tree_goes_through_the_same_manifest_and_split_rules(tmp_path, tiny_config):
@@ -197,7 +206,7 @@ def test_a_users_class_folder_tree_goes_through_the_same_manifest_and_split_rule
     assert not (wd / "data" / "generated").exists() and sorted(p.name for p in root.iterdir()) == ["class_0", "class_1", "class_2"]
 
 
-def test_the_model_after_task_k_loads_and_reproduces_its_evaluation(workdir, monkeypatch):
+def test_the_model_after_task_k_loads_and_reproduces_its_evaluation(workdir, monkeypatch, tmp_path):
     """ifcl.runs.load_model: "the model after task 1" from the run's files gives the accuracy its eval.json records;
     `ifcl run show` lists every file with its sha256 and refuses a tampered state, naming it."""
     from ifcl.chain import _loader
@@ -227,25 +236,29 @@ def test_the_model_after_task_k_loads_and_reproduces_its_evaluation(workdir, mon
     adapter = run / "task1" / "adapter.safetensors"
     assert f"task1/adapter.safetensors" in show.stdout
     assert hashlib.sha256(adapter.read_bytes()).hexdigest() in show.stdout
-    tampered = workdir / "tampered"
+    tampered = tmp_path / "tampered"
     shutil.copytree(run, tampered)
     data = bytearray((tampered / "task1" / "adapter.safetensors").read_bytes())
     data[-1] ^= 0xFF  # one byte of a tensor changed
     (tampered / "task1" / "adapter.safetensors").write_bytes(bytes(data))
     show = subprocess.run([sys.executable, "-m", "ifcl.cli", "run", "show", str(tampered)], capture_output=True, text=True)
     assert show.returncode != 0 and "task1/adapter.safetensors" in show.stderr and "digest" in show.stderr
-    shutil.rmtree(tampered)
 
 
-def test_decoded_image_caches_change_nothing_or_only_what_the_option_says(workdir, tmp_path):
-    """image_cache: deterministic (InfLoRA+CA: evaluation and class statistics read the test-transform cache) gives
-    the same files bit for bit; all (InfLoRA: also the training passes, cropped on the device) trains on the cache."""
-    wd = tmp_path / "cached"
-    shutil.copytree(workdir, wd, symlinks=True)
+def test_decoded_image_caches_change_nothing_or_only_what_the_option_says(workdir, copy_of_tiny_run):
+    """image_cache: deterministic gives the same files bit for bit: InfLoRA+CA's evaluation and class statistics read
+    the test-transform cache, DIKI's training, validation and evaluation read CLIP-preprocessed images. all
+    (InfLoRA: also the training passes, cropped on the device) trains on the cache. One Snakemake run for the three."""
+    wd = copy_of_tiny_run
     config = copy.deepcopy(TINY_CONFIG)
     config["experiments"]["tiny_inflora-ca"]["image_cache"] = "deterministic"
+    config["experiments"]["tiny_diki"]["image_cache"] = "deterministic"
     config["experiments"]["tiny_inflora"]["image_cache"] = "all"
-    snakemake(wd, config, "runs")
+    # every file of the InfLoRA+CA and DIKI runs; InfLoRA's task 0 and the design of task 1 (each of its rules that
+    # reads the training cache)
+    inflora = "results/runs/tiny_inflora/seed0"
+    snakemake(wd, config, "results/runs/tiny_inflora-ca/seed0/acc_matrix.csv", "results/runs/tiny_diki/seed0/acc_matrix.csv",
+              f"{inflora}/task0/eval.json", f"{inflora}/task1/reduction.safetensors")
     assert sorted(p.name for p in (wd / "data" / "decoded" / "tiny_shapes").iterdir()) == ["test-resize-16.npy",
                                                                                        "train-resize-16.npy"]
 
@@ -254,12 +267,16 @@ def test_decoded_image_caches_change_nothing_or_only_what_the_option_says(workdi
         return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
 
     assert files(wd, "tiny_inflora-ca") == files(workdir, "tiny_inflora-ca")
+    assert files(wd, "tiny_diki") == files(workdir, "tiny_diki")
     logs = wd / "logs"
     for rule, split in (("evaluate_task", "test"), ("class_stats", "train")):  # class statistics: train images
         assert f"decoded-image cache data/decoded/tiny_shapes/{split}-resize-16.npy" in \
             (logs / rule / "tiny_inflora-ca" / "seed0" / "task1.log").read_text()
-    for rule in ("train_task", "reduction", "memory"):
+    for rule, task, cache in (("train_prefix", 0, "tc_shapes/val"), ("evaluate_diki", 1, "tc_textures/test")):
+        assert f"decoded-image cache data/decoded/{cache}-clip-16.npy" in \
+            (logs / rule / "tiny_diki" / "seed0" / f"task{task}.log").read_text()
+    for rule, task in (("train_task", 0), ("reduction", 0), ("memory", 0), ("reduction", 1)):
         assert "decoded-image cache data/decoded/tiny_shapes/train-resize-16.npy" in \
-            (logs / rule / "tiny_inflora" / "seed0" / "task0.log").read_text()
+            (logs / rule / "tiny_inflora" / "seed0" / f"task{task}.log").read_text()
     cached, plain = files(wd, "tiny_inflora"), files(workdir, "tiny_inflora")
-    assert cached.keys() == plain.keys() and cached["task0/adapter.safetensors"] != plain["task0/adapter.safetensors"]
+    assert cached["task0/adapter.safetensors"] != plain["task0/adapter.safetensors"]

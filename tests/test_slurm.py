@@ -1,27 +1,47 @@
-"""The demo through `--profile profiles/slurm` on a real single-node SLURM cluster started here (tests/slurm_cluster.py):
-every job other than the local rules is a SLURM job with its own id, GPU jobs get their device from SLURM, and the
-results equal a local run's. Skipped, saying why, without root or without Debian's slurm-wlm and munge packages
-(.ci/run installs them).
+"""The workflow through `--profile profiles/slurm` on a real single-node SLURM cluster started here
+(tests/slurm_cluster.py): every job other than the local rules is a SLURM job with its own id, every job gets its
+rule's threads as CPUs, GPU jobs get their device from SLURM, and the results equal a local run's byte for byte.
+Skipped, saying why, without root or without Debian's slurm-wlm and munge packages (.ci/run installs them).
 
-The whole demo runs (`all`: ten runs, the summary and the figures), once locally and once on the cluster. The node
-has this machine's 2 cores and two fake GPUs, so two one-thread jobs run at a time, as they do locally."""
+The config runs `all` (runs, summary, figures) and has every kind of rule the demo has (the test checks it against
+the demo's DAG): generated data, both backbones' pretraining, InfLoRA+CA (2 tasks: designed subspaces, training,
+memory, class statistics, alignment, evaluation), DIKI (frozen features, Gaussians, prefixes, calibrated
+evaluation), the aggregation, the summary and every figure rule. It runs from scratch on the cluster. The local run
+of the same config starts from a copy of the session's tiny run, which holds the same data, backbones and DIKI run,
+and runs beside the cluster, in the cluster's idle time. The node has this machine's 2 cores and two fake GPUs, so
+two one-thread jobs run at a time, as they do locally.
+
+The whole demo runs the same way, from scratch both locally and on the cluster, under the `demo` marker
+(`pytest -m demo`)."""
+import copy
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
-from conftest import REPO, tree
+from conftest import REPO, TINY_CONFIG, copy_run, only, tree
 from slurm_cluster import missing_requirements, single_node_cluster
 
 pytestmark = pytest.mark.pipeline
 TARGETS = ["all"]
 # The test cluster has no accounting database: the plugin must poll with squeue (README: "Running on a cluster").
-# Its jobs take seconds, so the status is polled often.
-CLUSTER_FLAGS = ["--slurm-status-command", "squeue", "--seconds-between-status-checks", "5",
-                 "--slurm-init-seconds-before-status-checks", "5"]
+# After a poll that finds a job finished, the next comes after --slurm-init-seconds-before-status-checks; after one
+# that finds none, 10 s later than the last interval. 8 s is a little longer than one of these tiny jobs takes.
+CLUSTER_FLAGS = ["--slurm-status-command", "squeue", "--seconds-between-status-checks", "8",
+                 "--slurm-init-seconds-before-status-checks", "8"]
+
+
+def tiny_slurm_config() -> dict:
+    """The session's tiny DIKI run and a 2-task InfLoRA+CA run: the shortest chain with every InfLoRA rule."""
+    config = only(TINY_CONFIG, "tiny_diki")
+    config["experiments"]["slurm_inflora-ca"] = {**copy.deepcopy(TINY_CONFIG["experiments"]["tiny_inflora-ca"]),
+                                                 "num_tasks": 2}
+    return config
 
 
 def local_rules() -> set[str]:
@@ -30,30 +50,59 @@ def local_rules() -> set[str]:
     return {chunk.split(":", 1)[0].strip() for chunk in chunks[1:] if "\n    localrule: True" in chunk}
 
 
-def snakemake(workdir: Path, env: dict, *args: str) -> str:
+def demo_rules(workdir: Path) -> set[str]:
+    """The rules the demo's DAG has (a dry run of config/demo.yaml in ``workdir``, nothing run)."""
+    proc = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir), "-n",
+                           "--quiet", "rules", "--configfile", str(REPO / "config/demo.yaml")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return set(re.findall(r"^(\w+)\s+\d+$", proc.stdout + proc.stderr, re.M)) - {"all", "total"}
+
+
+def start_snakemake(workdir: Path, env: dict, config: Path, *args: str) -> subprocess.Popen:
+    """`snakemake all` in ``workdir``, its output going to <workdir>.out (a pipe nobody reads could fill up)."""
     cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir), *TARGETS, *args,
-           "--configfile", str(REPO / "config/demo.yaml")]
-    proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-8000:]}"
-    return proc.stdout + proc.stderr
+           "--configfile", str(config)]
+    with open(workdir.with_suffix(".out"), "w") as out:
+        return subprocess.Popen(cmd, cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+
+def finish(proc: subprocess.Popen) -> str:
+    """The output of a Snakemake run started by start_snakemake, once it has succeeded."""
+    proc.wait()
+    out = Path(proc.args[proc.args.index("-d") + 1]).with_suffix(".out").read_text()
+    assert proc.returncode == 0, out[-8000:]
+    return out
 
 
 @pytest.mark.skipif(missing_requirements() is not None, reason=str(missing_requirements()))
-def test_the_demo_runs_through_the_slurm_profile_with_one_slurm_job_per_step(tmp_path):
+@pytest.mark.parametrize("case", ["tiny", pytest.param("demo", marks=pytest.mark.demo)])
+def test_the_workflow_runs_through_the_slurm_profile_with_one_slurm_job_per_step(case, request, tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("CUDA_VISIBLE_DEVICES", None)
-    local = tmp_path / "local"
-    local.mkdir()
-    snakemake(local, env, "--cores", "2")
-
-    cluster = tmp_path / "cluster"
+    local, cluster = tmp_path / "local", tmp_path / "cluster"
     cluster.mkdir()
+    if case == "demo":
+        config_file = REPO / "config/demo.yaml"
+        local.mkdir()
+    else:
+        copy_run(request.getfixturevalue("tiny_run"), local)
+        for folder in ("results/runs/tiny_seq-lora", "results/runs/tiny_inflora", "results/runs/tiny_inflora-ca",
+                       "results/summary", "results/figures"):
+            shutil.rmtree(local / folder)
+        config_file = tmp_path / "config.yaml"
+        config_file.write_text(yaml.safe_dump(tiny_slurm_config(), sort_keys=False))
+    local_run = start_snakemake(local, env, config_file, "--cores", "2")
     # Every job asks for its rule's threads (1 or 2) as CPUs, so the node's 2 real cores are never oversubscribed
-    # (which slows torch's threads down many times over); it claims the memory profiles/slurm asks for.
-    with single_node_cluster(tmp_path / "slurm", cpus=2, memory_mb=256000, gpus=2) as slurm_env:
-        path = os.pathsep.join([slurm_env["PATH"], str(Path(sys.executable).parent)])
-        log = snakemake(cluster, {**env, **slurm_env, "PATH": path}, "--profile", str(REPO / "profiles/slurm"),
-                        *CLUSTER_FLAGS)
+    # by the cluster's jobs (which slows torch's threads down many times over); it claims the memory profiles/slurm
+    # asks for.
+    try:
+        with single_node_cluster(tmp_path / "slurm", cpus=2, memory_mb=256000, gpus=2) as slurm_env:
+            path = os.pathsep.join([slurm_env["PATH"], str(Path(sys.executable).parent)])
+            log = finish(start_snakemake(cluster, {**env, **slurm_env, "PATH": path}, config_file,
+                                         "--profile", str(REPO / "profiles/slurm"), *CLUSTER_FLAGS))
+    finally:
+        finish(local_run)
 
     # one SLURM job per non-local job, each with its own id, also written at the top of the job's rule log
     submitted = re.findall(r"Job (\d+) has been submitted with SLURM jobid (\d+)", log)
@@ -65,6 +114,9 @@ def test_the_demo_runs_through_the_slurm_profile_with_one_slurm_job_per_step(tmp
     assert sorted(on_slurm.values()) == sorted(slurm_ids)
     ran_here = {p.relative_to(cluster / "logs").parts[0].removesuffix(".log") for p in rule_logs if p not in on_slurm}
     assert ran_here <= local_rules() and {"split_tasks", "aggregate_run", "summarize"} <= ran_here
+    # every kind of rule the demo has ran: on the cluster, or here for the local rules
+    assert {p.relative_to(cluster / "logs").parts[0].removesuffix(".log") for p in rule_logs} >= demo_rules(
+        tmp_path / "dry-run")
     # every job was given its rule's threads as CPUs: 2 for the pretraining and data rules, 1 for the task steps
     cpus = {p.relative_to(cluster / "logs").parts[0]: int(first_lines[p].rsplit("(", 1)[1].split()[0]) for p in on_slurm}
     assert cpus["pretrain_backbone"] == cpus["pretrain_clip"] == 2 and cpus["train_task"] == cpus["train_prefix"] == 1
