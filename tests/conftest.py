@@ -129,7 +129,8 @@ def copy_run(workdir: Path, to: Path) -> Path:
 # The order of the tests, and how pytest-xdist shares them out between its processes (`-n 2 --dist loadscope
 # --no-loadscope-reorder` in pyproject.toml): the modules that read the session's tiny run go first, and together
 # to one process, which builds the run and then reads it; meanwhile the next modules, the DVC project and the
-# SLURM cluster (whose local run starts from the tiny run once it is built), go to the other; then the rest.
+# SLURM cluster (whose local run starts from the tiny run once it is built), go to the other; then the rest. The
+# tests of the whole demo (`-m demo`) are one unit too: each runs the demo on both cores, so they run one at a time.
 TINY_RUN_MODULES = ("test_pipeline.py", "test_diki_pipeline.py")
 FIRST_MODULES = (*TINY_RUN_MODULES, "test_reproducibility.py", "test_slurm.py")
 
@@ -140,17 +141,21 @@ def pytest_collection_modifyitems(items):
 
 
 def pytest_xdist_make_scheduler(config, log):
-    """--dist loadscope, with the tiny run's modules as one unit of work."""
+    """--dist loadscope, with the tiny run's modules as one unit of work, and the demo's tests as another."""
     if config.getvalue("dist") != "loadscope":
         return None
     from xdist.scheduler import LoadScopeScheduling
 
-    class TinyRunTogether(LoadScopeScheduling):
+    class SharedRunsTogether(LoadScopeScheduling):
         def _split_scope(self, nodeid):
             module = nodeid.split("::", 1)[0].rsplit("/", 1)[-1]
-            return "the tiny run" if module in TINY_RUN_MODULES else super()._split_scope(nodeid)
+            if module in TINY_RUN_MODULES:
+                return "the tiny run"
+            if module == "test_demo.py" or nodeid.endswith("[demo]"):
+                return "the demo"
+            return super()._split_scope(nodeid)
 
-    return TinyRunTogether(config, log)
+    return SharedRunsTogether(config, log)
 
 
 def snakemake(workdir: Path, config: dict, *args: str, check: bool = True) -> subprocess.CompletedProcess:

@@ -11,8 +11,8 @@ of the same config starts from a copy of the session's tiny run, which holds the
 and runs beside the cluster, in the cluster's idle time. The node has this machine's 2 cores and two fake GPUs, so
 two one-thread jobs run at a time, as they do locally.
 
-The whole demo runs the same way, from scratch both locally and on the cluster, under the `demo` marker
-(`pytest -m demo`)."""
+The whole demo runs the same way under the `demo` marker (`pytest -m demo`), from scratch, locally and then on the
+cluster."""
 import copy
 import os
 import re
@@ -93,6 +93,8 @@ def test_the_workflow_runs_through_the_slurm_profile_with_one_slurm_job_per_step
         config_file = tmp_path / "config.yaml"
         config_file.write_text(yaml.safe_dump(tiny_slurm_config(), sort_keys=False))
     local_run = start_snakemake(local, env, config_file, "--cores", "2")
+    if case == "demo":  # the demo keeps both cores busy: its local run first, the cluster's after it
+        finish(local_run)
     # Every job asks for its rule's threads (1 or 2) as CPUs, so the node's 2 real cores are never oversubscribed
     # by the cluster's jobs (which slows torch's threads down many times over); it claims the memory profiles/slurm
     # asks for.
