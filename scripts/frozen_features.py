@@ -2,8 +2,7 @@
 from ifcl.runlog import logging_to
 
 with logging_to(snakemake.log[0]):
-    from ifcl.diki_chain import frozen_features
+    from ifcl.runtime import from_rule
+    from ifcl.steps.diki import FrozenFeatures, frozen_features
 
-    p = snakemake.params
-    frozen_features(p.backbone, snakemake.input.backbone, p.dataset, snakemake.input.images, snakemake.output[0],
-                    threads=snakemake.threads)
+    frozen_features(from_rule(FrozenFeatures, snakemake))

@@ -2,6 +2,7 @@
 from ifcl.runlog import logging_to
 
 with logging_to(snakemake.log[0]):
-    from ifcl.diki_chain import gaussian
+    from ifcl.runtime import from_rule
+    from ifcl.steps.diki import Gaussian, gaussian
 
-    gaussian(snakemake.input[0], snakemake.output[0])
+    gaussian(from_rule(Gaussian, snakemake))

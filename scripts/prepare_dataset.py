@@ -2,7 +2,7 @@
 from ifcl.runlog import logging_to
 
 with logging_to(snakemake.log[0]):
-    from ifcl.data.manifest import prepare_dataset
+    from ifcl.data.prepare import prepare_dataset
 
     out, p = snakemake.output, snakemake.params
     prepare_dataset(p.spec, out.train, out.test, getattr(out, "images", None), getattr(p, "raw", "data/raw"),

@@ -2,7 +2,7 @@
 from ifcl.runlog import logging_to
 
 with logging_to(snakemake.log[0]):
-    from ifcl.pretrain import pretrain_clip_backbone
+    from ifcl.runtime import from_rule
+    from ifcl.steps.pretrain_clip import Pretrain, pretrain_clip_backbone
 
-    pretrain_clip_backbone(snakemake.params.spec, snakemake.params.dataset, snakemake.input.train, snakemake.input.test,
-                           snakemake.output.weights, snakemake.output.log_csv, snakemake.threads)
+    pretrain_clip_backbone(from_rule(Pretrain, snakemake))

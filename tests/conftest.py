@@ -131,7 +131,7 @@ def copy_run(workdir: Path, to: Path) -> Path:
 # to one process, which builds the run and then reads it; meanwhile the next modules, the DVC project and the
 # SLURM cluster (whose local run starts from the tiny run once it is built), go to the other; then the rest. The
 # tests of the whole demo (`-m demo`) are one unit too: each runs the demo on both cores, so they run one at a time.
-TINY_RUN_MODULES = ("test_pipeline.py", "test_diki_pipeline.py")
+TINY_RUN_MODULES = ("test_pipeline.py", "test_diki_pipeline.py", "test_config_audit.py")
 FIRST_MODULES = (*TINY_RUN_MODULES, "test_reproducibility.py", "test_slurm.py")
 
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ifcl import benchmark as bench
-from ifcl.diki_chain import calibrated_logits
+from ifcl.models.diki import calibrated_logits
 from ifcl.methods.inflora import update_memory
 
 TINY = bench.PRESETS["tiny"]
@@ -31,7 +31,7 @@ def test_the_official_style_vit_sums_every_branch_and_computes_what_the_merged_m
 
 
 def test_the_official_style_collection_pass_collects_the_same_second_moments():
-    from ifcl.chain import collect_second_moments
+    from ifcl.steps.inflora import collect_second_moments
 
     x = torch.rand(4, 3, TINY["image_size"], TINY["image_size"])
     ours, _, _, _ = bench.inflora_models(TINY, 2, "ifcl", torch.device("cpu"))

@@ -2,7 +2,8 @@ import pytest
 import yaml
 
 from conftest import REPO, only, snakemake
-from ifcl.config import ConfigError, check, derive_seed, merge_includes, task_train_params
+from ifcl.config import ConfigError, check, merge_includes, task_train_params
+from ifcl.runtime import derive_seed
 
 
 def test_check_accepts_the_tiny_and_demo_configs(tiny_config):

@@ -2,9 +2,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ifcl.data.loader import ManifestDataset, make_transform
-from ifcl.data.manifest import (DatasetError, class_names_of, folder_manifests, prepare_dataset, read_manifest,
-                                write_manifest)
+from ifcl.data.folder import folder_manifests
+from ifcl.data.loader import ManifestDataset
+from ifcl.data.manifest import DatasetError, class_names_of, read_manifest, write_manifest
+from ifcl.data.prepare import prepare_dataset
+from ifcl.data.transforms import make_transform
 from ifcl.data.splits import make_tasks, write_tasks
 from ifcl.files import read_json
 

@@ -11,7 +11,8 @@ from torchvision import transforms as T
 
 from ifcl.data.decoded import crop_boxes, random_resized_crop_flip, write_decoded
 from ifcl.data.loader import image_batches
-from ifcl.data.manifest import DatasetError, decoded_file, write_manifest
+from ifcl.data.manifest import DatasetError, write_manifest
+from ifcl.data.transforms import decoded_file
 
 SIZE = 24
 IMAGE = {"image_size": SIZE, "mean": [0.48, 0.45, 0.4], "std": [0.27, 0.26, 0.28]}

@@ -69,7 +69,8 @@ def test_the_model_after_task_1_classifies_as_its_evaluation_did(workdir, monkey
     """ifcl.runs.load_model on a DIKI run: a module with the prefixes and Gaussians of tasks 0 and 1 whose calibrated
     logits give the accuracies of task1/eval.json (each tiny test set is one evaluation batch)."""
     from ifcl.data.manifest import class_names_of, read_manifest
-    from ifcl.diki_chain import DIKIModel, _batches
+    from ifcl.models.diki import DIKIModel
+    from ifcl.steps.diki import _batches
     from ifcl.models.clip_prefix import prompts, tokenize
     from ifcl.runs import load_model
 

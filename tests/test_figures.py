@@ -8,7 +8,7 @@ import torch
 from matplotlib.image import imread
 
 from conftest import REPO
-from ifcl.chain import save_memory
+from ifcl.steps.inflora import save_memory
 from ifcl.config import load_config
 from ifcl.files import read_json, write_json
 from ifcl.methods.inflora import LayerMemory
@@ -68,7 +68,7 @@ def lambda_counts(t: int) -> list[list[int]]:
 def results(tmp_path_factory):
     """results/runs/<experiment>/seed<k>/ written as the pipeline writes it: eval.json per task (the evaluation
     rules' format), acc_matrix.csv and metrics.json by ifcl.results.aggregate_run, memory.safetensors by
-    ifcl.chain.save_memory, the frozen features' zero-shot accuracy by ifcl.state.save_state."""
+    ifcl.steps.inflora.save_memory, the frozen features' zero-shot accuracy by ifcl.state.save_state."""
     root = tmp_path_factory.mktemp("results")
     runs = {}
     for exp, spec in EXPERIMENTS.items():

@@ -129,7 +129,7 @@ def test_a_task_level_change_reruns_only_that_task_and_its_dependants(copy_of_ti
 
 
 def test_inflora_run_has_designed_reductions_and_memories(workdir):
-    from ifcl.chain import load_memory
+    from ifcl.steps.inflora import load_memory
 
     run = workdir / "results" / "runs" / "tiny_inflora" / "seed0"
     assert not (run / "task2" / "memory.safetensors").exists()  # nothing reads the memory after the last task
@@ -209,7 +209,7 @@ def test_a_users_class_folder_tree_goes_through_the_same_manifest_and_split_rule
 def test_the_model_after_task_k_loads_and_reproduces_its_evaluation(workdir, monkeypatch, tmp_path):
     """ifcl.runs.load_model: "the model after task 1" from the run's files gives the accuracy its eval.json records;
     `ifcl run show` lists every file with its sha256 and refuses a tampered state, naming it."""
-    from ifcl.chain import _loader
+    from ifcl.steps.inflora import _loader
     from ifcl.config import load_config
     from ifcl.runs import load_model
     from ifcl.training import predict_logits

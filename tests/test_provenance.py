@@ -42,8 +42,56 @@ def test_the_digest_changes_with_the_code_a_step_runs_and_only_with_it(tmp_path)
     (src / "ifcl/d.py").write_text("helper = 2\n")  # imported inside a function, two packages away
     second = digest()
     assert second != first
-    script.write_text(script.read_text() + "# a comment\n")
+    script.write_text(script.read_text() + "print('done')\n")
     assert digest() not in (first, second)
+
+
+def test_comments_docstrings_and_layout_change_no_digest_while_code_does(tmp_path):
+    """The digest is over the parsed code: a user who updates ifcl for a comment or docstring fix keeps every
+    result; a changed constant, name or statement re-runs the steps that import it."""
+    src, script = make_package(tmp_path)
+    digest = lambda: (code_version.cache_clear(), code_version(script, src))[1]
+    (src / "ifcl/d.py").write_text('"""Helpers."""\nhelper = 1\n\n\ndef f(x):\n    """Twice x."""\n    return 2 * x\n')
+    first = digest()
+    (src / "ifcl/d.py").write_text('"""Helpers, documented differently."""\n# a comment\nhelper = 1  # one\n\n'
+                                  'def f(x):  # no docstring now\n    return 2*x\n')
+    assert digest() == first
+    (src / "ifcl/d.py").write_text('"""Helpers."""\nhelper = 1\n\n\ndef f(x):\n    """Twice x."""\n    return 3 * x\n')
+    assert digest() != first
+    (src / "ifcl/d.py").write_text('"""Helpers."""\nhelper = 1\n\n\ndef f(y):\n    """Twice x."""\n    return 2 * y\n')
+    assert digest() != first
+
+
+INFLORA_MODULES = {"methods/inflora.py", "methods/classifier_alignment.py", "models/vit_lora.py", "steps/inflora.py",
+                   "steps/pretrain_vit.py"}
+DIKI_MODULES = {"methods/diki.py", "models/clip_prefix.py", "models/diki.py", "steps/diki.py", "steps/pretrain_clip.py"}
+DATA_BY_TYPE = {"data/generated.py", "data/folder.py", "data/benchmarks.py", "data/mtil.py", "data/prepare.py"}
+
+
+def rule_scripts(rule_file: str) -> set[str]:
+    text = (REPO / "workflow/rules" / rule_file).read_text()
+    return {block.split('"../../scripts/')[1].split(".py")[0] for block in text.split("\nrule ")[1:]
+            if '"../../scripts/' in block}
+
+
+def used(script: str) -> set[str]:
+    src = REPO / "src" / "ifcl"
+    return {p.relative_to(src).as_posix() for p in modules_used(REPO / "scripts" / f"{script}.py", REPO / "src")}
+
+
+def test_no_diki_step_runs_inflora_code_and_no_inflora_step_runs_diki_code():
+    """An edit to one method's code re-runs that method's steps only (and the task split none of them)."""
+    diki = rule_scripts("diki.smk")
+    inflora = rule_scripts("tasks.smk") | {"pretrain_backbone"}
+    assert {"train_prefix", "gaussian", "evaluate_diki", "frozen_features", "pretrain_clip"} <= diki
+    assert {"reduction", "train_task", "memory", "class_stats", "align", "evaluate_task"} <= inflora
+    for script in diki:
+        assert not used(script) & INFLORA_MODULES, script
+        assert "steps/diki.py" in used(script) or script == "pretrain_clip", script
+    for script in inflora - {"split_tasks"}:
+        assert not used(script) & DIKI_MODULES, script
+        assert "steps/inflora.py" in used(script) or script == "pretrain_backbone", script
+    assert not used("split_tasks") & (INFLORA_MODULES | DIKI_MODULES | DATA_BY_TYPE)
 
 
 def test_every_rule_passes_the_digest_of_its_own_script():

@@ -124,9 +124,12 @@ def test_files_copied_with_new_timestamps_do_not_rerun_but_changed_code_does(pro
     shutil.copytree(project, copied, copy_function=shutil.copyfile)  # new mtimes, in no particular order
     assert "Nothing to be done" in snakemake(copied, "-n")
 
-    # a script: its rule's jobs and what depends on them
+    # a script: its rule's jobs and what depends on them (a comment alone changes nothing)
     with open(copied / "scripts/evaluate_task.py", "a") as f:
-        f.write("# edited\n")
+        f.write("# a comment\n")
+    assert "Nothing to be done" in snakemake(copied, "-n")
+    with open(copied / "scripts/evaluate_task.py", "a") as f:
+        f.write("EDITED = True\n")
     planned = jobs_run(snakemake(copied, "-n"))
     assert sorted(rule for rule, _ in planned) == ["accuracy_curves", "accuracy_matrix", "aggregate_run",
                                                    "evaluate_task", "evaluate_task", "evaluate_task", "forgetting",
@@ -136,7 +139,7 @@ def test_files_copied_with_new_timestamps_do_not_rerun_but_changed_code_does(pro
 
     # a library module: only the steps whose scripts import it
     with open(copied / "src/ifcl/results.py", "a") as f:
-        f.write("# edited\n")
+        f.write("EDITED = True\n")
     planned = jobs_run(snakemake(copied, "-n"))
     assert sorted(rule for rule, _ in planned) == ["accuracy_curves", "accuracy_matrix", "aggregate_run", "forgetting",
                                                    "overview", "summarize"]

@@ -30,7 +30,8 @@ import yaml
 from PIL import Image
 
 from ifcl.data.benchmarks import benchmark_manifests
-from ifcl.data.manifest import prepare_dataset, read_manifest
+from ifcl.data.manifest import read_manifest
+from ifcl.data.prepare import prepare_dataset
 from ifcl.data.mtil import DATASETS as MTIL_DATASETS, mtil_manifests
 from ifcl.data.sources import MARKER, SOURCES, FetchError, fetch_source, read_marker
 from test_sources import Server

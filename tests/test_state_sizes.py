@@ -3,7 +3,7 @@
 import timm
 import torch
 
-from ifcl.chain import save_memory
+from ifcl.steps.inflora import save_memory
 from ifcl.methods.inflora import LayerMemory
 from ifcl.models.vit_lora import ViTLoRA, random_reduction, reduction_state
 from ifcl.state import load_state, save_state

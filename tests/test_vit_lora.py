@@ -148,7 +148,7 @@ def test_timm_backbone_loads_from_a_local_file_only(tmp_path):
 
 
 def test_final_norm_reset_is_the_official_cifar_ca_recipe(tmp_path):
-    from ifcl.chain import build_model
+    from ifcl.steps.inflora import build_model
     from ifcl.state import save_state
 
     vit = tiny_vit()
@@ -158,8 +158,8 @@ def test_final_norm_reset_is_the_official_cifar_ca_recipe(tmp_path):
     spec = {"type": "pretrain", "image_size": 16, "mean": [0, 0, 0], "std": [1, 1, 1],
             "arch": {"patch_size": 4, "embed_dim": 32, "depth": 3, "num_heads": 4}}
     exp = {"rank": 2, "lora_blocks": "all"}
-    kept = build_model(spec, tmp_path / "b.safetensors", exp)
-    reset = build_model(spec, tmp_path / "b.safetensors", {**exp, "final_norm": "reset"})
+    kept = build_model(exp, spec, tmp_path / "b.safetensors")
+    reset = build_model({**exp, "final_norm": "reset"}, spec, tmp_path / "b.safetensors")
     assert torch.all(kept.vit.norm.weight == 2.0)
     assert torch.all(reset.vit.norm.weight == 1.0) and torch.all(reset.vit.norm.bias == 0.0)
     assert reset.vit.norm.eps == 1e-5 and not reset.vit.norm.weight.requires_grad

@@ -296,7 +296,7 @@ def diki_tasks(model, learnt: int, device, gen: torch.Generator):
 # ---------------------------------------------------------------------------------------------------------------
 def _autocast(device, impl: str):
     """ifcl's precision (bf16 autocast on CUDA, its default ``gpu_precision``); the references run in float32."""
-    from .training import autocast
+    from .runtime import autocast
 
     return autocast(device, "bf16" if impl == "ifcl" else "fp32")
 
@@ -347,7 +347,8 @@ def case_inflora_train_e2e(p, device, impl, learnt):
     import tempfile
 
     from .data.decoded import write_decoded
-    from .data.loader import ManifestDataset, image_batches, make_loader, make_transform
+    from .data.loader import ManifestDataset, image_batches, make_loader
+    from .data.transforms import make_transform
 
     folder = tempfile.mkdtemp(prefix="ifcl-bench-")
     n = p["batch"][device.type]["train"]
@@ -373,7 +374,7 @@ def case_inflora_train_e2e(p, device, impl, learnt):
 
 
 def case_inflora_collect(p, device, impl, learnt):
-    from .chain import collect_second_moments
+    from .steps.inflora import collect_second_moments
 
     model, _, _, _ = inflora_models(p, learnt, impl, device)
     n = p["batch"][device.type]["train"]
@@ -450,7 +451,7 @@ def case_diki_step(p, device, impl, learnt):
 
 
 def case_diki_eval(p, device, impl, learnt):
-    from .diki_chain import calibrated_logits
+    from .models.diki import calibrated_logits
 
     model = diki_model(p, device, impl)
     gen = torch.Generator().manual_seed(4)
@@ -590,3 +591,32 @@ def format_report(report: dict) -> str:
     lines += [f"| {k} | {v:.2f}x |" for k, v in report["speedups"].items()]
     return "\n".join(lines) + "\n"
 
+
+
+def bf16_feature_drift(configfile: str, experiment: str, seed: int = 0, root: str = ".") -> list[dict]:
+    """How far a DIKI run's frozen test features would move if computed under bf16 autocast (the CPU's, which
+    rounds matrix products as CUDA's does) instead of float32, and what that would do to the task choice and λ
+    under the run's Gaussians after its last task. ifcl itself computes them in float32 (ifcl.runtime)."""
+    from .config import load_config
+    from .methods.diki import calibrate
+    from .runs import load_model
+    from .steps.diki import _batches
+
+    config = load_config(configfile, root)
+    spec = config["experiments"][experiment]
+    model = load_model(config, experiment, seed, len(spec["sequence"]) - 1, root)
+    backbone = config["backbones"][spec["backbone"]]
+    rows = []
+    for dataset in spec["sequence"]:
+        images = torch.cat([x for x, _ in _batches(f"{root}/data/prepared/{dataset}/test.csv", backbone, 256, "cpu")])
+        exact = model.frozen_features(images)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            rounded = F.normalize(model.model.encode_image(images).float(), dim=-1)
+        ids, lam = calibrate(exact, model.gaussians, batchwise=False, scale=spec["calibration"]["scale"])
+        ids_b, lam_b = calibrate(rounded, model.gaussians, batchwise=False, scale=spec["calibration"]["scale"])
+        rows.append({"dataset": dataset, "images": len(images),
+                     "max_abs_difference": float((exact - rounded).abs().max()),
+                     "min_cosine": float((exact * rounded).sum(1).min()),
+                     "task_choices_changed": int((ids != ids_b).sum()),
+                     "max_lambda_difference": float((lam - lam_b).abs().max())})
+    return rows

@@ -8,11 +8,19 @@
         Time ifcl's InfLoRA and DIKI training and evaluation steps against official-style references (same
         function, computed as the official code does) in one run; print ms/step, images/s, peak memory, speed-ups.
 
+    ifcl bench bf16 --configfile config/demo.yaml <DIKI experiment> [--seed 0]
+        In a finished working directory: how far the run's frozen test features would move under bf16 autocast
+        (ifcl computes them in float32), and what that would change in DIKI's task choice and λ.
+
     ifcl run show results/runs/<experiment>/seed<k>
         List the run's tasks and files with their sizes and sha256; every state file is verified as it is read.
 
     ifcl run model --configfile config/demo.yaml <experiment> <seed> <task>
         Load "the model after task <task>" (as ifcl.runs.load_model does in Python) and describe it.
+
+    ifcl run compare <workdir A> <workdir B> [--run <experiment>/seed<k> ...]
+        Compare two working directories byte for byte: the summary tables and every file of the named runs (all
+        runs of A by default); exit status 1 if any differs or is missing.
 """
 from __future__ import annotations
 
@@ -27,6 +35,7 @@ import time
 from pathlib import Path
 
 from .files import write_json
+from .layout import SUMMARY
 
 
 def job_stats(log: str) -> dict[str, int]:
@@ -59,7 +68,7 @@ def bench_demo(args) -> dict:
         if proc.returncode:
             sys.exit(f"the demo failed:\n{proc.stderr[-6000:]}")
         jobs = job_stats(proc.stderr + proc.stdout)
-        summary = Path(tmp, "results", "summary", "summary.md").read_text()
+        summary = Path(tmp, SUMMARY, "summary.md").read_text()
     report = {
         "wall_seconds": round(wall, 1),
         "cores": args.cores,
@@ -94,6 +103,19 @@ def run_model(args) -> None:
     print(f"{args.experiment} seed {args.seed} after task {args.task}: {type(model).__name__}, {n:,} tensor elements")
 
 
+def run_compare(args) -> None:
+    from .runs import compare_workdirs
+
+    rows = compare_workdirs(args.a, args.b, args.run)
+    width = max((len(path) for path, _ in rows), default=0)
+    for path, status in rows:
+        print(f"{path:<{width}}  {status}")
+    different = [path for path, status in rows if status != "identical"]
+    print(f"{len(rows)} files compared; {len(different) or 'none'} differ")
+    if different:
+        sys.exit(1)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="ifcl", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -113,6 +135,10 @@ def main(argv: list[str] | None = None) -> None:
     speed.add_argument("--warmup", type=int, default=1)
     speed.add_argument("--case", action="append", help="only this case (repeatable)")
     speed.add_argument("--out", default=None, help="JSON report (default: results/bench/speed-<device>.json)")
+    bf16 = bench_sub.add_parser("bf16", help="a DIKI run's frozen features under bf16 against float32")
+    bf16.add_argument("--configfile", default="config/config.yaml")
+    bf16.add_argument("experiment")
+    bf16.add_argument("--seed", type=int, default=0)
     run = sub.add_parser("run", help="inspect a run: its task states, and the model after task k")
     run_sub = run.add_subparsers(dest="what", required=True)
     show = run_sub.add_parser("show", help="tasks and files of a run, with sha256")
@@ -122,13 +148,17 @@ def main(argv: list[str] | None = None) -> None:
     model.add_argument("experiment")
     model.add_argument("seed", type=int)
     model.add_argument("task", type=int)
+    compare = run_sub.add_parser("compare", help="two working directories' results, byte for byte")
+    compare.add_argument("a")
+    compare.add_argument("b")
+    compare.add_argument("--run", action="append", help="<experiment>/seed<k> (repeatable; default: every run of A)")
     args = parser.parse_args(argv)
     if args.command == "run":
         from .config import ConfigError
         from .state import StateError
 
         try:
-            (run_show if args.what == "show" else run_model)(args)
+            {"show": run_show, "model": run_model, "compare": run_compare}[args.what](args)
         except (StateError, FileNotFoundError, KeyError, ConfigError) as e:
             sys.exit(f"ifcl run {args.what}: {e}")
     elif args.command == "bench" and args.what == "speed":
@@ -139,6 +169,14 @@ def main(argv: list[str] | None = None) -> None:
         write_json(out, report)
         print(format_report(report))
         print(f"written {out}")
+    elif args.command == "bench" and args.what == "bf16":
+        from .benchmark import bf16_feature_drift
+
+        print("| dataset | images | max abs difference | min cosine | task choices changed | max λ difference |")
+        print("|---|---|---|---|---|---|")
+        for r in bf16_feature_drift(args.configfile, args.experiment, args.seed):
+            print(f"| {r['dataset']} | {r['images']} | {r['max_abs_difference']:.2e} | {r['min_cosine']:.6f} | "
+                  f"{r['task_choices_changed']} | {r['max_lambda_difference']:.2e} |")
     elif args.command == "bench" and args.what == "demo":
         report = bench_demo(args)
         write_json(args.out, report)

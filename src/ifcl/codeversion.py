@@ -4,7 +4,12 @@ imports, directly or through other ``ifcl`` modules (found by reading the source
 Each rule passes this digest as a parameter, so Snakemake re-runs a step when the code it runs changed (Snakemake
 itself only compares a script's modification time, and never looks at the library a script imports). A step does
 not re-run for a change to a module it does not import, nor merely because files were restored or copied with new
-timestamps. The digest is over file bytes: a comment edit counts as a change.
+timestamps.
+
+The digest is over the parsed code, not the file bytes (:func:`code_text`): comments, docstrings, blank lines,
+line breaks and the spacing inside a line change nothing; any change to what the code does (a name, a constant,
+a statement) changes the digest. The text it hashes leaves out empty fields of the syntax tree, so that the
+fields a newer Python adds to its tree (empty for existing code) do not change it either.
 """
 from __future__ import annotations
 
@@ -38,15 +43,20 @@ def _imported_names(path: Path, name: str | None) -> frozenset[str]:
     """Every module name an import statement anywhere in the file could load (``from a import b`` gives a and a.b:
     b may be a submodule); relative imports are resolved against the file's package."""
     package = (name if path.name == "__init__.py" else name.rpartition(".")[0]) if name else ""
-    return _names_in(path.read_bytes(), package, str(path))
+    return _analysed(path.read_bytes(), str(path), package)[0]
 
 
 @lru_cache(maxsize=None)
-def _names_in(source: bytes, package: str, filename: str) -> frozenset[str]:
-    """The import names of one source text, cached by content: every rule's digest reads the same modules, and
-    parsing them once each instead of once per rule halves the time Snakemake takes to start."""
+def _analysed(source: bytes, filename: str, package: str = "") -> tuple[frozenset[str], str]:
+    """The import names and the code text (:func:`code_text`) of one source, from one parse, cached by content:
+    every rule's digest reads the same modules, and each is parsed once per process instead of once per rule."""
+    tree = ast.parse(source, filename=filename)
+    return _imports(tree, package), _dump(_without_docstrings(tree))
+
+
+def _imports(tree: ast.AST, package: str) -> frozenset[str]:
     names = set()
-    for node in ast.walk(ast.parse(source, filename=filename)):
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -58,6 +68,34 @@ def _names_in(source: bytes, package: str, filename: str) -> frozenset[str]:
             names.add(base)
             names.update(f"{base}.{alias.name}" for alias in node.names)
     return frozenset(names)
+
+
+def _without_docstrings(tree: ast.AST) -> ast.AST:
+    """The tree with the docstring of every module, class and function removed (``pass`` if nothing is left)."""
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
+                node.body = node.body[1:] or [ast.Pass()]
+    return tree
+
+
+def _dump(node) -> str:
+    """A canonical text of a syntax (sub)tree: node type and non-empty fields, no positions."""
+    if isinstance(node, ast.AST):
+        fields = [f"{name}={_dump(value)}" for name, value in ast.iter_fields(node) if value is not None and value != []]
+        return f"{type(node).__name__}({','.join(fields)})"
+    if isinstance(node, list):
+        return "[" + ",".join(_dump(v) for v in node) + "]"
+    return repr(node)
+
+
+def code_text(path: str | Path, src: str | Path | None = None) -> str:
+    """What the digest of a Python file is computed from: its syntax tree without docstrings, as text."""
+    path = Path(path)
+    name = _module_name(Path(src), path) if src is not None else None
+    package = (name if path.name == "__init__.py" else name.rpartition(".")[0]) if name else ""
+    return _analysed(path.read_bytes(), str(path), package)[1]
 
 
 def modules_used(script: str | Path, src: str | Path) -> list[Path]:
@@ -81,9 +119,9 @@ def modules_used(script: str | Path, src: str | Path) -> list[Path]:
 
 @lru_cache(maxsize=None)
 def code_version(script: str | Path, src: str | Path) -> str:
-    """sha256 over the script and the modules it uses (their paths relative to ``src`` and their bytes)."""
+    """sha256 over the script and the modules it uses (their paths relative to ``src`` and their code)."""
     src = Path(src)
-    h = hashlib.sha256(Path(script).read_bytes())
+    h = hashlib.sha256(code_text(script, src).encode())
     for path in modules_used(script, src):
-        h.update(b"\0" + path.relative_to(src).as_posix().encode() + b"\0" + path.read_bytes())
+        h.update(b"\0" + path.relative_to(src).as_posix().encode() + b"\0" + code_text(path, src).encode())
     return h.hexdigest()

@@ -7,7 +7,6 @@ task overrides name existing tasks). Both run before any job starts; errors name
 from __future__ import annotations
 
 import copy
-import hashlib
 from pathlib import Path
 
 import yaml
@@ -87,16 +86,6 @@ def load_config(source: str | Path | dict, root: str | Path = ".") -> dict:
     validate_with_defaults(config)
     check(config)
     return config
-
-
-def uses_memory(experiment: dict) -> bool:
-    """InfLoRA and InfLoRA+CA design R_t from the data and keep a (Dual)GPM memory; seq-lora draws R_t at random."""
-    return experiment["method"] in ("inflora", "inflora-ca")
-
-
-def uses_alignment(experiment: dict) -> bool:
-    """InfLoRA+CA adds class statistics and classifier alignment after each task."""
-    return experiment["method"] == "inflora-ca"
 
 
 CLIP_BACKBONES = ("open_clip", "pretrain_clip")
@@ -198,9 +187,3 @@ def task_train_params(experiment: dict, task: int) -> dict:
     params = dict(experiment["train"])
     params.update((experiment.get("task_overrides") or {}).get(task, {}))
     return params
-
-
-def derive_seed(*parts) -> int:
-    """A 63-bit seed from any printable parts, stable across processes and machines (unlike ``hash``)."""
-    digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1

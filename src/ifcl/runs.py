@@ -4,30 +4,18 @@ task k" as a ready ``torch.nn.Module`` for one's own analysis.
     from ifcl.runs import load_model
     model = load_model("config/demo.yaml", "demo_inflora", seed=0, task=2)   # InfLoRA: a ViTLoRA, logits = model(x)
 
-A DIKI run gives a :class:`ifcl.diki_chain.DIKIModel`: ``model(images, tokens)`` with the tokenised class prompts.
+A DIKI run gives a :class:`ifcl.models.diki.DIKIModel`: ``model(images, tokens)`` with the tokenised class prompts.
 Every state file is checked against its recorded digest as it is read; nothing is ever unpickled.
 """
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 from .config import load_config
 from .files import file_sha256
+from .layout import RUNS, SUMMARY, is_diki, run_dir, task_folders
 from .models.weights import backbone_weights_file
 from .state import load_state
-
-RUNS = Path("results") / "runs"
-
-
-def run_dir(experiment: str, seed: int, root: str | Path = ".") -> Path:
-    return Path(root) / RUNS / experiment / f"seed{seed}"
-
-
-def task_folders(run: str | Path) -> list[tuple[int, Path]]:
-    """(t, folder) of every ``task<t>`` folder of a run, in task order."""
-    found = [(int(m.group(1)), p) for p in Path(run).iterdir() if p.is_dir() and (m := re.fullmatch(r"task(\d+)", p.name))]
-    return sorted(found)
 
 
 def describe_run(run: str | Path) -> list[dict]:
@@ -63,10 +51,27 @@ def load_model(config: str | Path | dict, experiment: str, seed: int, task: int,
     tasks = [t for t, _ in task_folders(run)] if run.is_dir() else []
     if task not in tasks:
         raise FileNotFoundError(f"{run}: no task{task} folder (tasks present: {tasks or 'none'})")
-    if spec["method"] == "diki":
-        from .diki_chain import model_after_task as diki_model_after_task
+    if is_diki(spec):  # each method's steps are imported only when its model is asked for
+        from .steps.diki import model_after_task
+    else:
+        from .steps.inflora import model_after_task
+    return model_after_task(spec, backbone, weights, run, task)
 
-        return diki_model_after_task(spec, backbone, str(weights), run, task)
-    from .chain import model_after_task
 
-    return model_after_task(backbone, weights, spec, run, task)
+def compare_workdirs(a: str | Path, b: str | Path, runs: list[str] | None = None) -> list[tuple[str, str]]:
+    """(path, "identical" | "differs" | "missing in A" | "missing in B") for the summary tables and every file of
+    the given runs (``<experiment>/seed<k>``; default: every run under A) of two pipeline working directories."""
+    a, b = Path(a), Path(b)
+    runs = runs or sorted(f"{p.parent.name}/{p.name}" for p in (a / RUNS).glob("*/seed*") if p.is_dir())
+    paths = set()
+    for root in (a, b):
+        folders = [root / SUMMARY] + [root / RUNS / r for r in runs]
+        paths |= {str(p.relative_to(root)) for f in folders if f.is_dir() for p in f.rglob("*") if p.is_file()}
+    rows = []
+    for path in sorted(paths):
+        fa, fb = a / path, b / path
+        if not fa.is_file() or not fb.is_file():
+            rows.append((path, "missing in A" if not fa.is_file() else "missing in B"))
+        else:
+            rows.append((path, "identical" if file_sha256(fa) == file_sha256(fb) else "differs"))
+    return rows

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -15,6 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
+
+from .runtime import autocast
 
 
 def lr_multipliers(epochs: int, schedule: str = "inflora-cosine", milestones: Sequence[int] = (), gamma: float = 0.1) -> list[float]:
@@ -40,14 +43,6 @@ def lr_multipliers(epochs: int, schedule: str = "inflora-cosine", milestones: Se
     if schedule == "multistep":
         return [gamma ** sum(m <= e for m in milestones) for e in range(epochs)]
     raise ValueError(f"unknown schedule {schedule!r}")
-
-
-def autocast(device: str | torch.device, precision: str = "bf16"):
-    """The precision of a step on ``device``: with ``precision`` "bf16" (an experiment's ``gpu_precision``) CUDA work
-    runs under bf16 autocast; CPU work, and "fp32", run in float32, the official InfLoRA precision (CPU runs are the
-    bit-reproducible ones)."""
-    device = torch.device(device)
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and precision == "bf16")
 
 
 def make_optimizer(params: list, cfg: dict, head_params: list | None = None) -> torch.optim.Optimizer:
@@ -160,3 +155,17 @@ def per_task_accuracy(preds: torch.Tensor, targets: torch.Tensor, classes_per_ta
         counts.append(int(mask.sum()))
         accs.append(100.0 * float((preds[mask] == targets[mask]).float().mean()) if counts[-1] else float("nan"))
     return accs, counts
+
+
+@dataclass(frozen=True)
+class Pretrain:
+    """Rules pretrain_backbone and pretrain_clip: the backbone's spec (its arch and pretraining settings), the
+    pretraining dataset's spec (its transforms) and manifests."""
+
+    spec: dict
+    dataset: dict
+    train: str
+    test: str
+    weights: str
+    log_csv: str
+    threads: int = 1

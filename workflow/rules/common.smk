@@ -20,13 +20,14 @@ envvars:
 # The software of every rule, for --software-deployment-method conda (paths relative to workflow/rules/).
 CONDA_ENV = "../../envs/ifcl.yaml"
 
+from ifcl import layout
 from ifcl.codeversion import code_version
-from ifcl.config import (ConfigError, canonical, check, merge_includes, task_train_params, uses_alignment,
-                         uses_memory)
+from ifcl.config import ConfigError, canonical, check, merge_includes, task_train_params
+from ifcl.layout import aligned_heads_task, is_diki, num_tasks, task_outputs, uses_alignment, uses_memory
 from ifcl.data.benchmarks import sources_of
 from ifcl.plots import load_settings as figure_settings
 from ifcl.results import check_published, load_published, protocol_of
-from ifcl.data.manifest import DETERMINISTIC, decoded_file
+from ifcl.data.transforms import DETERMINISTIC, decoded_file
 from ifcl.data.sources import MARKER as SOURCE_MARKER, SOURCES
 from ifcl.models.weights import backbone_weights_file, weights_name
 
@@ -46,7 +47,6 @@ config.update(_canonical)
 DATASETS = config["datasets"]
 BACKBONES = config["backbones"]
 EXPERIMENTS = config["experiments"]
-RUN = "results/runs/{exp}/seed{seed}"
 RAW = "data/raw"
 DOWNLOAD_MIRROR = (config.get("downloads") or {}).get("mirror")
 
@@ -69,10 +69,6 @@ def experiments_where(keep):
     """Regex matching exactly the experiments for which keep(spec) holds (never matches if there are none)."""
     names = [n for n, spec in EXPERIMENTS.items() if keep(spec)]
     return "|".join(re.escape(n) for n in names) if names else "(?!)"
-
-
-def is_diki(spec):
-    return spec["method"] == "diki"
 
 
 CIL_EXPERIMENTS = experiments_where(lambda spec: not is_diki(spec))
@@ -129,6 +125,14 @@ def exp_backbone_weights(wildcards):
     return backbone_weights(EXPERIMENTS[wildcards.exp]["backbone"])
 
 
+def exp_setting(key):
+    """Params function: one setting of the wildcard's experiment."""
+    def value(wildcards):
+        return EXPERIMENTS[wildcards.exp][key]
+
+    return value
+
+
 def exp_manifest(split):
     def files(wildcards):
         return manifest(EXPERIMENTS[wildcards.exp]["dataset"], split)
@@ -154,28 +158,38 @@ def exp_decoded(split, transform_key):
     return files
 
 
-def task_files(wildcards, upto, names=("reduction.safetensors", "adapter.safetensors")):
-    """State files of tasks 0..upto-1 of the run (what rebuilds the model after task upto-1)."""
-    run = RUN.format(exp=wildcards.exp, seed=wildcards.seed)
-    return [f"{run}/task{s}/{name}" for s in range(upto) for name in names]
+def run_file(wildcards, t, name):
+    """File ``name`` of task t of the wildcards' run."""
+    return layout.task_file(wildcards.exp, wildcards.seed, t, name)
 
 
-def num_tasks(spec):
-    return len(spec["sequence"]) if is_diki(spec) else spec["num_tasks"]
+def tasks_before(name):
+    """Input function: file ``name`` of every task before the wildcard's task (the finished tasks)."""
+    def files(wildcards):
+        return [run_file(wildcards, s, name) for s in range(int(wildcards.t))]
+
+    return files
+
+
+def tasks_through(name):
+    """Input function: file ``name`` of every task up to the wildcard's task, itself included."""
+    def files(wildcards):
+        return [run_file(wildcards, s, name) for s in range(int(wildcards.t) + 1)]
+
+    return files
 
 
 def run_evals(wildcards):
     """The run's per-task evaluations, and for DIKI the frozen test features (they hold the zero-shot accuracy)."""
     spec = EXPERIMENTS[wildcards.exp]
-    run = RUN.format(exp=wildcards.exp, seed=wildcards.seed)
-    inputs = {"evals": [f"{run}/task{t}/eval.json" for t in range(num_tasks(spec))]}
+    inputs = {"evals": [run_file(wildcards, t, layout.EVAL) for t in range(num_tasks(spec))]}
     if is_diki(spec):
         inputs["zero_shot"] = [features(spec["backbone"], ds, "test") for ds in spec["sequence"]]
     return inputs
 
 
 def features(backbone, dataset, split):
-    return f"results/features/{backbone}/{dataset}/{split}.safetensors"
+    return layout.features_file(backbone, dataset, split)
 
 
 def pretrain_manifest(split):
@@ -185,29 +199,15 @@ def pretrain_manifest(split):
     return files
 
 
-def previous_tasks(wildcards):
-    return task_files(wildcards, int(wildcards.t))
-
-
-def aligned_heads(wildcards, t=None):
-    """InfLoRA+CA: the aligned heads after task t (default: the wildcard's task) when t >= 1."""
-    t = int(wildcards.t) if t is None else t
-    if not uses_alignment(EXPERIMENTS[wildcards.exp]) or t < 1:
-        return []
-    run = RUN.format(exp=wildcards.exp, seed=wildcards.seed)
-    return f"{run}/task{t}/aligned_heads.safetensors"
+def aligned_heads(wildcards):
+    """InfLoRA+CA: the aligned heads after the wildcard's task, when it is >= 1."""
+    t = int(wildcards.t)
+    return run_file(wildcards, t, layout.ALIGNED_HEADS) if aligned_heads_task(EXPERIMENTS[wildcards.exp], t) else []
 
 
 def previous_aligned_heads(wildcards):
-    return aligned_heads(wildcards, int(wildcards.t) - 1)
-
-
-def class_stats_up_to_current(wildcards):
-    return task_files(wildcards, int(wildcards.t) + 1, names=("class_stats.safetensors",))
-
-
-def adapters_up_to_current(wildcards):
-    return task_files(wildcards, int(wildcards.t) + 1, names=("adapter.safetensors",))
+    t = int(wildcards.t) - 1
+    return run_file(wildcards, t, layout.ALIGNED_HEADS) if aligned_heads_task(EXPERIMENTS[wildcards.exp], t) else []
 
 
 def previous_memory(wildcards):
@@ -215,32 +215,30 @@ def previous_memory(wildcards):
     t = int(wildcards.t)
     if not uses_memory(EXPERIMENTS[wildcards.exp]) or t == 0:
         return []
-    run = RUN.format(exp=wildcards.exp, seed=wildcards.seed)
-    return f"{run}/task{t - 1}/memory.safetensors"
+    return run_file(wildcards, t - 1, layout.MEMORY)
 
 
 def reduction_inputs(wildcards):
     """seq-lora draws R_t at random; InfLoRA designs it from the task's data, the finished tasks and the memory."""
-    run = RUN.format(exp=wildcards.exp, seed=wildcards.seed)
-    inputs = {"tasks": f"{run}/tasks.json", "backbone": exp_backbone_weights(wildcards)}
+    inputs = {"tasks": layout.run_file(wildcards.exp, wildcards.seed, layout.TASKS),
+              "weights": exp_backbone_weights(wildcards)}
     if uses_memory(EXPERIMENTS[wildcards.exp]):
-        inputs.update(train=exp_manifest("train")(wildcards), previous=previous_tasks(wildcards),
-                      memory=previous_memory(wildcards), decoded=exp_decoded("train", "train_transform")(wildcards))
+        inputs.update(manifest=exp_manifest("train")(wildcards), reductions=tasks_before(layout.REDUCTION)(wildcards),
+                      adapters=tasks_before(layout.ADAPTER)(wildcards), previous_memory=previous_memory(wildcards),
+                      decoded=exp_decoded("train", "train_transform")(wildcards))
     return inputs
 
 
 def collect_params(wildcards):
-    """What a collection pass over task t's training images depends on (batch size and transforms)."""
+    """What an InfLoRA collection pass over task t's training images depends on (batch size and transforms)."""
+    if not uses_memory(EXPERIMENTS[wildcards.exp]):
+        return None
     return canonical({"batch_size": train_params(wildcards)["batch_size"], "dataset": exp_dataset(wildcards)})
 
 
 def memory_params(wildcards):
     exp = EXPERIMENTS[wildcards.exp]
     return canonical({k: exp[k] for k in ("lamb", "lame", "memory", "num_tasks")})
-
-
-def tasks_up_to_current(wildcards):
-    return task_files(wildcards, int(wildcards.t) + 1)
 
 
 def train_params(wildcards):
@@ -253,44 +251,23 @@ def model_params(wildcards):
     return canonical({k: exp[k] for k in ("method", "rank", "lora_blocks", "backbone", "final_norm")})
 
 
-def run_dirs(exp):
-    return [RUN.format(exp=exp, seed=s) for s in EXPERIMENTS[exp]["seeds"]]
-
-
-TASK_OUTPUTS = ("reduction.safetensors", "adapter.safetensors", "train_log.csv", "eval.json")
-
-
-def task_outputs(exp, t):
-    """The files of task t; InfLoRA adds the memory (not after the last task: nothing would read it), InfLoRA+CA
-    the class statistics and, from task 1 on, the aligned heads."""
-    extra = ("memory.safetensors",) if uses_memory(EXPERIMENTS[exp]) and t < EXPERIMENTS[exp]["num_tasks"] - 1 else ()
-    if uses_alignment(EXPERIMENTS[exp]):
-        extra += ("class_stats.safetensors",) + (("aligned_heads.safetensors", "align_log.csv") if t >= 1 else ())
-    return TASK_OUTPUTS + extra
-
-
-DIKI_TASK_OUTPUTS = ("gaussian.safetensors", "prefix.safetensors", "train_log.csv", "eval.json")
-
-
 def run_targets():
     """Every file of every run, per-task files included: a deleted task file is regenerated (with what depends
     on it), never silently skipped because the run's final results still exist."""
     targets = []
     for exp, spec in EXPERIMENTS.items():
-        for run in run_dirs(exp):
-            targets += [f"{run}/acc_matrix.csv", f"{run}/metrics.json"]
-            if is_diki(spec):
-                targets += [f"{run}/task{t}/{name}" for t in range(len(spec["sequence"])) for name in DIKI_TASK_OUTPUTS]
-                continue
-            targets.append(f"{run}/tasks.json")
-            targets += [f"{run}/task{t}/{name}" for t in range(spec["num_tasks"]) for name in task_outputs(exp, t)]
+        for seed in spec["seeds"]:
+            names = [layout.ACC_MATRIX, layout.METRICS] + ([] if is_diki(spec) else [layout.TASKS])
+            targets += [layout.run_file(exp, seed, name) for name in names]
+            targets += [layout.task_file(exp, seed, t, name) for t in range(num_tasks(spec))
+                        for name in task_outputs(spec, t)]
     return targets
 
 
 def run_results():
     """acc_matrix.csv and metrics.json of every run, by experiment and seed."""
-    return {exp: {s: {"matrix": f"{RUN.format(exp=exp, seed=s)}/acc_matrix.csv",
-                      "metrics": f"{RUN.format(exp=exp, seed=s)}/metrics.json"} for s in EXPERIMENTS[exp]["seeds"]}
+    return {exp: {s: {"matrix": layout.run_file(exp, s, layout.ACC_MATRIX),
+                      "metrics": layout.run_file(exp, s, layout.METRICS)} for s in EXPERIMENTS[exp]["seeds"]}
             for exp in EXPERIMENTS}
 
 
@@ -314,8 +291,8 @@ except ValueError as e:
 
 # ---- figures ----
 
-FIGURES = "results/figures"
-RUN_FIGURES = "results/figures/{exp}/seed{seed}"
+FIGURES = layout.FIGURES
+RUN_FIGURES = layout.RUN_FIGURES
 
 
 def has_forgetting(spec):
@@ -358,13 +335,12 @@ def matrix_labels(wildcards):
 
 
 def seed_matrices(wildcards):
-    return [f"{run}/acc_matrix.csv" for run in run_dirs(wildcards.exp)]
+    return [layout.run_file(wildcards.exp, s, layout.ACC_MATRIX) for s in EXPERIMENTS[wildcards.exp]["seeds"]]
 
 
 def memory_files(wildcards):
     """An InfLoRA run's memory after each task but the last."""
-    run = RUN.format(exp=wildcards.exp, seed=wildcards.seed)
-    return [f"{run}/task{t}/memory.safetensors" for t in range(EXPERIMENTS[wildcards.exp]["num_tasks"] - 1)]
+    return [run_file(wildcards, t, layout.MEMORY) for t in range(EXPERIMENTS[wildcards.exp]["num_tasks"] - 1)]
 
 
 def diki_evals(wildcards):
@@ -380,26 +356,25 @@ def diki_dataset(wildcards):
 def diki_train_inputs(wildcards):
     spec = EXPERIMENTS[wildcards.exp]
     ds = diki_dataset(wildcards)
-    inputs = {"backbone": backbone_weights(spec["backbone"]), "train": manifest(ds, "train")}
+    inputs = {"weights": backbone_weights(spec["backbone"]), "manifest": manifest(ds, "train")}
     if DATASETS[ds]["type"] == "mtil" or DATASETS[ds].get("val_per_class"):
         inputs["val"] = manifest(ds, "val")
     if spec["image_cache"] != "none":  # CLIP's preprocessing is deterministic: cached from `deterministic` on
-        for split in [s for s in ("train", "val") if s in inputs]:
-            inputs[f"decoded_{split}"] = decoded_images(wildcards.exp, ds, split, "clip")
+        inputs["decoded_train"] = decoded_images(wildcards.exp, ds, "train", "clip")
+        if "val" in inputs:
+            inputs["decoded_val"] = decoded_images(wildcards.exp, ds, "val", "clip")
     t = int(wildcards.t)
     if spec["rng"] == "sequential" and t > 0:  # the random stream continues from the previous task
-        inputs["previous"] = f"{RUN.format(exp=wildcards.exp, seed=wildcards.seed)}/task{t - 1}/prefix.safetensors"
+        inputs["previous"] = run_file(wildcards, t - 1, layout.PREFIX)
     return inputs
 
 
 def diki_eval_inputs(wildcards):
     spec = EXPERIMENTS[wildcards.exp]
-    run = RUN.format(exp=wildcards.exp, seed=wildcards.seed)
-    learnt = range(int(wildcards.t) + 1)
     return {
-        "backbone": backbone_weights(spec["backbone"]),
-        "gaussians": [f"{run}/task{s}/gaussian.safetensors" for s in learnt],
-        "prefixes": [f"{run}/task{s}/prefix.safetensors" for s in learnt],
+        "weights": backbone_weights(spec["backbone"]),
+        "gaussians": tasks_through(layout.GAUSSIAN)(wildcards),
+        "prefixes": tasks_through(layout.PREFIX)(wildcards),
         "tests": [manifest(ds, "test") for ds in spec["sequence"]],
         "features": [features(spec["backbone"], ds, "test") for ds in spec["sequence"]],
         "decoded": [decoded_images(wildcards.exp, ds, "test", "clip") for ds in spec["sequence"]]

@@ -23,7 +23,7 @@ rule fetch_source:
 rule fetch_weights:
     """Download a timm or open_clip backbone's pretrained weights once (training jobs only ever read this file)."""
     output:
-        "data/weights/{model}.safetensors",
+        layout.FETCHED,
     params:
         code=code("fetch_weights"),
         spec=fetched_weights_spec,
@@ -171,8 +171,8 @@ rule pretrain_backbone:
         train=pretrain_manifest("train"),
         test=pretrain_manifest("test"),
     output:
-        weights="results/backbones/{backbone}/backbone.safetensors",
-        log_csv="results/backbones/{backbone}/pretrain_log.csv",
+        weights=f"{layout.PRETRAINED}/{layout.BACKBONE}",
+        log_csv=f"{layout.PRETRAINED}/{layout.PRETRAIN_LOG}",
     params:
         code=code("pretrain_backbone"),
         spec=lambda wildcards: BACKBONES[wildcards.backbone],

@@ -1,4 +1,4 @@
-# DIKI (reference/diki.md): a frozen CLIP learns a sequence of datasets, one task each.
+# DIKI (ifcl.steps.diki): a frozen CLIP learns a sequence of datasets, one task each.
 # Frozen features once per (backbone, dataset, split) -> per task t: gaussian_t and train_prefix_t (independent of
 # the other tasks unless rng: sequential) -> evaluate_t (every dataset of the sequence, seen and unseen).
 
@@ -9,8 +9,8 @@ rule pretrain_clip:
         train=pretrain_manifest("train"),
         test=pretrain_manifest("test"),
     output:
-        weights="results/backbones/{backbone}/backbone.safetensors",
-        log_csv="results/backbones/{backbone}/pretrain_log.csv",
+        weights=f"{layout.PRETRAINED}/{layout.BACKBONE}",
+        log_csv=f"{layout.PRETRAINED}/{layout.PRETRAIN_LOG}",
     params:
         code=code("pretrain_clip"),
         spec=lambda wildcards: BACKBONES[wildcards.backbone],
@@ -31,10 +31,10 @@ rule pretrain_clip:
 rule frozen_features:
     """The frozen CLIP's L2-normalised image features of one dataset split (and its zero-shot accuracy)."""
     input:
-        backbone=lambda wildcards: backbone_weights(wildcards.backbone),
-        images=lambda wildcards: manifest(wildcards.dataset, wildcards.split),
+        weights=lambda wildcards: backbone_weights(wildcards.backbone),
+        manifest=lambda wildcards: manifest(wildcards.dataset, wildcards.split),
     output:
-        "results/features/{backbone}/{dataset}/{split}.safetensors",
+        out=layout.FEATURES,
     params:
         code=code("frozen_features"),
         backbone=lambda wildcards: BACKBONES[wildcards.backbone],
@@ -55,9 +55,9 @@ rule frozen_features:
 rule gaussian:
     """DIKI task t: mean and covariance of the frozen training features of dataset t."""
     input:
-        lambda wildcards: features(EXPERIMENTS[wildcards.exp]["backbone"], diki_dataset(wildcards), "train"),
+        features=lambda wildcards: features(EXPERIMENTS[wildcards.exp]["backbone"], diki_dataset(wildcards), "train"),
     output:
-        "results/runs/{exp}/seed{seed}/task{t}/gaussian.safetensors",
+        out=layout.task_pattern(layout.GAUSSIAN),
     wildcard_constraints:
         exp=DIKI_EXPERIMENTS,
     params:
@@ -75,15 +75,18 @@ rule train_prefix:
     input:
         unpack(diki_train_inputs),
     output:
-        prefix="results/runs/{exp}/seed{seed}/task{t}/prefix.safetensors",
-        log_csv="results/runs/{exp}/seed{seed}/task{t}/train_log.csv",
+        prefix=layout.task_pattern(layout.PREFIX),
+        log_csv=layout.task_pattern(layout.TRAIN_LOG),
     params:
         code=code("train_prefix"),
         model=diki_model_params,
-        train=lambda wildcards: EXPERIMENTS[wildcards.exp]["train"],
-        rng=lambda wildcards: EXPERIMENTS[wildcards.exp]["rng"],
-        backbone=lambda wildcards: BACKBONES[EXPERIMENTS[wildcards.exp]["backbone"]],
+        train=exp_setting("train"),
+        rng=exp_setting("rng"),
+        eval_batch_size=exp_setting("eval_batch_size"),
+        backbone=exp_backbone,
         dataset=lambda wildcards: prompt_spec(diki_dataset(wildcards)),
+        precision=exp_setting("gpu_precision"),
+        loader_workers=exp_setting("loader_workers"),
     wildcard_constraints:
         exp=DIKI_EXPERIMENTS,
     threads: 1
@@ -102,14 +105,16 @@ rule evaluate_diki:
     input:
         unpack(diki_eval_inputs),
     output:
-        "results/runs/{exp}/seed{seed}/task{t}/eval.json",
+        out=layout.task_pattern(layout.EVAL),
     params:
         code=code("evaluate_diki"),
         model=diki_model_params,
-        calibration=lambda wildcards: EXPERIMENTS[wildcards.exp]["calibration"],
-        eval_batch_size=lambda wildcards: EXPERIMENTS[wildcards.exp]["eval_batch_size"],
-        backbone=lambda wildcards: BACKBONES[EXPERIMENTS[wildcards.exp]["backbone"]],
+        calibration=exp_setting("calibration"),
+        eval_batch_size=exp_setting("eval_batch_size"),
+        backbone=exp_backbone,
         datasets=lambda wildcards: [prompt_spec(ds) for ds in EXPERIMENTS[wildcards.exp]["sequence"]],
+        precision=exp_setting("gpu_precision"),
+        loader_workers=exp_setting("loader_workers"),
     wildcard_constraints:
         exp=DIKI_EXPERIMENTS,
     threads: 1

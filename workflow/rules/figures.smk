@@ -56,7 +56,7 @@ rule overview:
 rule accuracy_matrix:
     """Heatmap of one run's accuracy matrix, every cell annotated."""
     input:
-        f"{RUN}/acc_matrix.csv",
+        layout.run_pattern(layout.ACC_MATRIX),
     output:
         png=report(f"{RUN_FIGURES}/acc_matrix.png", caption="../report/accuracy_matrix.rst",
                    category="Accuracy matrices", subcategory="{exp}", labels={"experiment": "{exp}", "seed": "{seed}"}),

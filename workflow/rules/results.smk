@@ -7,8 +7,8 @@ rule aggregate_run:
     input:
         unpack(run_evals),
     output:
-        matrix="results/runs/{exp}/seed{seed}/acc_matrix.csv",
-        metrics="results/runs/{exp}/seed{seed}/metrics.json",
+        matrix=layout.run_pattern(layout.ACC_MATRIX),
+        metrics=layout.run_pattern(layout.METRICS),
     params:
         code=code("aggregate_run"),
         protocol=lambda wildcards: protocols()[wildcards.exp],
@@ -27,10 +27,10 @@ rule summarize:
     input:
         [files["metrics"] for by_seed in run_results().values() for files in by_seed.values()],
     output:
-        csv=report("results/summary/summary.csv", caption="../report/summary.rst", category="Summary"),
-        md=report("results/summary/summary.md", caption="../report/summary.rst", category="Summary"),
-        html=report("results/summary/summary.html", caption="../report/summary.rst", category="Summary"),
-        json="results/summary/summary.json",
+        csv=report(f"{layout.SUMMARY}/summary.csv", caption="../report/summary.rst", category="Summary"),
+        md=report(f"{layout.SUMMARY}/summary.md", caption="../report/summary.rst", category="Summary"),
+        html=report(f"{layout.SUMMARY}/summary.html", caption="../report/summary.rst", category="Summary"),
+        json=f"{layout.SUMMARY}/summary.json",
     params:
         code=code("summarize"),
         runs=run_results(),

@@ -1,6 +1,8 @@
-# The per-task chain of one run: split -> for each task t: reduction_t -> train_t (-> memory_t) -> evaluate_t.
+# The per-task chain of one class-incremental run (ifcl.steps.inflora): split -> for each task t:
+# reduction_t -> train_t (-> memory_t) (-> class_stats_t -> align_t) -> evaluate_t.
 # A task's rules take the files of tasks < t as inputs, so the DAG is explicit and a changed parameter re-runs
-# exactly the tasks it affects and their dependants.
+# exactly the tasks it affects and their dependants. Each step is built from its rule's output, input, params and
+# wildcards alone (ifcl.runtime.from_rule): whatever can change a result is named here.
 
 
 rule split_tasks:
@@ -8,11 +10,11 @@ rule split_tasks:
     input:
         train=exp_manifest("train"),
     output:
-        "results/runs/{exp}/seed{seed}/tasks.json",
+        layout.run_pattern(layout.TASKS),
     params:
         code=code("split_tasks"),
-        num_tasks=lambda wildcards: EXPERIMENTS[wildcards.exp]["num_tasks"],
-        class_order=lambda wildcards: EXPERIMENTS[wildcards.exp]["class_order"],
+        num_tasks=exp_setting("num_tasks"),
+        class_order=exp_setting("class_order"),
     localrule: True
     conda:
         CONDA_ENV
@@ -24,15 +26,18 @@ rule split_tasks:
 
 rule reduction:
     """Down-projections R_t of task t (seq-lora: LoRA's random init; InfLoRA: designed subspace)."""
+    wildcard_constraints:
+        exp=CIL_EXPERIMENTS,
     input:
         unpack(reduction_inputs),
     output:
-        "results/runs/{exp}/seed{seed}/task{t}/reduction.safetensors",
+        out=layout.task_pattern(layout.REDUCTION),
     params:
         code=code("reduction"),
         model=model_params,
         collect=collect_params,
         backbone=exp_backbone,
+        loader_workers=exp_setting("loader_workers"),
     threads: 1
     resources:
         gpu=1,
@@ -49,21 +54,24 @@ rule train_task:
     wildcard_constraints:
         exp=CIL_EXPERIMENTS,
     input:
-        tasks="results/runs/{exp}/seed{seed}/tasks.json",
-        backbone=exp_backbone_weights,
-        train=exp_manifest("train"),
-        reduction="results/runs/{exp}/seed{seed}/task{t}/reduction.safetensors",
+        tasks=layout.run_pattern(layout.TASKS),
+        weights=exp_backbone_weights,
+        manifest=exp_manifest("train"),
+        reduction=layout.task_pattern(layout.REDUCTION),
+        reductions=tasks_before(layout.REDUCTION),
+        adapters=tasks_before(layout.ADAPTER),
         decoded=exp_decoded("train", "train_transform"),
-        previous=previous_tasks,
     output:
-        adapter="results/runs/{exp}/seed{seed}/task{t}/adapter.safetensors",
-        log_csv="results/runs/{exp}/seed{seed}/task{t}/train_log.csv",
+        adapter=layout.task_pattern(layout.ADAPTER),
+        log_csv=layout.task_pattern(layout.TRAIN_LOG),
     params:
         code=code("train_task"),
         model=model_params,
         train=train_params,
         backbone=exp_backbone,
         dataset=exp_dataset,
+        precision=exp_setting("gpu_precision"),
+        loader_workers=exp_setting("loader_workers"),
     threads: 1
     resources:
         gpu=1,
@@ -80,20 +88,23 @@ rule evaluate_task:
     wildcard_constraints:
         exp=CIL_EXPERIMENTS,
     input:
-        tasks="results/runs/{exp}/seed{seed}/tasks.json",
-        backbone=exp_backbone_weights,
-        test=exp_manifest("test"),
-        states=tasks_up_to_current,
+        tasks=layout.run_pattern(layout.TASKS),
+        weights=exp_backbone_weights,
+        manifest=exp_manifest("test"),
+        reductions=tasks_through(layout.REDUCTION),
+        adapters=tasks_through(layout.ADAPTER),
         heads=aligned_heads,
         decoded=exp_decoded("test", "test_transform"),
     output:
-        "results/runs/{exp}/seed{seed}/task{t}/eval.json",
+        out=layout.task_pattern(layout.EVAL),
     params:
         code=code("evaluate_task"),
         model=model_params,
-        eval_batch_size=lambda wildcards: EXPERIMENTS[wildcards.exp]["eval_batch_size"],
+        eval_batch_size=exp_setting("eval_batch_size"),
         backbone=exp_backbone,
         dataset=exp_dataset,
+        precision=exp_setting("gpu_precision"),
+        loader_workers=exp_setting("loader_workers"),
     threads: 1
     resources:
         gpu=1,
@@ -107,21 +118,25 @@ rule evaluate_task:
 
 rule memory:
     """InfLoRA: the (Dual)GPM memory after task t, from the task's inputs with its trained branch."""
+    wildcard_constraints:
+        exp=CIL_EXPERIMENTS,
     input:
-        tasks="results/runs/{exp}/seed{seed}/tasks.json",
-        backbone=exp_backbone_weights,
-        train=exp_manifest("train"),
-        states=tasks_up_to_current,
-        memory=previous_memory,
+        tasks=layout.run_pattern(layout.TASKS),
+        weights=exp_backbone_weights,
+        manifest=exp_manifest("train"),
+        reductions=tasks_through(layout.REDUCTION),
+        adapters=tasks_through(layout.ADAPTER),
+        previous_memory=previous_memory,
         decoded=exp_decoded("train", "train_transform"),
     output:
-        "results/runs/{exp}/seed{seed}/task{t}/memory.safetensors",
+        out=layout.task_pattern(layout.MEMORY),
     params:
         code=code("memory"),
         model=model_params,
-        memory=memory_params,
+        gpm=memory_params,
         collect=collect_params,
         backbone=exp_backbone,
+        loader_workers=exp_setting("loader_workers"),
     threads: 1
     resources:
         gpu=1,
@@ -135,20 +150,24 @@ rule memory:
 
 rule class_stats:
     """InfLoRA+CA: mean and covariance of the features of task t's classes (all branches 0..t)."""
+    wildcard_constraints:
+        exp=CIL_EXPERIMENTS,
     input:
-        tasks="results/runs/{exp}/seed{seed}/tasks.json",
-        backbone=exp_backbone_weights,
-        train=exp_manifest("train"),
-        states=tasks_up_to_current,
+        tasks=layout.run_pattern(layout.TASKS),
+        weights=exp_backbone_weights,
+        manifest=exp_manifest("train"),
+        reductions=tasks_through(layout.REDUCTION),
+        adapters=tasks_through(layout.ADAPTER),
         decoded=exp_decoded("train", "test_transform"),
     output:
-        "results/runs/{exp}/seed{seed}/task{t}/class_stats.safetensors",
+        out=layout.task_pattern(layout.CLASS_STATS),
     params:
         code=code("class_stats"),
         model=model_params,
         covariance_eps=lambda wildcards: EXPERIMENTS[wildcards.exp]["ca"]["covariance_eps"],
         backbone=exp_backbone,
         dataset=exp_dataset,
+        loader_workers=exp_setting("loader_workers"),
     threads: 1
     resources:
         gpu=1,
@@ -162,17 +181,18 @@ rule class_stats:
 
 rule align:
     """InfLoRA+CA (task t >= 1): every head re-trained on features sampled from the class Gaussians."""
+    wildcard_constraints:
+        exp=CIL_EXPERIMENTS,
     input:
-        tasks="results/runs/{exp}/seed{seed}/tasks.json",
-        stats=class_stats_up_to_current,
-        adapters=adapters_up_to_current,
+        stats=tasks_through(layout.CLASS_STATS),
+        adapters=tasks_through(layout.ADAPTER),
         previous=previous_aligned_heads,
     output:
-        heads="results/runs/{exp}/seed{seed}/task{t}/aligned_heads.safetensors",
-        log_csv="results/runs/{exp}/seed{seed}/task{t}/align_log.csv",
+        heads=layout.task_pattern(layout.ALIGNED_HEADS),
+        log_csv=layout.task_pattern(layout.ALIGN_LOG),
     params:
         code=code("align"),
-        ca=lambda wildcards: EXPERIMENTS[wildcards.exp]["ca"],
+        ca=exp_setting("ca"),
     threads: 1
     conda:
         CONDA_ENV

@@ -121,6 +121,7 @@ def domainnet_manifests(raw: str | Path, lists: str | Path) -> dict[str, Rows]:
 
 
 def benchmark_manifests(spec: dict, raw_root: str | Path, images_dir: str | Path | None) -> dict[str, Rows]:
+    """The manifests of an InfLoRA benchmark (cifar100, imagenet-r, domainnet) from its sources under ``raw_root``."""
     raw_root = Path(raw_root)
     if spec["type"] == "cifar100":
         return cifar100_manifests(raw_root / "cifar100", images_dir)
@@ -128,10 +129,6 @@ def benchmark_manifests(spec: dict, raw_root: str | Path, images_dir: str | Path
         return imagenet_r_manifests(raw_root / "imagenet-r", spec["split"], raw_root / "coda-prompt-imagenet-r" / "downloads")
     if spec["type"] == "domainnet":
         return domainnet_manifests(raw_root / "domainnet", raw_root / "coda-prompt-domainnet" / "downloads")
-    if spec["type"] == "mtil":
-        from .mtil import mtil_manifests
-
-        return mtil_manifests(spec, raw_root, images_dir)
     raise ValueError(f"not a benchmark dataset type: {spec['type']!r}")
 
 

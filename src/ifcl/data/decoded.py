@@ -28,8 +28,8 @@ from torchvision import transforms as T
 from tqdm import tqdm
 
 from ..files import atomic_path
-from .loader import geometric_ops, read_image, selected_rows
-from .manifest import DETERMINISTIC, DatasetError, read_manifest
+from .manifest import DatasetError, read_manifest, selected_rows
+from .transforms import DETERMINISTIC, geometric_ops, read_image
 
 
 def write_decoded(manifest: str, transform: str, size: int, out: str, threads: int = 1) -> None:

@@ -10,16 +10,22 @@ Every image is drawn at 4x resolution and box-downsampled in numpy, then gets pi
 comes from ``numpy.random.Generator(PCG64(seed))`` streams whose seeds are derived from strings with sha256,
 and geometry uses Python floats (no platform-dependent vectorised transcendental functions), so the same
 arguments give the same pixels everywhere and, with the same Pillow/zlib build, byte-identical PNG files.
+
+A configured dataset of type ``generated`` (one ``domain`` + ``classes``, or several ``parts``) is drawn and listed
+by :func:`generated_manifests`.
 """
 from __future__ import annotations
 
 import colorsys
 import hashlib
 import math
+import os
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from .manifest import DatasetError
 
 DOMAINS: tuple[str, ...] = ("shapes", "textures", "glyphs")
 
@@ -288,3 +294,31 @@ def write_split(root: str | Path, domain: str, classes: list[str], n_per_class: 
             Image.fromarray(arr).save(root / rel, format="PNG", optimize=False, compress_level=6)
             rows.append((rel, label, name))
     return rows
+
+
+def generated_parts(spec: dict) -> list[dict]:
+    """The class slices of a generated dataset: ``parts`` (several domains, labels in the listed order), or the
+    single ``domain`` + ``classes``."""
+    if "parts" in spec:
+        return spec["parts"]
+    return [{"domain": spec["domain"], **spec["classes"]}]
+
+
+def generated_manifests(root: str | Path, spec: dict) -> dict[str, list[tuple[str, int, str]]]:
+    """Draw a generated dataset (``spec`` as in the config) into ``root/{train,test}/`` and return its manifests."""
+    out: dict[str, list] = {"train": [], "test": []}
+    offset, seen = 0, set()
+    for part in generated_parts(spec):
+        classes = class_slice(part["domain"], part["start"], part["count"])
+        if seen & set(classes):
+            raise DatasetError(f"generated dataset: classes {sorted(seen & set(classes))} appear in two parts")
+        seen.update(classes)
+        draws = [("train", spec["train_per_class"], spec["seed"] * 2), ("test", spec["test_per_class"], spec["seed"] * 2 + 1)]
+        if spec.get("val_per_class"):
+            draws.append(("val", spec["val_per_class"], f"{spec['seed']}-val"))
+        for split, n, seed in draws:
+            rows = write_split(Path(root) / split, part["domain"], classes, n, spec["image_size"], seed)
+            out.setdefault(split, [])
+            out[split] += [(os.path.join(str(root), split, rel), offset + label, name) for rel, label, name in rows]
+        offset += len(classes)
+    return out

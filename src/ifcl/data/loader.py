@@ -1,57 +1,15 @@
-"""Loading images listed in a manifest, with the official transform recipes (reference/inflora.md §4.3), from the
-image files or from a decoded-image cache (:mod:`ifcl.data.decoded`)."""
+"""Loading images listed in a manifest, with the official transform recipes (reference/inflora.md §4.3, defined in
+:mod:`ifcl.data.transforms`), from the image files or from a decoded-image cache (:mod:`ifcl.data.decoded`)."""
 from __future__ import annotations
 
 from typing import Callable, Sequence
 
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
-from torchvision import transforms as T
 
-from .manifest import DatasetError, read_manifest
-
-
-def geometric_ops(name: str, size: int, crop_scale: Sequence[float] = (0.08, 1.0)) -> list:
-    """The PIL resizing and cropping of a transform (everything before ``ToTensor``)."""
-    if name == "random-resized-crop-flip":
-        return [T.RandomResizedCrop(size, scale=tuple(crop_scale)), T.RandomHorizontalFlip()]
-    if name == "resize":
-        return [T.Resize((size, size))]
-    if name == "resize-center-crop":
-        return [T.Resize(int(size * 256 / 224)), T.CenterCrop(size)]
-    if name == "clip":  # CLIP's own preprocessing (reference/diki.md §1): bicubic shorter side, centre crop
-        return [T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size)]
-    raise ValueError(f"unknown transform {name!r}")
-
-
-def make_transform(name: str, size: int, mean: Sequence[float], std: Sequence[float],
-                   crop_scale: Sequence[float] = (0.08, 1.0)):
-    """``random-resized-crop-flip``: RandomResizedCrop(size, scale=crop_scale) (official: 0.08-1, bilinear) + flip;
-    ``resize``: Resize to size x size; ``resize-center-crop``: Resize(size * 256 / 224) + CenterCrop(size);
-    ``clip``: bicubic Resize(size) + CenterCrop(size), for training and testing alike (DIKI).
-    Then ToTensor (pixels in [0, 1]) and Normalize(mean, std); the official InfLoRA code uses mean 0, std 1."""
-    return T.Compose(geometric_ops(name, size, crop_scale) + [T.ToTensor(), T.Normalize(mean, std)])
-
-
-def selected_rows(rows: list[tuple[str, int, str]], classes: Sequence[int], class_order: Sequence[int],
-                  manifest: str) -> list[tuple[int, int]]:
-    """(row index, target) of the manifest rows whose label is in ``classes``; the target is the label's position
-    in ``class_order`` (the global class index used by the heads)."""
-    keep = set(classes)
-    position = {label: i for i, label in enumerate(class_order)}
-    chosen = [(i, position[label]) for i, (_, label, _) in enumerate(rows) if label in keep]
-    if not chosen:
-        raise DatasetError(f"{manifest} has no images of classes {sorted(keep)}")
-    return chosen
-
-
-def read_image(path: str) -> Image.Image:
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except OSError as e:
-        raise DatasetError(f"cannot read image {path}: {e}") from e
+from .decoded import DecodedDataset, batch_preparation
+from .manifest import read_manifest, selected_rows
+from .transforms import make_transform, read_image
 
 
 class ManifestDataset(Dataset):
@@ -96,21 +54,24 @@ class DeviceBatches:
 
 def image_batches(manifest: str, classes: Sequence[int], class_order: Sequence[int], transform: str, image: dict,
                   batch_size: int, shuffle: bool, seed: int = 0, device: str | torch.device = "cpu",
-                  crop_scale: Sequence[float] = (0.08, 1.0), decoded: str | None = None) -> DeviceBatches:
+                  crop_scale: Sequence[float] = (0.08, 1.0), decoded: str | None = None,
+                  workers: int = 0) -> DeviceBatches:
     """Batches of the manifest's images of ``classes`` under ``transform`` at ``image['image_size']``, normalised
     with ``image['mean']`` / ``image['std']``, on ``device``; shuffled by a generator seeded with ``seed``.
 
-    ``decoded``: the manifest's decoded-image cache (:func:`ifcl.data.manifest.decoded_file` names it):
-    the images are read from it instead of their files, and made model inputs on the device."""
+    ``decoded``: the manifest's decoded-image cache (:func:`ifcl.data.transforms.decoded_file` names it):
+    the images are read from it instead of their files, and made model inputs on the device.
+
+    ``workers``: DataLoader worker processes decoding the images (0: in the job's process). Random augmentations
+    then come from per-worker random streams, so a result depends on the number of workers; it is an experiment
+    setting (``loader_workers``)."""
     device = torch.device(device)
     size, mean, std = image["image_size"], image["mean"], image["std"]
     pin = device.type == "cuda"
     if decoded is None:
         dataset = ManifestDataset(manifest, classes, class_order, make_transform(transform, size, mean, std, crop_scale))
-        return DeviceBatches(make_loader(dataset, batch_size, shuffle, seed, pin_memory=pin), device, lambda x: x)
-    from .decoded import DecodedDataset, batch_preparation
-
+        return DeviceBatches(make_loader(dataset, batch_size, shuffle, seed, workers, pin_memory=pin), device, lambda x: x)
     dataset = DecodedDataset(decoded, manifest, classes, class_order, size)
     print(f"{len(dataset)} images from the decoded-image cache {decoded}", flush=True)
     prepare = batch_preparation(transform, mean, std, crop_scale, seed, device)
-    return DeviceBatches(make_loader(dataset, batch_size, shuffle, seed, pin_memory=pin), device, prepare)
+    return DeviceBatches(make_loader(dataset, batch_size, shuffle, seed, workers, pin_memory=pin), device, prepare)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .benchmarks import cifar100_manifests
 from .manifest import DatasetError
 from .remote import RemoteFile, Source
 
@@ -191,8 +192,6 @@ def mtil_manifests(spec: dict, raw_root: str | Path, images_dir: str | Path | No
         parts = _aircraft_rows(raw)
     else:
         if info["reader"] == "cifar100":  # the InfLoRA benchmark's download (source `cifar100`)
-            from .benchmarks import cifar100_manifests
-
             parts = cifar100_manifests(Path(raw_root) / "cifar100", images_dir)
             parts = {part: [(p, label, cls.replace("_", " ")) for p, label, cls in rows] for part, rows in parts.items()}
         else:

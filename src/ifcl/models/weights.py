@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .. import layout
 from ..data.sources import FetchError, RemoteFile, download
 from ..files import file_sha256, read_json, write_json
 
@@ -30,8 +31,8 @@ def backbone_weights_file(name: str, spec: dict) -> str:
     """Where backbone ``name``'s weights are read from: pretrained here, the user's ``weights`` file, or the file the
     fetch rule writes under data/weights/."""
     if spec["type"] in ("pretrain", "pretrain_clip"):
-        return f"results/backbones/{name}/backbone.safetensors"
-    return spec.get("weights") or f"data/weights/{weights_name(spec)}.safetensors"
+        return layout.pretrained_file(name, layout.BACKBONE)
+    return spec.get("weights") or layout.FETCHED.format(model=weights_name(spec))
 
 
 def weights_url(spec: dict) -> str:
