@@ -9,7 +9,7 @@ backbone is never copied into a run: states name it and record its file's digest
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -102,27 +102,34 @@ def load_memory(path: str | Path, lora_blocks: list[int]) -> list[LayerMemory]:
     return [LayerMemory(tensors[f"blocks.{i}.basis"], meta["layer_kinds"][str(i)]) for i in lora_blocks]
 
 
-@dataclass(frozen=True)
-class Collection:
-    """A collection pass over task t's training images (the official passes: training transform, shuffled
-    loader), with the finished tasks ``reductions``/``adapters`` merged."""
+@dataclass(frozen=True, kw_only=True)
+class OnImages:
+    """What every step that runs the model on a task's images gets: the model's settings, the backbone, the run's
+    task split, the finished tasks' files, and the images (manifest, decoded-image cache, loader workers)."""
 
-    exp: str
-    seed: int
     t: int
     model: dict  # method, rank, lora_blocks, backbone, final_norm
-    collect: dict  # batch_size, dataset (its transforms)
     backbone: dict
     weights: str
     tasks: str
     manifest: str
     reductions: list[str]
     adapters: list[str]
-    out: str
-    previous_memory: str | None = None  # the memory after task t-1 (t >= 1)
     decoded: str | None = None
     loader_workers: int = 0
     threads: int = 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class Collection(OnImages):
+    """A collection pass over task t's training images (the official passes: training transform, shuffled
+    loader), with the finished tasks ``reductions``/``adapters`` merged."""
+
+    exp: str
+    seed: int
+    collect: dict  # batch_size, dataset (its transforms)
+    out: str
+    previous_memory: str | None = None  # the memory after task t-1 (t >= 1)
 
 
 def _collect(step: Collection, stage: str) -> tuple[list[int], list[torch.Tensor]]:
@@ -186,11 +193,11 @@ def design(step: Collection) -> None:
     save_state(step.out, reduction_state(blocks, downs, downs), _reduction_meta(step.model, step.t, step.weights))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Memory(Collection):
     """Rule memory: the collection pass with task t's trained branch merged, and the memory settings."""
 
-    gpm: dict = field(default_factory=dict)  # lamb, lame, memory (gpm | dualgpm), num_tasks
+    gpm: dict  # lamb, lame, memory (gpm | dualgpm), num_tasks
 
 
 def memory(step: Memory) -> None:
@@ -207,29 +214,18 @@ def memory(step: Memory) -> None:
 
 # ---- training ----
 
-@dataclass(frozen=True)
-class Train:
-    """Rule train_task."""
+@dataclass(frozen=True, kw_only=True)
+class Train(OnImages):
+    """Rule train_task: task t's R_t on top of the finished tasks."""
 
     exp: str
     seed: int
-    t: int
-    model: dict
     train: dict  # the task's optimisation settings (train with its task_overrides)
     dataset: dict  # train_transform, crop_scale
-    backbone: dict
     precision: str
-    weights: str
-    tasks: str
-    manifest: str
     reduction: str
-    reductions: list[str]
-    adapters: list[str]
     adapter: str
     log_csv: str
-    decoded: str | None = None
-    loader_workers: int = 0
-    threads: int = 1
 
 
 def train(step: Train) -> None:
@@ -257,26 +253,15 @@ def train(step: Train) -> None:
 
 # ---- evaluation ----
 
-@dataclass(frozen=True)
-class Evaluate:
+@dataclass(frozen=True, kw_only=True)
+class Evaluate(OnImages):
     """Rule evaluate_task: the model after task t (tasks 0..t merged, the aligned heads for InfLoRA+CA)."""
 
-    t: int
-    model: dict
     eval_batch_size: int
     dataset: dict  # test_transform
-    backbone: dict
     precision: str
-    weights: str
-    tasks: str
-    manifest: str
-    reductions: list[str]
-    adapters: list[str]
     out: str
     heads: str | None = None
-    decoded: str | None = None
-    loader_workers: int = 0
-    threads: int = 1
 
 
 def evaluate(step: Evaluate) -> None:
@@ -308,24 +293,13 @@ def evaluate(step: Evaluate) -> None:
 
 # ---- InfLoRA+CA: class statistics and classifier alignment ----
 
-@dataclass(frozen=True)
-class ClassStats:
+@dataclass(frozen=True, kw_only=True)
+class ClassStats(OnImages):
     """Rule class_stats: the features of task t's training images under the model after task t."""
 
-    t: int
-    model: dict
     covariance_eps: float
     dataset: dict  # test_transform
-    backbone: dict
-    weights: str
-    tasks: str
-    manifest: str
-    reductions: list[str]
-    adapters: list[str]
     out: str
-    decoded: str | None = None
-    loader_workers: int = 0
-    threads: int = 1
 
 
 @torch.no_grad()
