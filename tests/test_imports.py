@@ -3,6 +3,7 @@ split, for instance, covers the manifest format and not the generated-data or MT
 import ast
 
 from conftest import REPO
+from ifcl.codeversion import imported_names
 
 SRC = REPO / "src"
 
@@ -13,25 +14,10 @@ def module_name(path) -> str:
 
 
 def import_graph() -> dict[str, set[str]]:
-    """ifcl module -> the ifcl modules it imports anywhere in its file (functions included), relative imports
-    resolved; ``from a import b`` counts as a.b when a.b is a module."""
+    """ifcl module -> the ifcl modules it imports anywhere in its file (functions included), resolved as the code
+    digests resolve them (ifcl.codeversion.imported_names)."""
     modules = {module_name(p): p for p in (SRC / "ifcl").rglob("*.py")}
-    graph = {}
-    for name, path in modules.items():
-        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-        found = set()
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Import):
-                found |= {a.name for a in node.names}
-            elif isinstance(node, ast.ImportFrom):
-                if node.level:
-                    base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1]
-                                    + ([node.module] if node.module else []))
-                else:
-                    base = node.module
-                found |= {f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names}
-        graph[name] = {m for m in found if m in modules and m != name}
-    return graph
+    return {name: {m for m in imported_names(path, SRC) if m in modules and m != name} for name, path in modules.items()}
 
 
 def cycles(graph: dict[str, set[str]], within: str) -> list[list[str]]:

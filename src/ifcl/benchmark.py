@@ -1,21 +1,20 @@
 """Speed of ifcl's training and evaluation steps against official-style references (``ifcl bench speed``).
 
 Each case times one step of ifcl's own code (the functions the pipeline runs) and the same step written the way
-the official code computes it (references below, written for this benchmark from reference/*.md):
+the official code computes it (the references below, written for this benchmark):
 
 - ``inflora_step``: one training step of task T+1 with T tasks learnt. ifcl merges finished branches into W_k, W_v
   (:meth:`ifcl.models.vit_lora.ViTLoRA.end_task`) and runs the last block for the CLS token only; the official
   ``Attention_LoRA`` stacks and sums Σ_s E_s R_s of every task in every forward and multiplies every token by that
-  d × d matrix, with timm 0.6's explicit softmax attention; Adam over every network parameter (reference/inflora.md
-  §1.2, §4.2).
+  d × d matrix, with timm 0.6's explicit softmax attention; Adam over every network parameter (liangyanshuo/InfLoRA).
 - ``inflora_train_e2e``: the same step with its data, end to end: the official loader (JPEG decoding and PIL
   augmentation in DataLoader workers) against ifcl's ``image_cache: all`` (decoded once, augmented on the device).
-- ``inflora_collect``: InfLoRA's collection pass (C = XᵀX / n per adapted layer, §2.2). Official: per-sample
+- ``inflora_collect``: InfLoRA's collection pass (C = XᵀX / n per adapted layer). Official: per-sample
   ``bmm`` summed, moved to the CPU and folded into a running mean in every block of every batch.
-- ``dualgpm_update``: the memory update of every layer after a task (§3), ifcl's torch code against the official
+- ``dualgpm_update``: the memory update of every layer after a task, ifcl's torch code against the official
   NumPy float32 code path.
 - ``diki_step``: one DIKI prefix-training step. The official ``CustomCLIP.forward`` also runs the frozen image
-  encoder on every batch and throws the result away in training (reference/diki.md §3.2), and encodes the class
+  encoder on every batch and throws the result away in training (lloongx/DIKI), and encodes the class
   prompts at the full 77-token context.
 - ``diki_eval``: calibrated inference on one test batch with T tasks learnt. Official: the frozen image encoder
   on the batch, one ``MultivariateNormal`` per learnt task built (Cholesky) on every call, the full-context text
@@ -99,7 +98,7 @@ def official_style_vit(vit: nn.Module, n_tasks: int, rank: int, lora_blocks: lis
 
 
 def official_style_memory_update(memory: tuple | None, cov: torch.Tensor, threshold: float):
-    """DualGPM's update of one layer (reference/inflora.md §3.3-§3.7) in the official NumPy float32 code path.
+    """DualGPM's update of one layer (liangyanshuo/InfLoRA) in the official NumPy float32 code path.
     ``memory`` = (basis, kind) or None; returns the new (basis, kind) and the projector FFᵀ (``feature_mat``)."""
     import numpy as np
 
@@ -145,7 +144,7 @@ def official_style_memory_update(memory: tuple | None, cov: torch.Tensor, thresh
 
 def official_style_calibrated_logits(model, prefixes: list[dict], means: torch.Tensor, covs: torch.Tensor,
                                      images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """``CustomCLIP.forward`` with ``task_ids=None`` (reference/diki.md §3.2): frozen features of the batch, a
+    """``CustomCLIP.forward`` with ``task_ids=None`` (lloongx/DIKI): frozen features of the batch, a
     MultivariateNormal per learnt task (factored on every call), majority task, λ per image, the full-context text
     tower with the mean λ, the prefixed image tower."""
     from torch.distributions import MultivariateNormal
@@ -436,7 +435,7 @@ def case_diki_step(p, device, impl, learnt):
             if impl == "ifcl":
                 text = model.encode_text(tokens, prefix)
             else:
-                with torch.no_grad():  # computed and thrown away in training (reference/diki.md §3.2)
+                with torch.no_grad():  # computed and thrown away in training (lloongx/DIKI)
                     F.normalize(model.clip.encode_image(x), dim=-1)
                 model._install("text", prefix, 1.0)
                 try:

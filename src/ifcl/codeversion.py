@@ -39,11 +39,17 @@ def _module_name(src: Path, path: Path) -> str | None:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def _imported_names(path: Path, name: str | None) -> frozenset[str]:
+def _package(src: Path | None, path: Path) -> str:
+    """The package relative imports of a file resolve against ("" for a script outside ``src``)."""
+    name = _module_name(src, path) if src is not None else None
+    return (name if path.name == "__init__.py" else name.rpartition(".")[0]) if name else ""
+
+
+def imported_names(path: str | Path, src: str | Path) -> frozenset[str]:
     """Every module name an import statement anywhere in the file could load (``from a import b`` gives a and a.b:
     b may be a submodule); relative imports are resolved against the file's package."""
-    package = (name if path.name == "__init__.py" else name.rpartition(".")[0]) if name else ""
-    return _analysed(path.read_bytes(), str(path), package)[0]
+    path = Path(path)
+    return _analysed(path.read_bytes(), str(path), _package(Path(src), path))[0]
 
 
 @lru_cache(maxsize=None)
@@ -93,9 +99,7 @@ def _dump(node) -> str:
 def code_text(path: str | Path, src: str | Path | None = None) -> str:
     """What the digest of a Python file is computed from: its syntax tree without docstrings, as text."""
     path = Path(path)
-    name = _module_name(Path(src), path) if src is not None else None
-    package = (name if path.name == "__init__.py" else name.rpartition(".")[0]) if name else ""
-    return _analysed(path.read_bytes(), str(path), package)[1]
+    return _analysed(path.read_bytes(), str(path), _package(Path(src) if src is not None else None, path))[1]
 
 
 def modules_used(script: str | Path, src: str | Path) -> list[Path]:
@@ -105,7 +109,7 @@ def modules_used(script: str | Path, src: str | Path) -> list[Path]:
     todo = [Path(script)]
     while todo:
         path = todo.pop()
-        for name in _imported_names(path, _module_name(src, path)):
+        for name in imported_names(path, src):
             if name.split(".")[0] != PACKAGE:
                 continue
             parts = name.split(".")

@@ -3,7 +3,7 @@
 Convention for every function here: ``acc[i, j]`` is the accuracy (in %) on task ``j`` after training task ``i``
 (both 0-based). For class-incremental runs the entries above the diagonal are NaN (a task's classes are not
 predicted before it is learnt); for MTIL they hold the zero-shot accuracy on the not-yet-learnt dataset.
-Definitions follow reference/workflow.md D1 (CIL) and reference/diki.md §5.3 (MTIL).
+Definitions follow the InfLoRA paper's definitions (CIL) and lloongx/DIKI (MTIL).
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def _square(acc) -> np.ndarray:
 
 def cil_accuracy_curve(acc, task_sizes: Sequence[float]) -> np.ndarray:
     """A_1..A_T: accuracy over all test samples seen so far after each task, sample-weighted by ``task_sizes``
-    (number of test samples of each task), as InfLoRA's `total` accuracy (reference/inflora.md §4.4)."""
+    (number of test samples of each task), as InfLoRA's `total` accuracy (liangyanshuo/InfLoRA)."""
     acc = _square(acc)
     sizes = np.asarray(task_sizes, dtype=np.float64)
     if sizes.shape != (acc.shape[0],) or np.any(sizes <= 0):
@@ -69,7 +69,7 @@ def cil_metrics(acc, task_sizes: Sequence[float]) -> dict:
 
 
 def mtil_metrics(acc) -> dict:
-    """MTIL metrics (ZSCL definitions, as DIKI's `cal_MTIL_metrics`, reference/diki.md §5.3).
+    """MTIL metrics (ZSCL definitions, as DIKI's `cal_MTIL_metrics`, lloongx/DIKI).
 
     - ``transfer``: mean over datasets j >= 1 of mean_{s < j} acc[s, j] (accuracy before dataset j is learnt);
     - ``average``: mean over datasets of the mean of the whole column;

@@ -1,6 +1,6 @@
 """One task's optimisation and the class-incremental evaluation, readable in one sitting.
 
-Training follows the official InfLoRA loop (reference/inflora.md §4.2): a fresh optimiser per task over the
+Training follows the official InfLoRA loop (liangyanshuo/InfLoRA): a fresh optimiser per task over the
 trainable parameters, the learning-rate multiplier of the epoch set before the epoch, mean cross-entropy of the
 current head against local labels (position of the class inside the task), batch order from a seeded generator.
 """
@@ -25,9 +25,9 @@ def lr_multipliers(epochs: int, schedule: str = "inflora-cosine", milestones: Se
 
     - ``inflora-cosine``: the official ``CosineSchedule`` as it actually behaves: its base class applies epoch 0,
       then resets, so the first two epochs both use the base lr; afterwards η_e = η cos(99π (e - 1) / (200 (K - 1)))
-      for 0-based epoch e of K (reference/inflora.md §4.2);
+      for 0-based epoch e of K (liangyanshuo/InfLoRA);
     - ``cosine``: ``CosineAnnealingLR(T_max=K)``: (1 + cos(π e / K)) / 2 (the official SGD branches);
-    - ``multistep``: ``MultiStepLR``: γ to the number of milestones ≤ e (InfLoRA_CA1, DomainNet: §5.2, §5.3);
+    - ``multistep``: ``MultiStepLR``: γ to the number of milestones ≤ e (InfLoRA_CA1, DomainNet);
     - ``constant``: 1 throughout.
     """
     if epochs < 1:
@@ -47,7 +47,7 @@ def lr_multipliers(epochs: int, schedule: str = "inflora-cosine", milestones: Se
 
 def make_optimizer(params: list, cfg: dict, head_params: list | None = None) -> torch.optim.Optimizer:
     """Adam (betas 0.9, 0.999) or SGD (momentum, 0.9 by default). With ``cfg['head_lr']`` the heads form a second
-    parameter group with that lr (the official ``fc_lrate`` of the SGD recipes, reference/inflora.md §5.2)."""
+    parameter group with that lr (the official ``fc_lrate`` of the SGD recipes, liangyanshuo/InfLoRA)."""
     head_params = head_params or []
     head_ids = {id(p) for p in head_params}
     if cfg.get("head_lr") is not None and head_params:
@@ -134,7 +134,7 @@ def task_of(classes: torch.Tensor, classes_per_task: list[int]) -> torch.Tensor:
 
 def task_aware_predictions(logits: torch.Tensor, targets: torch.Tensor, classes_per_task: list[int]) -> torch.Tensor:
     """Arg-max inside the true task's head only (task-incremental accuracy, the official
-    ``CNN top1 with task curve``, reference/inflora.md §4.4)."""
+    ``CNN top1 with task curve``, liangyanshuo/InfLoRA)."""
     starts = torch.tensor([0] + classes_per_task[:-1]).cumsum(0)
     sizes = torch.tensor(classes_per_task)
     task = task_of(targets, classes_per_task)

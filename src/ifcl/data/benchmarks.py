@@ -1,4 +1,4 @@
-"""Manifests of the paper benchmarks from their raw files (reference/inflora.md §6), never touching those files.
+"""Manifests of the paper benchmarks from their raw files (liangyanshuo/InfLoRA), never touching those files.
 
 * ``cifar100``: the binary version's records are decoded (no pickle) and written once as lossless PNG files under
   ``data/prepared/<dataset>/images/``; labels are the fine labels.

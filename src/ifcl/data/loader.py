@@ -1,4 +1,4 @@
-"""Loading images listed in a manifest, with the official transform recipes (reference/inflora.md §4.3, defined in
+"""Loading images listed in a manifest, with the official transform recipes (liangyanshuo/InfLoRA, defined in
 :mod:`ifcl.data.transforms`), from the image files or from a decoded-image cache (:mod:`ifcl.data.decoded`)."""
 from __future__ import annotations
 

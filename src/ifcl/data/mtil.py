@@ -1,4 +1,4 @@
-"""The eleven MTIL datasets as DIKI reads them (reference/diki.md §7): raw layout, splits, class names.
+"""The eleven MTIL datasets as DIKI reads them (lloongx/DIKI): raw layout, splits, class names.
 
 Each dataset's raw folder ``data/raw/mtil-<name>/`` has the layout of the matching folder of DIKI's
 ``dataset_root`` (so an existing DIKI data root can be linked or copied in by hand); CIFAR100 alone is read from
@@ -8,7 +8,7 @@ the ``cifar100`` source (the binary version, which needs no unpickling). Splits:
   DTD, EuroSAT, Flowers, Food, OxfordPet, StanfordCars and SUN397;
 * Aircraft: the official ``images_variant_{train,val,test}.txt`` with the classes of ``variants.txt``;
 * CIFAR100 and MNIST: the official test set, and the official training set split 80/20 per class into train / val
-  with a recorded seed (DIKI redraws this split with an unseeded ``random`` in every process, reference §9.5:
+  with a recorded seed (DIKI redraws this split with an unseeded ``random`` in every process, the official training log:
   a deliberate, documented deviation).
 
 Few-shot (MTIL-FS): ``shots`` training images per class and min(shots, 4) validation images per class, drawn once

@@ -1,4 +1,4 @@
-"""Task splits: class order and the classes of each task (reference/inflora.md §6.1)."""
+"""Task splits: class order and the classes of each task (liangyanshuo/InfLoRA)."""
 from __future__ import annotations
 
 import numpy as np

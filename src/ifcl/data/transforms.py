@@ -1,4 +1,4 @@
-"""The image transforms (the official recipes, reference/inflora.md §4.3) and the naming of decoded-image caches.
+"""The image transforms (the official recipes, liangyanshuo/InfLoRA) and the naming of decoded-image caches.
 
 A transform is named in the config (``train_transform``, ``test_transform``): :data:`TRANSFORMS` lists every name,
 :data:`DETERMINISTIC` those without randomness, whose output a decoded-image cache (:mod:`ifcl.data.decoded`) can
@@ -34,7 +34,7 @@ def geometric_ops(name: str, size: int, crop_scale: Sequence[float] = (0.08, 1.0
         return [T.Resize((size, size))]
     if name == "resize-center-crop":
         return [T.Resize(int(size * 256 / 224)), T.CenterCrop(size)]
-    if name == "clip":  # CLIP's own preprocessing (reference/diki.md §1): bicubic shorter side, centre crop
+    if name == "clip":  # CLIP's own preprocessing (lloongx/DIKI): bicubic shorter side, centre crop
         return [T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size)]
     raise ValueError(f"unknown transform {name!r}")
 

@@ -1,5 +1,5 @@
 """Classifier alignment (CA) of InfLoRA+CA: per-class Gaussians of features, and re-training every seen head on
-features sampled from them (reference/inflora.md §5.2, official ``_compute_class_mean`` and
+features sampled from them (liangyanshuo/InfLoRA, official ``_compute_class_mean`` and
 ``_stage2_compact_classifier``).
 
 After task t: the statistics of the task's new classes are computed once (old ones are kept); for t ≥ 1 all heads

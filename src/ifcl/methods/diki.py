@@ -1,4 +1,4 @@
-"""DIKI's distribution-aware calibration (reference/diki.md §3) and its training schedule (§4), on tensors.
+"""DIKI's distribution-aware calibration (lloongx/DIKI) and its training schedule, on tensors.
 
 After task t the run keeps one Gaussian of the frozen, L2-normalised image features of task t's training images.
 At test time every sample is scored under every learnt Gaussian; the best task's prefixes are used, scaled by
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-COVARIANCE_JITTER = 1e-7  # added to the diagonal of every task covariance (§3.1)
+COVARIANCE_JITTER = 1e-7  # added to the diagonal of every task covariance
 
 
 @dataclass
@@ -41,7 +41,7 @@ class TaskGaussian:
 
 
 def fit_gaussian(features: torch.Tensor, jitter: float = COVARIANCE_JITTER) -> TaskGaussian:
-    """Mean and unbiased covariance (+ jitter·I) of ``features`` [n, D] (§3.1; computed in float64)."""
+    """Mean and unbiased covariance (+ jitter·I) of ``features`` [n, D] (computed in float64)."""
     f = features.double()
     mean = f.mean(0)
     centred = f - mean
@@ -62,7 +62,7 @@ def majority_task(task_ids: torch.Tensor) -> int:
 
 def calibrate(features: torch.Tensor, gaussians: list[TaskGaussian], batchwise: bool = True,
               scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Task and weight of every sample (§3.2).
+    """Task and weight of every sample.
 
     ``features`` [B, D] are the frozen, L2-normalised image features. Returns ``task_ids`` [B] (long) and
     ``weights`` λ [B] = σ(max_t ℓ_t / scale − 1), ``scale`` = D unless given (512 in the official code). With
@@ -76,7 +76,7 @@ def calibrate(features: torch.Tensor, gaussians: list[TaskGaussian], batchwise: 
 
 
 def iteration_lrs(lr: float, total_steps: int, final_ratio: float = 1e-3) -> list[float]:
-    """The official per-iteration cosine (§4): from ``lr`` to ``lr·final_ratio`` over ``total_steps`` steps,
+    """The official per-iteration cosine: from ``lr`` to ``lr·final_ratio`` over ``total_steps`` steps,
     η_k = η_f + ½(η_0 − η_f)(1 + cos(π k / K)), k = 0..K−1, no warm-up."""
     final = lr * final_ratio
     return [final + 0.5 * (lr - final) * (1 + math.cos(math.pi * k / total_steps)) for k in range(total_steps)]

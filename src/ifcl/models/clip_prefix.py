@@ -1,4 +1,4 @@
-"""open_clip's CLIP with DIKI's residual prefix attention (reference/diki.md §2).
+"""open_clip's CLIP with DIKI's residual prefix attention (lloongx/DIKI).
 
 In the first ``depth`` residual attention blocks of each tower, a task's key/value prefixes (``length`` tokens,
 already projected, keys U(−1, 1) and values 0 at creation) get their own softmax, whose output is added, scaled by
@@ -123,7 +123,7 @@ class CLIPPrefix(nn.Module):
                 for tower in self.TOWERS for i, layer in enumerate(self.layers[tower]) for kind in ("key", "value")}
 
     def new_prefix(self, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        """A task's initial prefixes: keys U(−1, 1), values 0 (reference/diki.md §2.1)."""
+        """A task's initial prefixes: keys U(−1, 1), values 0 (lloongx/DIKI)."""
         out = {}
         for name, shape in self.prefix_shapes().items():
             out[name] = torch.rand(shape, generator=generator) * 2 - 1 if name.endswith("key") else torch.zeros(shape)
@@ -255,5 +255,5 @@ DEFAULT_TEMPLATE = "a photo of a {}."
 
 
 def prompts(class_names: list[str], template: str | None) -> list[str]:
-    """One sentence per class with the dataset's single template (reference/diki.md §1: underscores -> spaces)."""
+    """One sentence per class with the dataset's single template (lloongx/DIKI: underscores -> spaces)."""
     return [(template or DEFAULT_TEMPLATE).format(name).replace("_", " ") for name in class_names]

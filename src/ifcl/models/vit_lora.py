@@ -1,7 +1,7 @@
 """A timm ViT whose attention key and value projections carry one LoRA branch per task, plus per-task heads.
 
 For an adapted block with attention input x (the ``norm1`` output) the key and value become
-(reference/inflora.md §1.2)
+(liangyanshuo/InfLoRA)
 
     k = x W_kᵀ + b_k + Σ_{s≤t} x R_sᵀ E_sᵀ,    v = x W_vᵀ + b_v + Σ_{s≤t} x R_sᵀ E_sᵀ
 
@@ -29,7 +29,7 @@ class LoRAQKV(nn.Module):
     """Wraps a frozen ``qkv`` linear layer; adds the current task's LoRA branch to its key and value parts.
 
     Optionally accumulates the uncentred second moment C = XᵀX / n of its inputs over every token
-    (``start_collecting``), which InfLoRA needs to design and to remember subspaces (reference/inflora.md §2).
+    (``start_collecting``), which InfLoRA needs to design and to remember subspaces (liangyanshuo/InfLoRA).
     """
 
     def __init__(self, qkv: nn.Linear, rank: int):
@@ -159,7 +159,7 @@ class ViTLoRA(nn.Module):
             layer.merge()
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """E_t (k and v) of every adapted block and head t: what InfLoRA trains (reference/inflora.md §1.4)."""
+        """E_t (k and v) of every adapted block and head t: what InfLoRA trains (liangyanshuo/InfLoRA)."""
         params = [p for layer in self.lora_layers for p in (layer.up_k, layer.up_v)]
         return params + list(self.heads[-1].parameters())
 
@@ -170,7 +170,7 @@ class ViTLoRA(nn.Module):
             p.requires_grad_(True)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """The CLS token after the final norm (reference/inflora.md §1.1), i.e. timm's
+        """The CLS token after the final norm (liangyanshuo/InfLoRA), i.e. timm's
         ``forward_head(forward_features(x), pre_logits=True)``. Only the CLS token of the last block's output is
         read, so that block runs its attention output, MLP and the final norm for that token alone
         (:func:`cls_through_block`); the official code computes them for all 197 tokens and keeps one."""
@@ -234,7 +234,7 @@ def split_reduction_state(lora_blocks: Iterable[int], state: dict) -> tuple[list
 
 
 def random_reduction(dim: int, rank: int, generator: torch.Generator) -> torch.Tensor:
-    """LoRA's default down-projection init (and the official one before design, reference/inflora.md §1.4):
+    """LoRA's default down-projection init (and the official one before design, liangyanshuo/InfLoRA):
     Kaiming-uniform with a = √5 on a (rank × dim) weight, i.e. U(-1/√dim, 1/√dim)."""
     bound = 1.0 / math.sqrt(dim)
     return (torch.rand(rank, dim, generator=generator) * 2 - 1) * bound
@@ -242,7 +242,7 @@ def random_reduction(dim: int, rank: int, generator: torch.Generator) -> torch.T
 
 def build_vit(image_size: int, patch_size: int, embed_dim: int, depth: int, num_heads: int, mlp_ratio: float = 4.0):
     """A timm VisionTransformer of the given sizes with the official InfLoRA settings: qkv bias, LayerNorm eps 1e-6,
-    CLS-token pooling, no dropout, no classifier head (reference/inflora.md §1.1)."""
+    CLS-token pooling, no dropout, no classifier head (liangyanshuo/InfLoRA)."""
     from timm.models.vision_transformer import VisionTransformer
 
     return VisionTransformer(img_size=image_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,

@@ -4,10 +4,10 @@ Both kinds come from the Hugging Face hub as safetensors (so loading never unpic
 
 - a ``timm`` backbone: ``data/weights/<timm name>.safetensors`` is timm's ``model.safetensors`` of the hub repository
   named by the model's pretrained config (``vit_base_patch16_224.augreg_in21k`` -> ``timm/vit_base_patch16_224.
-  augreg_in21k``, the AugReg ImageNet-21k checkpoint of reference/inflora.md §1.1);
+  augreg_in21k``, the AugReg ImageNet-21k checkpoint of liangyanshuo/InfLoRA);
 - an ``open_clip`` backbone: ``data/weights/<name>.<pretrained>.safetensors`` is ``open_clip_model.safetensors`` of
   the hub repository open_clip names for that tag (``ViT-B-16`` + ``openai`` -> ``timm/vit_base_patch16_clip_224.
-  openai``: OpenAI's ViT-B/16 weights in open_clip's layout, the backbone of reference/diki.md §1).
+  openai``: OpenAI's ViT-B/16 weights in open_clip's layout, the backbone of lloongx/DIKI).
 
 The file's sha256 is recorded beside it (``<file>.json``) and checked whenever the fetch rule runs again.
 """
