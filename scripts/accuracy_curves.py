@@ -1,8 +1,8 @@
 # Rule accuracy_curves: acc_matrix.csv and metrics.json of every run -> accuracy_curves.{png,pdf} and the curves as
 # data (accuracy_curves.json, for `dvc plots show`).
-from ifcl.runlog import logging_to
+from ifcl.runlog import job
 
-with logging_to(snakemake.log[0]):
+with job(snakemake):
     from ifcl.files import write_json
     from ifcl.plots import curve_records, plot_accuracy_curves, run_curves
 

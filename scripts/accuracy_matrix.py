@@ -1,7 +1,7 @@
 # Rule accuracy_matrix: one run's acc_matrix.csv -> a heatmap with every cell annotated (PNG and PDF).
-from ifcl.runlog import logging_to
+from ifcl.runlog import job
 
-with logging_to(snakemake.log[0]):
+with job(snakemake):
     from ifcl.plots import plot_accuracy_matrix, read_matrix
 
     w, p = snakemake.wildcards, snakemake.params

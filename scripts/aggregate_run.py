@@ -1,7 +1,7 @@
 # Rule aggregate_run: eval.json of every task -> acc_matrix.csv, metrics.json.
-from ifcl.runlog import logging_to
+from ifcl.runlog import job
 
-with logging_to(snakemake.log[0]):
+with job(snakemake):
     from ifcl.results import aggregate_run
 
     inp = snakemake.input

@@ -1,7 +1,7 @@
 # Rule class_stats: InfLoRA+CA per-class feature Gaussians of task t -> class_stats.safetensors.
-from ifcl.runlog import logging_to
+from ifcl.runlog import job
 
-with logging_to(snakemake.log[0]):
+with job(snakemake):
     from ifcl.runtime import from_rule
     from ifcl.steps.inflora import ClassStats, class_stats
 

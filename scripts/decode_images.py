@@ -1,7 +1,7 @@
 # Rule decode_images: one dataset split decoded under a deterministic transform -> data/decoded/...npy.
-from ifcl.runlog import logging_to
+from ifcl.runlog import job
 
-with logging_to(snakemake.log[0]):
+with job(snakemake):
     from ifcl.data.decoded import write_decoded
 
     w = snakemake.wildcards

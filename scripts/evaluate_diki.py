@@ -1,7 +1,7 @@
 # Rule evaluate_diki: every dataset of the sequence after DIKI task t -> eval.json.
-from ifcl.runlog import logging_to
+from ifcl.runlog import job
 
-with logging_to(snakemake.log[0]):
+with job(snakemake):
     from ifcl.runtime import from_rule
     from ifcl.steps.diki import Evaluate, evaluate
 

@@ -1,7 +1,7 @@
 # Rule evaluate_task: accuracy on every seen task after task t -> eval.json.
-from ifcl.runlog import logging_to
+from ifcl.runlog import job
 
-with logging_to(snakemake.log[0]):
+with job(snakemake):
     from ifcl.runtime import from_rule
     from ifcl.steps.inflora import Evaluate, evaluate
 

@@ -1,7 +1,7 @@
 # Rule fetch_source: data/raw/<source>/ made ready (downloaded, verified, extracted) -> its marker file.
-from ifcl.runlog import logging_to
+from ifcl.runlog import job
 
-with logging_to(snakemake.log[0]):
+with job(snakemake):
     from pathlib import Path
 
     from ifcl.data.sources import fetch_source

@@ -1,8 +1,8 @@
 # Rule forgetting: acc_matrix.csv of every seed of a class-incremental experiment -> forgetting of each old task
 # (bars: mean over seeds, error bars: std), PNG and PDF.
-from ifcl.runlog import logging_to
+from ifcl.runlog import job
 
-with logging_to(snakemake.log[0]):
+with job(snakemake):
     from ifcl.metrics import forgetting_per_task
     from ifcl.plots import plot_forgetting, read_matrix
 

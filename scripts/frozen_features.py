@@ -1,7 +1,7 @@
 # Rule frozen_features: frozen CLIP image features of one dataset split -> features.safetensors.
-from ifcl.runlog import logging_to
+from ifcl.runlog import job
 
-with logging_to(snakemake.log[0]):
+with job(snakemake):
     from ifcl.runtime import from_rule
     from ifcl.steps.diki import FrozenFeatures, frozen_features
 

@@ -1,7 +1,7 @@
 # Rule gaussian: DIKI task t's Gaussian of frozen training features -> gaussian.safetensors.
-from ifcl.runlog import logging_to
+from ifcl.runlog import job
 
-with logging_to(snakemake.log[0]):
+with job(snakemake):
     from ifcl.runtime import from_rule
     from ifcl.steps.diki import Gaussian, gaussian
 

@@ -1,8 +1,8 @@
 # Rule lambda_histograms: a DIKI run's eval.json after each task -> the distribution of λ over the learnt and the
 # unseen datasets, one panel per task (PNG and PDF).
-from ifcl.runlog import logging_to
+from ifcl.runlog import job
 
-with logging_to(snakemake.log[0]):
+with job(snakemake):
     from ifcl.files import read_json
     from ifcl.plots import lambda_histograms, plot_lambda_histograms
 

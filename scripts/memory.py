@@ -1,7 +1,7 @@
 # Rule memory: InfLoRA's (Dual)GPM memory after task t -> memory.safetensors.
-from ifcl.runlog import logging_to
+from ifcl.runlog import job
 
-with logging_to(snakemake.log[0]):
+with job(snakemake):
     from ifcl.runtime import from_rule
     from ifcl.steps.inflora import Memory, memory
 

@@ -1,8 +1,8 @@
 # Rule memory_sizes: an InfLoRA run's memory.safetensors after each task -> the old tasks' space per adapted block
 # against the task (PNG and PDF).
-from ifcl.runlog import logging_to
+from ifcl.runlog import job
 
-with logging_to(snakemake.log[0]):
+with job(snakemake):
     from ifcl.plots import memory_dimensions, plot_memory_sizes
     from ifcl.state import load_state
 

@@ -1,8 +1,8 @@
 # Rule overview: summary.json and every run's accuracy curve -> one page comparing the methods on each benchmark
 # (curves and final metrics with the published numbers), PNG and PDF.
-from ifcl.runlog import logging_to
+from ifcl.runlog import job
 
-with logging_to(snakemake.log[0]):
+with job(snakemake):
     from ifcl.files import read_json
     from ifcl.plots import plot_overview, run_curves
     from ifcl.results import overview_benchmarks

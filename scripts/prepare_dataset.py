@@ -1,7 +1,7 @@
 # Rules generate_dataset / folder_manifest / decode_cifar100 / list_benchmark: a configured dataset -> manifests.
-from ifcl.runlog import logging_to
+from ifcl.runlog import job
 
-with logging_to(snakemake.log[0]):
+with job(snakemake):
     from ifcl.data.prepare import prepare_dataset
 
     out, p = snakemake.output, snakemake.params

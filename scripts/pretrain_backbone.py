@@ -1,7 +1,7 @@
 # Rule pretrain_backbone: a small ViT pretrained on generated classes -> backbone.safetensors.
-from ifcl.runlog import logging_to
+from ifcl.runlog import job
 
-with logging_to(snakemake.log[0]):
+with job(snakemake):
     from ifcl.runtime import from_rule
     from ifcl.steps.pretrain_vit import Pretrain, pretrain_backbone
 

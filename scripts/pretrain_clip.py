@@ -1,7 +1,7 @@
 # Rule pretrain_clip: a small CLIP pretrained contrastively on captioned generated classes -> backbone.safetensors.
-from ifcl.runlog import logging_to
+from ifcl.runlog import job
 
-with logging_to(snakemake.log[0]):
+with job(snakemake):
     from ifcl.runtime import from_rule
     from ifcl.steps.pretrain_clip import Pretrain, pretrain_clip_backbone
 

@@ -1,7 +1,7 @@
 # Rule reduction: down-projections R_t of task t -> reduction.safetensors (seq-lora: random; InfLoRA: designed).
-from ifcl.runlog import logging_to
+from ifcl.runlog import job
 
-with logging_to(snakemake.log[0]):
+with job(snakemake):
     from ifcl.runtime import from_rule
     from ifcl.steps.inflora import Collection, RandomReduction, design, random_design
 

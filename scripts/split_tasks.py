@@ -1,7 +1,7 @@
 # Rule split_tasks: class order and classes per task -> tasks.json.
-from ifcl.runlog import logging_to
+from ifcl.runlog import job
 
-with logging_to(snakemake.log[0]):
+with job(snakemake):
     from ifcl.data.splits import write_tasks
 
     p = snakemake.params

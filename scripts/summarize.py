@@ -1,8 +1,8 @@
 # Rule summarize: metrics.json of every run -> summary.{csv,md,html,json} (mean ± std over seeds next to the published
 # numbers of config/published.yaml).
-from ifcl.runlog import logging_to
+from ifcl.runlog import job
 
-with logging_to(snakemake.log[0]):
+with job(snakemake):
     from ifcl.results import summarize
 
     p, out = snakemake.params, snakemake.output

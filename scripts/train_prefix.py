@@ -1,7 +1,7 @@
 # Rule train_prefix: DIKI task t's prefixes -> prefix.safetensors, train_log.csv.
-from ifcl.runlog import logging_to
+from ifcl.runlog import job
 
-with logging_to(snakemake.log[0]):
+with job(snakemake):
     from ifcl.runtime import from_rule
     from ifcl.steps.diki import Train, train
 

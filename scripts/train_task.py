@@ -1,7 +1,7 @@
 # Rule train_task: E_t and head t -> adapter.safetensors, train_log.csv.
-from ifcl.runlog import logging_to
+from ifcl.runlog import job
 
-with logging_to(snakemake.log[0]):
+with job(snakemake):
     from ifcl.runtime import from_rule
     from ifcl.steps.inflora import Train, train
 

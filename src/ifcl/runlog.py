@@ -1,8 +1,12 @@
-"""Per-rule log files: everything a step prints (progress bars included) goes to the rule's ``log:`` file."""
+"""Per-rule log files: everything a step prints (progress bars included) goes to the rule's ``log:`` file.
+
+Every script of the workflow starts with ``with job(snakemake):``.
+"""
 from __future__ import annotations
 
 import os
 import socket
+import sys
 import traceback
 from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from pathlib import Path
@@ -22,3 +26,17 @@ def logging_to(path: str | Path):
         except BaseException:
             traceback.print_exc(file=f)
             raise
+
+
+@contextmanager
+def job(snakemake):
+    """The body of a rule's script: handed to the step server if the workflow runs one (:mod:`ifcl.stepserver`;
+    this process then exits with the served job's status), otherwise run here; either way logged to the rule's
+    log file."""
+    from .stepserver import hand_over
+
+    code = hand_over(sys.argv[0])
+    if code is not None:
+        os._exit(code)
+    with logging_to(snakemake.log[0]):
+        yield

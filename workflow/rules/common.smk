@@ -17,6 +17,28 @@ envvars:
     "PYTHONPATH",
 
 
+# Jobs run on this machine are forked from one process that has imported torch, timm and open_clip once, instead
+# of each importing them anew (ifcl.stepserver); IFCL_STEP_SERVER=off runs every job in a process of its own.
+from ifcl import stepserver
+
+_step_server = []
+
+
+onstart:
+    if getattr(workflow.executor_plugin, "name", None) == "local" and os.environ.get(stepserver.ENV) != "off":
+        _step_server.append(stepserver.start())
+
+
+onsuccess:
+    for server in _step_server:
+        stepserver.stop(server)
+
+
+onerror:
+    for server in _step_server:
+        stepserver.stop(server)
+
+
 # The software of every rule, for --software-deployment-method conda (paths relative to workflow/rules/).
 CONDA_ENV = "../../envs/ifcl.yaml"
 
