@@ -128,11 +128,11 @@ def copy_run(workdir: Path, to: Path) -> Path:
 
 # The order of the tests, and how pytest-xdist shares them out between its processes (`-n 2 --dist loadscope
 # --no-loadscope-reorder` in pyproject.toml): the modules that read the session's tiny run go first, and together
-# to one process, which builds the run and then reads it; meanwhile the next modules, the DVC project and the
-# SLURM cluster (whose local run starts from the tiny run once it is built), go to the other; then the rest. The
-# tests of the whole demo (`-m demo`) are one unit too: each runs the demo on both cores, so they run one at a time.
-TINY_RUN_MODULES = ("test_pipeline.py", "test_diki_pipeline.py", "test_config_audit.py")
-FIRST_MODULES = (*TINY_RUN_MODULES, "test_reproducibility.py", "test_slurm.py")
+# to one process, which builds the run and then reads it; meanwhile the SLURM cluster, the longest module (mostly
+# waiting for its jobs), goes to the other; then the DVC project, then the rest. The tests of the whole demo
+# (`-m demo`) are one unit too: each runs the demo on both cores, so they run one at a time.
+TINY_RUN_MODULES = ("test_pipeline.py", "test_diki_pipeline.py", "test_config_audit.py", "test_integrity.py")
+FIRST_MODULES = (*TINY_RUN_MODULES, "test_slurm.py", "test_reproducibility.py")
 
 
 def pytest_collection_modifyitems(items):

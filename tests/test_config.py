@@ -1,7 +1,7 @@
 import pytest
 import yaml
 
-from conftest import REPO, only, snakemake
+from conftest import REPO, TINY_CONFIG, only, snakemake
 from ifcl.config import ConfigError, check, merge_includes, task_train_params
 from ifcl.runtime import derive_seed
 
@@ -89,6 +89,10 @@ def _set(config, path, value):
     ("experiments.tiny_seq-lora.num_tasks", 4, "experiments.tiny_seq-lora.num_tasks"),
     ("experiments.tiny_seq-lora.seeds", None, "seeds"),
     ("datasets.tiny_shapes.train_per_class", None, "train_per_class"),
+    # a misspelled key: the closest valid name, and the config file named
+    ("experiments.tiny_inflora.lam", 0.9, "experiments.tiny_inflora: Additional properties are not allowed ('lam' "
+     "was unexpected) ('lam': did you mean 'lamb' or 'lame'?)"),
+    ("experiments.tiny_inflora.lamb", None, "config.yaml"),
 ])
 def test_bad_config_fails_before_any_job(tmp_path, tiny_config, path, value, expected):
     _set(tiny_config, path, value)
@@ -103,3 +107,38 @@ def test_workflow_lint_is_clean(tmp_path, tiny_config):
     proc = snakemake(tmp_path, tiny_config, "--lint", check=False)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0 and "Lints for" not in out, out[-3000:]
+
+
+def test_yaml_errors_name_the_file_line_and_column(tmp_path):
+    from ifcl.config import load_config
+
+    (tmp_path / "extra.yaml").write_text("datasets:\n  mine: {type: folder,\n  other: 1\n")
+    with pytest.raises(ConfigError, match=r"extra.yaml, line \d+, column \d+: not valid YAML"):
+        load_config({"include": ["extra.yaml"], "datasets": {}, "backbones": {}, "experiments": {}}, tmp_path)
+
+
+def folder_dataset_config(tiny_config, root, num_tasks=3):
+    tiny_config["datasets"]["mine"] = {"type": "folder", "path": str(root),
+                                       "split": {"rule": "random", "test_fraction": 0.2, "seed": 0},
+                                       "train_transform": "random-resized-crop-flip", "test_transform": "resize"}
+    tiny_config["experiments"] = {"mine": {**TINY_CONFIG["experiments"]["tiny_seq-lora"], "dataset": "mine",
+                                           "num_tasks": num_tasks}}
+    return tiny_config
+
+
+def test_a_folder_dataset_is_checked_before_any_job(tmp_path, tiny_config):
+    """A missing folder, or class folders the task count does not divide: the dry run stops, naming the key."""
+    config = folder_dataset_config(tiny_config, tmp_path / "nowhere")
+    proc = snakemake(tmp_path / "wd", config, "--dry-run", check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "datasets.mine.path: the folder" in out and "nowhere does not exist" in out, out[-3000:]
+    for c in range(4):
+        (tmp_path / "imgs" / f"class_{c}").mkdir(parents=True)
+    config = folder_dataset_config(tiny_config, tmp_path / "imgs", num_tasks=3)
+    proc = snakemake(tmp_path / "wd", config, "--dry-run", check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "experiments.mine.num_tasks: 3 tasks do not divide the 4 classes of dataset 'mine' (the class folders of" \
+        in out, out[-3000:]
+    assert not any((tmp_path / "wd" / d).exists() for d in ("data", "results", "logs"))

@@ -8,7 +8,7 @@ from ifcl.data.manifest import DatasetError, class_names_of, read_manifest, writ
 from ifcl.data.prepare import prepare_dataset
 from ifcl.data.transforms import make_transform
 from ifcl.data.splits import make_tasks, write_tasks
-from ifcl.files import read_json
+from ifcl.files import FileCheckError, read_json, write_text
 
 
 def make_tree(root, classes, n, size=12):
@@ -53,9 +53,28 @@ def test_manifest_roundtrip_and_bytes(tmp_path):
     write_manifest(tmp_path / "m.csv", rows)
     assert read_manifest(tmp_path / "m.csv") == rows
     assert (tmp_path / "m.csv").read_text().splitlines()[0] == "path,label,class_name"
-    (tmp_path / "bad.csv").write_text("file,y\n")
+    write_text(tmp_path / "bad.csv", "file,y\n")
     with pytest.raises(DatasetError, match="not an ifcl manifest"):
         read_manifest(tmp_path / "bad.csv")
+
+
+def test_a_manifest_cut_short_or_edited_is_refused_naming_it(tmp_path):
+    rows = [(f"x/{i}.png", i % 3, f"c{i % 3}") for i in range(9)]
+    m = tmp_path / "test.csv"
+    write_manifest(m, rows)
+    assert (tmp_path / "test.csv.sha256").read_text().splitlines()[1] == "# rows: 9"
+    full = m.read_bytes()
+    m.write_bytes(b"".join(full.splitlines(keepends=True)[:8]))  # `head -n 8`: cut at a row boundary
+    with pytest.raises(FileCheckError, match=r"test.csv has 7 data rows where its step wrote 9"):
+        read_manifest(m)
+    m.write_bytes(full.replace(b"x/4.png,1", b"x/4.png,2"))  # a label edited
+    with pytest.raises(FileCheckError, match="test.csv was changed after its step wrote it"):
+        read_manifest(m)
+    m.write_bytes(full)
+    assert read_manifest(m) == rows
+    (tmp_path / "test.csv.sha256").unlink()
+    with pytest.raises(FileCheckError, match="no recorded digest"):
+        read_manifest(m)
 
 
 def test_generated_dataset_manifests_are_reproducible(tmp_path):

@@ -6,17 +6,16 @@ Skipped, saying why, without root or without Debian's slurm-wlm and munge packag
 The config runs `all` (runs, summary, figures) and has every kind of rule the demo has (the test checks it against
 the demo's DAG): generated data, both backbones' pretraining, InfLoRA+CA (2 tasks: designed subspaces, training,
 memory, class statistics, alignment, evaluation), DIKI (frozen features, Gaussians, prefixes, calibrated
-evaluation), the aggregation, the summary and every figure rule. It runs from scratch on the cluster. The local run
-of the same config starts from a copy of the session's tiny run, which holds the same data, backbones and DIKI run,
-and runs beside the cluster, in the cluster's idle time. The node has this machine's 2 cores and two fake GPUs, so
-two one-thread jobs run at a time, as they do locally.
+evaluation), the aggregation, the summary and every figure rule. It runs from scratch on the cluster, and from
+scratch locally beside it, in the cluster's idle time (locally, jobs are forked from the step server, so the
+comparison also shows that a served job computes what a job in a process of its own does). The node has this
+machine's 2 cores and two fake GPUs, so two one-thread jobs run at a time, as they do locally.
 
 The whole demo runs the same way under the `demo` marker (`pytest -m demo`), from scratch, locally and then on the
 cluster."""
 import copy
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, TINY_CONFIG, copy_run, only, tree
+from conftest import REPO, TINY_CONFIG, only, tree
 from slurm_cluster import missing_requirements, single_node_cluster
 
 pytestmark = pytest.mark.pipeline
@@ -77,19 +76,15 @@ def finish(proc: subprocess.Popen) -> str:
 
 @pytest.mark.skipif(missing_requirements() is not None, reason=str(missing_requirements()))
 @pytest.mark.parametrize("case", ["tiny", pytest.param("demo", marks=pytest.mark.demo)])
-def test_the_workflow_runs_through_the_slurm_profile_with_one_slurm_job_per_step(case, request, tmp_path):
+def test_the_workflow_runs_through_the_slurm_profile_with_one_slurm_job_per_step(case, tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("CUDA_VISIBLE_DEVICES", None)
     local, cluster = tmp_path / "local", tmp_path / "cluster"
     cluster.mkdir()
+    local.mkdir()
     if case == "demo":
         config_file = REPO / "config/demo.yaml"
-        local.mkdir()
     else:
-        copy_run(request.getfixturevalue("tiny_run"), local)
-        for folder in ("results/runs/tiny_seq-lora", "results/runs/tiny_inflora", "results/runs/tiny_inflora-ca",
-                       "results/summary", "results/figures"):
-            shutil.rmtree(local / folder)
         config_file = tmp_path / "config.yaml"
         config_file.write_text(yaml.safe_dump(tiny_slurm_config(), sort_keys=False))
     local_run = start_snakemake(local, env, config_file, "--cores", "2")

@@ -59,7 +59,7 @@ def test_failed_write_leaves_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
     write_json(target, {"a": 1})
     assert json.loads(target.read_text()) == {"a": 1}
-    assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json", "out.json.sha256"]
 
 
 def test_a_successful_write_removes_what_killed_writes_of_that_file_left(tmp_path):
@@ -70,7 +70,8 @@ def test_a_successful_write_removes_what_killed_writes_of_that_file_left(tmp_pat
         f.write_text("half")
     write_json(target, {"a": 1})
     assert json.loads(target.read_text()) == {"a": 1}
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([target.name] + [f.name for f in others])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([target.name, target.name + ".sha256"] +
+                                                                 [f.name for f in others])
 
 
 def test_written_files_get_the_permissions_of_a_plain_open(tmp_path):

@@ -34,7 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .files import write_json
+from .files import read_text, write_json
 from .layout import SUMMARY
 
 
@@ -68,7 +68,7 @@ def bench_demo(args) -> dict:
         if proc.returncode:
             sys.exit(f"the demo failed:\n{proc.stderr[-6000:]}")
         jobs = job_stats(proc.stderr + proc.stdout)
-        summary = Path(tmp, SUMMARY, "summary.md").read_text()
+        summary = read_text(Path(tmp, SUMMARY, "summary.md"))
     report = {
         "wall_seconds": round(wall, 1),
         "cores": args.cores,
@@ -92,7 +92,19 @@ def run_show(args) -> None:
     for r in rows:
         task = "-" if r["task"] is None else str(r["task"])
         print(f"{task:>4}  {r['file']:<{width}}  {r['bytes']:>10}  {r['sha256']}  {r['kind']}")
-    print(f"{len(rows)} files; every state file matches its recorded digest")
+    print(f"{len(rows)} files; every one matches its recorded digest")
+
+
+def check(args) -> None:
+    from .integrity import check_workdir
+
+    report = check_workdir(args.directory, dry_run=args.dry_run)
+    for line in report.lines(args.dry_run):
+        print(line)
+    found = len(report.moved) + len(report.stale)
+    print(f"{report.checked} files checked ({report.hashed} read); {found or 'nothing'} to regenerate")
+    if found and args.dry_run:
+        sys.exit(1)
 
 
 def run_model(args) -> None:
@@ -139,6 +151,11 @@ def main(argv: list[str] | None = None) -> None:
     bf16.add_argument("--configfile", default="config/config.yaml")
     bf16.add_argument("experiment")
     bf16.add_argument("--seed", type=int, default=0)
+    check_cmd = sub.add_parser("check", help="move damaged result files aside and mark stale ones for re-running "
+                               "(what the workflow does at every start)")
+    check_cmd.add_argument("-d", "--directory", default=".", help="the pipeline's working directory (default: .)")
+    check_cmd.add_argument("-n", "--dry-run", action="store_true", help="only report (exit status 1 if anything "
+                           "would be regenerated)")
     run = sub.add_parser("run", help="inspect a run: its task states, and the model after task k")
     run_sub = run.add_subparsers(dest="what", required=True)
     show = run_sub.add_parser("show", help="tasks and files of a run, with sha256")
@@ -153,13 +170,16 @@ def main(argv: list[str] | None = None) -> None:
     compare.add_argument("b")
     compare.add_argument("--run", action="append", help="<experiment>/seed<k> (repeatable; default: every run of A)")
     args = parser.parse_args(argv)
-    if args.command == "run":
+    if args.command == "check":
+        check(args)
+    elif args.command == "run":
         from .config import ConfigError
+        from .files import FileCheckError
         from .state import StateError
 
         try:
             {"show": run_show, "model": run_model, "compare": run_compare}[args.what](args)
-        except (StateError, FileNotFoundError, KeyError, ConfigError) as e:
+        except (StateError, FileCheckError, FileNotFoundError, KeyError, ConfigError) as e:
             sys.exit(f"ifcl run {args.what}: {e}")
     elif args.command == "bench" and args.what == "speed":
         from .benchmark import format_report, run_benchmark

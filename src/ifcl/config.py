@@ -17,8 +17,14 @@ class ConfigError(ValueError):
 
 
 def load_yaml(path: str | Path) -> dict:
+    """A YAML mapping; a syntax error names the file, line and column."""
     with open(path) as f:
-        data = yaml.safe_load(f) or {}
+        try:
+            data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            raise ConfigError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a config file must hold a mapping")
     return data
@@ -76,7 +82,23 @@ def validate_with_defaults(config: dict, schema_path: str | Path = SCHEMA) -> No
     error = jsonschema.exceptions.best_match(validator.iter_errors(config))
     if error is not None:
         where = ".".join(str(p) for p in error.absolute_path) or "(top level)"
-        raise ConfigError(f"{where}: {error.message}")
+        raise ConfigError(f"{where}: {error.message}{_did_you_mean(error)}")
+
+
+def _did_you_mean(error) -> str:
+    """For an unknown key, the closest keys the schema allows there."""
+    if error.validator != "additionalProperties" or not isinstance(error.instance, dict):
+        return ""
+    import difflib
+
+    allowed = sorted((error.schema.get("properties") or {}).keys())
+    hints = []
+    for key in error.instance:
+        if key not in allowed:
+            close = sorted(difflib.get_close_matches(str(key), allowed, n=2, cutoff=0.6))
+            hints.append(f"'{key}': did you mean {' or '.join(repr(c) for c in close)}?" if close else
+                         f"'{key}' is not a key here (known: {', '.join(allowed)})")
+    return " (" + "; ".join(hints) + ")" if hints else ""
 
 
 def load_config(source: str | Path | dict, root: str | Path = ".") -> dict:
@@ -94,8 +116,18 @@ MTIL_CLASSES = {"aircraft": 100, "caltech101": 100, "cifar100": 100, "dtd": 47, 
                 "food": 101, "mnist": 10, "oxford_pet": 37, "stanford_cars": 196, "sun397": 397}
 
 
+def folder_classes(dataset: dict) -> Path:
+    """The folder whose subfolders are the classes of a ``folder`` dataset."""
+    root = Path(dataset["path"])
+    return root / "train" if dataset["split"]["rule"] == "subfolders" else root
+
+
 def num_classes(dataset: dict) -> int | None:
-    """Number of classes of a dataset spec when it is known before any data is read (generated data, benchmarks)."""
+    """Number of classes of a dataset spec when it is known before any image is read (generated data, benchmarks,
+    a user's class folders)."""
+    if dataset["type"] == "folder":
+        folder = folder_classes(dataset)
+        return sum(1 for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")) if folder.is_dir() else None
     if dataset["type"] == "generated":
         return sum(p["count"] for p in dataset["parts"]) if "parts" in dataset else dataset["classes"]["count"]
     if dataset["type"] == "mtil":
@@ -113,6 +145,15 @@ def _needs_transforms(datasets: dict, name: str, user: str) -> None:
 def check(config: dict) -> None:
     """Cross-key checks that the schema cannot do; raise :class:`ConfigError` naming the key."""
     datasets, backbones = config["datasets"], config["backbones"]
+    for name, ds in datasets.items():
+        if ds["type"] == "folder":
+            folder = folder_classes(ds)
+            if not folder.is_dir():
+                raise ConfigError(f"datasets.{name}.path: the folder {folder} does not exist (relative paths are "
+                                  f"relative to the working directory, {Path.cwd()})")
+            if not num_classes(ds):
+                raise ConfigError(f"datasets.{name}.path: {folder} holds no class folders (expected "
+                                  f"{folder}/<class name>/<image files>)")
     for name, bb in backbones.items():
         if bb["type"] in ("pretrain", "pretrain_clip") and bb["pretrain"]["dataset"] not in datasets:
             raise ConfigError(
@@ -158,6 +199,8 @@ def check(config: dict) -> None:
         if n is not None and n % exp["num_tasks"]:
             raise ConfigError(
                 f"{key}.num_tasks: {exp['num_tasks']} tasks do not divide the {n} classes of dataset '{exp['dataset']}'"
+                + (f" (the class folders of {folder_classes(datasets[exp['dataset']])})"
+                   if datasets[exp["dataset"]]["type"] == "folder" else "")
             )
         for t in exp.get("task_overrides") or {}:
             if not isinstance(t, int) or not 0 <= t < exp["num_tasks"]:

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from .files import atomic_path, read_json
+from .files import atomic_path, read_json, read_text
 
 DEFAULT_SETTINGS = {
     "dpi": 150,  # PNG resolution
@@ -41,7 +41,7 @@ def load_settings(path: str | Path) -> dict:
 
 def read_matrix(path: str | Path) -> np.ndarray:
     """A run's acc_matrix.csv as an array (row i: after task i; blank cells: NaN)."""
-    rows = [line.split(",")[1:] for line in Path(path).read_text().splitlines()[1:]]
+    rows = [line.split(",")[1:] for line in read_text(path).splitlines()[1:]]
     return np.array([[float(v) if v else np.nan for v in row] for row in rows])
 
 

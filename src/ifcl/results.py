@@ -45,7 +45,7 @@ def aggregate_run(eval_files: list[str], matrix_out: str, metrics_out: str, prot
         metrics["task_id_accuracy"] = evals[-1]["task_id_accuracy"]
     header = ",".join(["after_task"] + [f"task{j}" for j in range(T)])
     lines = [header] + [",".join([str(i)] + ["" if np.isnan(v) else f"{v:.4f}" for v in acc[i]]) for i in range(T)]
-    write_text(matrix_out, "\n".join(lines) + "\n")
+    write_text(matrix_out, "\n".join(lines) + "\n", rows=T)
     write_json(metrics_out, metrics)
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .config import load_config
-from .files import file_sha256
+from .files import DIGEST_SUFFIX, check_bytes, file_sha256
 from .layout import RUNS, SUMMARY, is_diki, run_dir, task_folders
 from .models.weights import backbone_weights_file
 from .state import load_state
@@ -20,18 +20,25 @@ from .state import load_state
 
 def describe_run(run: str | Path) -> list[dict]:
     """One row per file of the run: task (None for run-level files), file, bytes, sha256 of the file and, for
-    state files, what they hold (``kind`` from their metadata). A state file whose tensors do not match its
-    recorded digest raises :class:`ifcl.state.StateError` naming it."""
+    state files, what they hold (``kind`` from their metadata). Every file is checked: a state file whose tensors
+    do not match its recorded digest raises :class:`ifcl.state.StateError`, a text file that does not match the
+    digest beside it (or has none) :class:`ifcl.files.FileCheckError`, naming it."""
     run = Path(run)
     if not run.is_dir():
         raise FileNotFoundError(f"no run folder {run}")
-    rows = [(None, p) for p in sorted(run.iterdir()) if p.is_file()]
-    rows += [(t, p) for t, folder in task_folders(run) for p in sorted(folder.iterdir()) if p.is_file()]
+
+    def files(folder: Path) -> list[Path]:
+        return [p for p in sorted(folder.iterdir()) if p.is_file() and not p.name.endswith(DIGEST_SUFFIX)]
+
+    rows = [(None, p) for p in files(run)]
+    rows += [(t, p) for t, folder in task_folders(run) for p in files(folder)]
     out = []
     for t, path in rows:
         kind = ""
         if path.suffix == ".safetensors":
             kind = str(load_state(path)[1].get("kind", ""))
+        else:
+            check_bytes(path, path.read_bytes())
         out.append({"task": t, "file": str(path.relative_to(run)), "bytes": path.stat().st_size,
                     "sha256": file_sha256(path), "kind": kind})
     return out

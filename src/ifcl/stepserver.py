@@ -57,7 +57,10 @@ def hand_over(script: str) -> int | None:
     sys.stderr.flush()
     socket.send_fds(conn, [json.dumps(request).encode() + b"\n"], [0, 1, 2])
     reply = conn.makefile("r")
-    child = int(reply.readline())
+    first = reply.readline()
+    if not first.strip():  # the server ended before it started the job: nothing ran, so run it here
+        return None
+    child = int(first)
 
     def forward(signum, frame):
         try:

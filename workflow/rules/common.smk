@@ -2,9 +2,9 @@
 import os
 import re
 import sys
+from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
-from snakemake.utils import validate
 
 # The library next to this workflow is the one every job uses (also inside the conda environment below and in
 # SLURM jobs, which receive the variables named by `envvars`).
@@ -44,27 +44,39 @@ CONDA_ENV = "../../envs/ifcl.yaml"
 
 from ifcl import layout
 from ifcl.codeversion import code_version
-from ifcl.config import ConfigError, canonical, check, merge_includes, task_train_params
+from ifcl.integrity import check_workdir
+from ifcl.config import ConfigError, canonical, check, merge_includes, task_train_params, validate_with_defaults
 from ifcl.layout import aligned_heads_task, is_diki, num_tasks, task_outputs, uses_alignment, uses_memory
 from ifcl.data.benchmarks import sources_of
+from ifcl.data.folder import folder_fingerprint
 from ifcl.plots import load_settings as figure_settings
 from ifcl.results import check_published, load_published, protocol_of
 from ifcl.data.transforms import DETERMINISTIC, decoded_file
 from ifcl.data.sources import MARKER as SOURCE_MARKER, SOURCES
 from ifcl.models.weights import backbone_weights_file, weights_name
 
-_merged = merge_includes(config)
-config.clear()
-config.update(_merged)
-validate(config, "../schemas/config.schema.yaml")
+# Includes merged, the schema's checks (defaults filled in) and the cross-checks: every error names the key (and
+# the closest valid name of a misspelled one), before any job runs.
 try:
+    _merged = merge_includes(config)
+    config.clear()
+    config.update(_merged)
+    validate_with_defaults(config)
     check(config)
 except ConfigError as e:
-    raise WorkflowError(f"Invalid configuration: {e}")
+    _files = ", ".join(map(str, workflow.overwrite_configfiles or ["config/config.yaml"]))
+    raise WorkflowError(f"Invalid configuration ({_files}): {e}")
 # sorted keys everywhere: Snakemake compares dict params in recorded (sorted) order (see ifcl.config.canonical)
 _canonical = canonical(config)
 config.clear()
 config.update(_canonical)
+
+# Before Snakemake plans anything: damaged result files are moved aside (and so regenerated), and outputs whose
+# inputs changed content are marked for re-running whatever the timestamps (ifcl.integrity; `ifcl check` by hand).
+# Not in the processes of single jobs, and not while another Snakemake works in this directory (it holds locks).
+if workflow.is_main_process and not any(Path(".snakemake/locks").glob("*.lock")):
+    for line in check_workdir().lines():
+        print(line, file=sys.stderr)
 
 DATASETS = config["datasets"]
 BACKBONES = config["backbones"]

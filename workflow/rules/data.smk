@@ -133,6 +133,8 @@ rule folder_manifest:
     params:
         code=code("prepare_dataset"),
         spec=dataset_content,
+        # the folder's files as they are now: an image added, removed or changed re-runs this rule
+        fingerprint=lambda wildcards: folder_fingerprint(DATASETS[wildcards.dataset]["path"]),
     wildcard_constraints:
         dataset=names_of_type(DATASETS, "folder"),
     conda:

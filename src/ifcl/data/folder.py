@@ -1,7 +1,18 @@
 """Manifests of a user's own class-folder tree (dataset type ``folder``): labels are the positions of the sorted
-class folder names."""
+class folder names.
+
+The folder is tracked by content. The manifest rule depends on :func:`folder_fingerprint` (every file's path,
+size, modification time and change time, read with one ``stat`` each), so an image added, removed, renamed, edited
+or replaced, even by a copy that keeps the old times, re-runs it; the manifest lists each image's sha256, so what
+reads the images re-runs exactly when an image's content changed. Every image is decoded once when the manifest
+is made: an unreadable one is an error naming it (or, with ``skip_unreadable: true``, left out and named in the
+log); files that are not images are named in the log.
+"""
 from __future__ import annotations
 
+import hashlib
+import io
+import os
 from pathlib import Path
 
 import numpy as np
@@ -9,8 +20,41 @@ import numpy as np
 from .manifest import IMAGE_SUFFIXES, DatasetError
 
 
-def _images_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+def folder_fingerprint(path: str | Path) -> str:
+    """A digest of the stat signature of every file under ``path`` (hidden files and folders left out)."""
+    root = Path(path)
+    h = hashlib.sha256()
+    for dirpath, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(f for f in files if not f.startswith(".")):
+            st = os.stat(os.path.join(dirpath, name))
+            rel = os.path.relpath(os.path.join(dirpath, name), root)
+            h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def _images_in(folder: Path, others: list[Path]) -> list[Path]:
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    others += [p for p in files if p.suffix.lower() not in IMAGE_SUFFIXES]
+    return [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+
+
+def image_sha256(path: Path, skip_unreadable: bool) -> str | None:
+    """The sha256 of an image file that decodes; None if it does not and ``skip_unreadable`` (it is named in the
+    log), else a :class:`DatasetError` naming it."""
+    from PIL import Image
+
+    data = path.read_bytes()
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+    except Exception as e:  # noqa: BLE001  (Pillow raises many kinds for a damaged file)
+        if skip_unreadable:
+            print(f"skipped, not a readable image: {path} ({e})")
+            return None
+        raise DatasetError(f"{path} is not a readable image ({e}); remove or replace it, or set skip_unreadable: "
+                           "true on the dataset to leave such files out") from None
+    return hashlib.sha256(data).hexdigest()
 
 
 def _class_folders(root: Path) -> list[Path]:
@@ -22,8 +66,8 @@ def _class_folders(root: Path) -> list[Path]:
     return folders
 
 
-def folder_manifests(path: str | Path, split: dict) -> dict[str, list[tuple[str, int, str]]]:
-    """Manifests of a user's class-folder tree.
+def folder_manifests(path: str | Path, split: dict, skip_unreadable: bool = False) -> dict[str, list[tuple]]:
+    """Manifests of a user's class-folder tree: rows (path, label, class name, sha256 of the image).
 
     ``split = {"rule": "subfolders"}``: ``path/train/<class>/*`` and ``path/test/<class>/*`` (the same class
     folders in both); ``{"rule": "random", "test_fraction": f, "seed": s}``: ``path/<class>/*``, and in each
@@ -32,6 +76,12 @@ def folder_manifests(path: str | Path, split: dict) -> dict[str, list[tuple[str,
     """
     root = Path(path)
     out: dict[str, list] = {"train": [], "test": []}
+    others: list[Path] = []
+
+    def readable(files: list[Path]) -> list[tuple[Path, str]]:
+        checked = [(f, image_sha256(f, skip_unreadable)) for f in files]
+        return [(f, sha) for f, sha in checked if sha is not None]
+
     if split["rule"] == "subfolders":
         train_classes = [p.name for p in _class_folders(root / "train")]
         test_classes = [p.name for p in _class_folders(root / "test")]
@@ -39,18 +89,21 @@ def folder_manifests(path: str | Path, split: dict) -> dict[str, list[tuple[str,
             raise DatasetError(f"{root}/train and {root}/test must hold the same class folders")
         for label, name in enumerate(train_classes):
             for part in ("train", "test"):
-                files = _images_in(root / part / name)
+                files = readable(_images_in(root / part / name, others))
                 if not files:
                     raise DatasetError(f"class folder {root / part / name} holds no images")
-                out[part] += [(str(root / part / name / f.name), label, name) for f in files]
+                out[part] += [(str(root / part / name / f.name), label, name, sha) for f, sha in files]
     else:
         rng = np.random.RandomState(split["seed"])
         for label, folder in enumerate(_class_folders(root)):
-            files = _images_in(folder)
+            files = readable(_images_in(folder, others))
             if len(files) < 2:
                 raise DatasetError(f"class folder {folder} needs at least 2 images for a train/test split")
             n_test = min(max(1, round(split["test_fraction"] * len(files))), len(files) - 1)
             test_idx = set(rng.permutation(len(files))[:n_test].tolist())
-            for i, f in enumerate(files):
-                out["test" if i in test_idx else "train"].append((str(folder / f.name), label, folder.name))
+            for i, (f, sha) in enumerate(files):
+                out["test" if i in test_idx else "train"].append((str(folder / f.name), label, folder.name, sha))
+    if others:
+        shown = ", ".join(str(p) for p in others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+        print(f"not images, left out: {len(others)} files ({shown}); images end in {', '.join(sorted(IMAGE_SUFFIXES))}")
     return out

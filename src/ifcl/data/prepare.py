@@ -17,7 +17,7 @@ def dataset_manifests(spec: dict, raw_root: str | Path, images_dir: str | Path |
     if spec["type"] == "generated":
         return generated_manifests(images_dir, spec)
     if spec["type"] == "folder":
-        return folder_manifests(spec["path"], spec["split"])
+        return folder_manifests(spec["path"], spec["split"], spec.get("skip_unreadable", False))
     if spec["type"] == "mtil":
         return mtil_manifests(spec, raw_root, images_dir)
     return benchmark_manifests(spec, raw_root, images_dir)

@@ -1,0 +1,215 @@
+"""The working directory checked by content before any job is planned (``ifcl check``; the workflow runs it at
+every start, before Snakemake compares outputs with inputs).
+
+1. **Damaged files are moved aside.** Every file that carries a digest is checked against it: state files
+   (``.safetensors`` written by :mod:`ifcl.state`, whose header holds the digest of their tensors) and text files
+   with a ``<file>.sha256`` beside them (:mod:`ifcl.files`). Text files an ifcl step writes (JSON and CSV under
+   ``results/``, manifests under ``data/prepared/``, the records under ``data/raw/`` and ``data/weights/``) must
+   have one. A file that fails is moved to ``quarantine/<time>/<its path>`` (nothing is deleted), so Snakemake
+   finds it missing and regenerates it with the jobs downstream of it, which give the same files again.
+2. **Stale files are found by content, whatever the timestamps.** Snakemake re-runs a job when an input is newer
+   than its outputs and differs from the checksum it recorded for it; an input put back with an older modification
+   time (``cp -p``, ``touch -d``, a restore that keeps times) is missed. Here every output Snakemake has a record of
+   is compared input by input with the recorded checksums; where one differs, the output's modification time is
+   set to just before that input's, and Snakemake re-runs it.
+
+Cost: a ``stat`` per file. A file is read (hashed) only when its size, modification time, change time or inode
+differ from the last check, which keeps what it found in ``.snakemake/ifcl-checked.json``.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .files import DIGEST_SUFFIX, FileCheckError, check_bytes, file_sha256
+
+QUARANTINE = "quarantine"
+CACHE = ".snakemake/ifcl-checked.json"
+METADATA = ".snakemake/metadata"
+# where text files written by ifcl steps live (each must have its digest beside it)
+WRITTEN_TEXT = {"results": (".json", ".csv"), "data/prepared": (".csv",), "data/raw": (".json",),
+                "data/weights": (".json",)}
+STATE_HEADER_KEY = "ifcl"  # ifcl.state.HEADER_KEY (not imported: that module needs torch)
+# safetensors dtype names -> the torch dtype names ifcl.state.payload_sha256 hashes
+_TORCH_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+                 "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
+@dataclass
+class Report:
+    moved: list[tuple[str, str, str]] = field(default_factory=list)  # (file, where it went, why)
+    stale: list[tuple[str, str]] = field(default_factory=list)  # (output, the input whose content changed)
+    checked: int = 0
+    hashed: int = 0
+
+    def lines(self, dry_run: bool = False) -> list[str]:
+        if dry_run:
+            out = [f"ifcl check: {path} {why}; it would be moved aside and regenerated" for path, _, why in self.moved]
+        else:
+            out = [f"ifcl check: {path} {why}; moved to {dest}, it will be regenerated" for path, dest, why in self.moved]
+        out += [f"ifcl check: {path} was made from other content of {inp}; it {'would' if dry_run else 'will'} be "
+                "re-run" for path, inp in self.stale]
+        return out
+
+
+def state_problem(path: Path) -> str | None:
+    """Why a state file fails its check (None: it matches the digest of its tensors). The same digest as
+    :func:`ifcl.state.payload_sha256`, computed from the file's bytes without torch."""
+    raw = path.read_bytes()
+    try:
+        n = int.from_bytes(raw[:8], "little")
+        header = json.loads(raw[8:8 + n])
+        record = json.loads((header.get("__metadata__") or {})[STATE_HEADER_KEY])
+        h = hashlib.sha256()
+        for name in sorted(k for k in header if k != "__metadata__"):
+            info = header[name]
+            begin, end = info["data_offsets"]
+            shape = tuple(info["shape"])
+            h.update(f"{name}|torch.{_TORCH_DTYPES[info['dtype']]}|{shape}|".encode())
+            data = raw[8 + n + begin:8 + n + end]
+            if len(data) != end - begin:
+                return "is cut short"
+            h.update(data)
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        return "is not a state file written by ifcl (unreadable header)"
+    if h.hexdigest() != record.get("payload_sha256"):
+        return "does not match the digest of its tensors"
+    return None
+
+
+def text_problem(path: Path) -> str | None:
+    try:
+        check_bytes(path, path.read_bytes())
+    except FileCheckError as e:
+        return "has no recorded digest" if "no recorded digest" in str(e) else "does not match its recorded digest"
+    return None
+
+
+def _checkable(root: Path) -> list[Path]:
+    """Every file under the checked folders that carries, or must carry, a digest."""
+    found = []
+    for folder, suffixes in WRITTEN_TEXT.items():
+        base = root / folder
+        if not base.is_dir():
+            continue
+        for dirpath, _, names in os.walk(base):
+            for name in names:
+                path = Path(dirpath, name)
+                if name.endswith(DIGEST_SUFFIX) or name.endswith(".part"):
+                    continue
+                if name.endswith(".safetensors") and folder == "results":
+                    found.append(path)
+                elif name.endswith(suffixes) or (path.parent / (name + DIGEST_SUFFIX)).exists():
+                    found.append(path)
+    return found
+
+
+class _Cache:
+    """What the last check found, by path: the file's stat signature, its sha256, whether it passed."""
+
+    def __init__(self, root: Path):
+        self.path = root / CACHE
+        try:
+            self.entries = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            self.entries = {}
+        self.hashed = 0
+
+    @staticmethod
+    def signature(path: Path) -> list[int]:
+        st = path.stat()
+        return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+    def get(self, path: Path, key: str):
+        entry = self.entries.get(str(path))
+        return entry.get(key) if entry and entry["stat"] == self.signature(path) else None
+
+    def put(self, path: Path, key: str, value) -> None:
+        sig = self.signature(path)
+        entry = self.entries.get(str(path))
+        if not entry or entry["stat"] != sig:
+            entry = self.entries[str(path)] = {"stat": sig}
+        entry[key] = value
+
+    def sha256(self, path: Path) -> str:
+        value = self.get(path, "sha256")
+        if value is None:
+            value = file_sha256(path)
+            self.hashed += 1
+            self.put(path, "sha256", value)
+        return value
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".part")
+        tmp.write_text(json.dumps(self.entries))
+        os.replace(tmp, self.path)
+
+
+def snakemake_records(root: Path):
+    """(output path, record) of every output Snakemake has a metadata record of (its file persistence: one JSON
+    file per output under .snakemake/metadata, named by the urlsafe base64 of the path, cut into folders of at most
+    a file name's length, all but the last prefixed with '@')."""
+    base = root / METADATA
+    if not base.is_dir():
+        return
+    for dirpath, _, names in os.walk(base):
+        for name in names:
+            rel = Path(dirpath, name).relative_to(base)
+            key = "".join(part.removeprefix("@") for part in rel.parts)
+            try:
+                output = base64.urlsafe_b64decode(key).decode()
+                record = json.loads(Path(dirpath, name).read_text())
+            except (ValueError, UnicodeDecodeError, OSError):
+                continue
+            yield output, record
+
+
+def check_workdir(root: str | Path = ".", dry_run: bool = False) -> Report:
+    """Check the pipeline's files under ``root`` (see the module docstring); with ``dry_run``, only report."""
+    root = Path(root)
+    cache = _Cache(root)
+    report = Report()
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    for path in _checkable(root):
+        report.checked += 1
+        if cache.get(path, "ok"):
+            continue
+        problem = state_problem(path) if path.suffix == ".safetensors" else text_problem(path)
+        cache.hashed += 1
+        if problem is None:
+            cache.put(path, "ok", True)
+            continue
+        rel = path.relative_to(root)
+        dest = root / QUARANTINE / stamp / rel
+        if not dry_run:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(path, dest)
+            digest = path.with_name(path.name + DIGEST_SUFFIX)
+            if digest.exists():
+                shutil.move(digest, dest.with_name(dest.name + DIGEST_SUFFIX))
+        report.moved.append((str(rel), str(dest.relative_to(root)), problem))
+    for output, record in snakemake_records(root):
+        out = root / output
+        if record.get("incomplete") or not out.is_file():
+            continue
+        for inp, recorded in (record.get("input_checksums") or {}).items():
+            src = root / inp
+            if not recorded or not src.is_file():
+                continue
+            if cache.sha256(src) != recorded.split(":", 1)[-1]:
+                if not dry_run:
+                    before = min(out.stat().st_mtime, src.stat().st_mtime) - 1
+                    os.utime(out, (before, before))
+                report.stale.append((output, inp))
+                break
+    report.hashed = cache.hashed
+    if not dry_run:
+        cache.save()
+    return report
