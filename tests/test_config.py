@@ -1,3 +1,6 @@
+import subprocess
+import sys
+
 import pytest
 import yaml
 
@@ -115,6 +118,11 @@ def test_yaml_errors_name_the_file_line_and_column(tmp_path):
     (tmp_path / "extra.yaml").write_text("datasets:\n  mine: {type: folder,\n  other: 1\n")
     with pytest.raises(ConfigError, match=r"extra.yaml, line \d+, column \d+: not valid YAML"):
         load_config({"include": ["extra.yaml"], "datasets": {}, "backbones": {}, "experiments": {}}, tmp_path)
+    # the --configfile itself (which Snakemake reads, reporting no line): `ifcl check --configfile` names it
+    (tmp_path / "main.yaml").write_text("datasets:\n  a: {type: generated\n  b: [\n")
+    proc = subprocess.run([sys.executable, "-m", "ifcl.cli", "check", "--configfile", "main.yaml"], cwd=tmp_path,
+                          capture_output=True, text=True)
+    assert proc.returncode == 1 and "ifcl check: main.yaml, line 3, column 4: not valid YAML" in proc.stderr
 
 
 def folder_dataset_config(tiny_config, root, num_tasks=3):

@@ -186,6 +186,7 @@ NOT_EXERCISED = {
     "dataset[folder].split.rule": "manifest rule parameter",
     "dataset[folder].split.seed": "manifest rule parameter",
     "dataset[folder].split.test_fraction": "manifest rule parameter",
+    "dataset[folder].skip_unreadable": "manifest rule parameter",
     "dataset[imagenet-r].split.rule": "manifest rule parameter",
     "dataset[imagenet-r].split.seed": "manifest rule parameter",
     "dataset[imagenet-r].split.train_fraction": "manifest rule parameter",

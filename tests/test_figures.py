@@ -157,6 +157,35 @@ def test_the_repository_published_numbers_fit_the_paper_experiments():
     assert np.mean(list(published["mtil_order1_diki"]["per_dataset"]["last"].values())) == pytest.approx(85.1, abs=0.05)
 
 
+def test_a_run_under_other_settings_than_the_papers_is_marked_next_to_the_published_number(tmp_path, results):
+    """A copy of cifar100_inflora.yaml with 1 seed and 1 epoch keeps its name, and so its published numbers: the
+    summary marks the comparison and names the settings that differ (execution settings do not count)."""
+    import copy
+
+    from ifcl.results import protocol_changes
+
+    reference = load_config(REPO / "config" / "config.yaml", root=REPO)
+    published = load_published(PUBLISHED)
+    assert protocol_changes(reference, reference, published) == {}
+    mine = copy.deepcopy(reference)
+    mine["experiments"][CIL].update(seeds=[0], loader_workers=4, image_cache="all")
+    mine["experiments"][CIL]["train"]["epochs"] = 1
+    changes = protocol_changes(mine, reference, published)
+    assert changes == {CIL: ["seeds", "train.epochs"]}
+
+    _, runs = results
+    out = tmp_path / "summary"
+    summarize(runs, EXPERIMENTS, published, out / "summary.csv", out / "summary.md", out / "summary.json",
+              out / "summary.html", changes)
+    md = (out / "summary.md").read_text()
+    row = next(line for line in md.splitlines() if line.startswith(f"| {CIL} |"))
+    assert "86.51 ± 0.73 [1] ≠" in row
+    assert f"- ≠ {CIL} differs from the protocol of the published numbers in: seeds, train.epochs" in md
+    assert read_json(out / "summary.json")[CIL]["protocol_differs"] == ["seeds", "train.epochs"]
+    demo = next(line for line in md.splitlines() if line.startswith("| demo_seq-lora |"))
+    assert "≠" not in demo
+
+
 @pytest.mark.parametrize("text, error", [
     ("x: {final: {mean: 1}}", "source"),
     ("x: {source: s, acc: {mean: 1}}", "unknown metric"),

@@ -18,6 +18,7 @@ from ifcl.data import sources
 from ifcl.data.benchmarks import cifar100_manifests, domainnet_manifests, imagenet_r_manifests
 from ifcl.data.manifest import DatasetError
 from ifcl.data.sources import MARKER, FetchError, RemoteFile, Source, fetch_source
+from ifcl.files import read_json
 
 
 class Server:
@@ -173,6 +174,35 @@ def test_data_placed_by_hand_is_accepted_offline(tmp_path):
         (folder / f).write_bytes(b"")
     fetch_source("cifar100", tmp_path / "raw", mirror="http://127.0.0.1:9")  # nothing listens there
     assert (tmp_path / "raw" / "cifar100" / MARKER).exists()
+
+
+def test_split_lists_placed_by_hand_are_verified_like_downloads(tmp_path):
+    folder = tmp_path / "raw" / "coda-prompt-imagenet-r" / "downloads"
+    folder.mkdir(parents=True)
+    for part in ("train", "test"):
+        (folder / f"imagenet-r_{part}.yaml").write_text("data: []\ntargets: []\n")
+    with pytest.raises(FetchError, match=r"imagenet-r_train.yaml has 21 bytes, expected 1137662"):
+        fetch_source("coda-prompt-imagenet-r", tmp_path / "raw", mirror="http://127.0.0.1:9")
+    assert not (tmp_path / "raw" / "coda-prompt-imagenet-r" / MARKER).exists()
+
+
+def test_weights_placed_by_hand_are_recorded_then_checked_on_use(tmp_path):
+    from ifcl.integrity import check_workdir
+    from ifcl.models.weights import check_weights
+
+    weights = tmp_path / "data" / "weights" / "vit_tiny_patch16_224.augreg_in21k.safetensors"
+    weights.parent.mkdir(parents=True)
+    weights.write_bytes(b"placed by hand")
+    report = check_workdir(tmp_path)
+    assert report.recorded == ["data/weights/vit_tiny_patch16_224.augreg_in21k.safetensors"]
+    assert "was placed by hand; its sha256 is recorded" in report.lines()[0]
+    record = read_json(weights.with_name(weights.name + ".json"))
+    assert record["placed_by_hand"] and record["sha256"] == hashlib.sha256(b"placed by hand").hexdigest()
+    check_weights(weights)
+    weights.write_bytes(b"replaced")
+    with pytest.raises(FetchError, match="differs from the file recorded"):
+        check_weights(weights)
+    assert check_workdir(tmp_path).recorded == []
 
 
 def test_malformed_cifar_records_are_refused(tmp_path):

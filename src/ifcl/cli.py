@@ -96,8 +96,15 @@ def run_show(args) -> None:
 
 
 def check(args) -> None:
+    from .config import ConfigError, load_config
     from .integrity import check_workdir
 
+    if args.configfile:
+        try:
+            load_config(args.configfile, args.directory)
+        except ConfigError as e:
+            sys.exit(f"ifcl check: {args.configfile}: {e}" if not str(e).startswith(args.configfile) else f"ifcl check: {e}")
+        print(f"{args.configfile}: a valid configuration")
     report = check_workdir(args.directory, dry_run=args.dry_run)
     for line in report.lines(args.dry_run):
         print(line)
@@ -156,6 +163,8 @@ def main(argv: list[str] | None = None) -> None:
     check_cmd.add_argument("-d", "--directory", default=".", help="the pipeline's working directory (default: .)")
     check_cmd.add_argument("-n", "--dry-run", action="store_true", help="only report (exit status 1 if anything "
                            "would be regenerated)")
+    check_cmd.add_argument("--configfile", help="also check this config (YAML syntax with its line, the schema, "
+                           "the cross-checks) as the workflow would")
     run = sub.add_parser("run", help="inspect a run: its task states, and the model after task k")
     run_sub = run.add_subparsers(dest="what", required=True)
     show = run_sub.add_parser("show", help="tasks and files of a run, with sha256")

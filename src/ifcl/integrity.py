@@ -12,6 +12,8 @@ every start, before Snakemake compares outputs with inputs).
    time (``cp -p``, ``touch -d``, a restore that keeps times) is missed. Here every output Snakemake has a record of
    is compared input by input with the recorded checksums; where one differs, the output's modification time is
    set to just before that input's, and Snakemake re-runs it.
+3. **Weights placed by hand are recorded.** A file under ``data/weights/`` without its record (the fetch rule never
+   ran for it) gets its sha256 recorded beside it, and is checked against it whenever it is loaded.
 
 Cost: a ``stat`` per file. A file is read (hashed) only when its size, modification time, change time or inode
 differ from the last check, which keeps what it found in ``.snakemake/ifcl-checked.json``.
@@ -44,6 +46,7 @@ _TORCH_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "
 @dataclass
 class Report:
     moved: list[tuple[str, str, str]] = field(default_factory=list)  # (file, where it went, why)
+    recorded: list[str] = field(default_factory=list)  # weights placed by hand, their sha256 now recorded
     stale: list[tuple[str, str]] = field(default_factory=list)  # (output, the input whose content changed)
     checked: int = 0
     hashed: int = 0
@@ -55,6 +58,8 @@ class Report:
             out = [f"ifcl check: {path} {why}; moved to {dest}, it will be regenerated" for path, dest, why in self.moved]
         out += [f"ifcl check: {path} was made from other content of {inp}; it {'would' if dry_run else 'will'} be "
                 "re-run" for path, inp in self.stale]
+        out += [f"ifcl check: {path} was placed by hand; its sha256 is recorded beside it and checked on every use"
+                for path in self.recorded]
         return out
 
 
@@ -211,5 +216,8 @@ def check_workdir(root: str | Path = ".", dry_run: bool = False) -> Report:
                 break
     report.hashed = cache.hashed
     if not dry_run:
+        from .models.weights import record_placed_weights
+
+        report.recorded = record_placed_weights(root)
         cache.save()
     return report

@@ -125,6 +125,44 @@ def check_published(published: dict, experiments: dict) -> None:
                                  f"not in its sequence")
 
 
+# settings that change how fast a run goes, not what it computes (tests/test_pipeline.py, tests/test_precision.py)
+EXECUTION_KEYS = ("loader_workers", "image_cache", "gpu_precision")
+
+
+def _flatten(value, prefix: str) -> dict:
+    if isinstance(value, dict):
+        return {k: v for key, sub in value.items() for k, v in _flatten(sub, f"{prefix}.{key}").items()}
+    return {prefix: value}
+
+
+def experiment_protocol(config: dict, name: str) -> dict:
+    """What an experiment computes: its settings (without the execution ones) and those of its datasets and backbone,
+    as dotted keys (``seeds``, ``train.epochs``, ``dataset.cifar100.type``, ``backbone.name``)."""
+    spec = config["experiments"][name]
+    datasets = spec["sequence"] if spec["method"] == "diki" else [spec["dataset"]]
+    flat = _flatten({k: v for k, v in spec.items() if k not in EXECUTION_KEYS}, "")
+    for ds in datasets:
+        flat.update(_flatten(config["datasets"][ds], f".dataset.{ds}"))
+    flat.update(_flatten(config["backbones"][spec["backbone"]], ".backbone"))
+    return {k.lstrip("."): v for k, v in flat.items()}
+
+
+def protocol_changes(config: dict, reference: dict, published: dict) -> dict[str, list[str]]:
+    """For every configured experiment with published numbers: the settings in which it differs from the
+    experiment of the same name in ``reference`` (the paper configs, config/config.yaml), which the published
+    numbers were measured under. Empty lists are left out."""
+    changes = {}
+    for name in set(published) & set(config["experiments"]):
+        if name not in reference["experiments"]:
+            changes[name] = ["(not one of the paper configs)"]
+            continue
+        ours, theirs = experiment_protocol(config, name), experiment_protocol(reference, name)
+        differ = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+        if differ:
+            changes[name] = differ
+    return dict(sorted(changes.items()))
+
+
 def _stats(values) -> dict:
     v = np.asarray(values, dtype=float)
     return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0}
@@ -140,10 +178,12 @@ def _compare(stats: dict, published: dict | None) -> dict:
     return out
 
 
-def experiment_summary(spec: dict, metrics: list[dict], published: dict | None = None) -> dict:
+def experiment_summary(spec: dict, metrics: list[dict], published: dict | None = None,
+                       differs: list[str] = ()) -> dict:
     """One experiment over its seeds (``metrics``: each seed's metrics.json): mean ± sample std of every metric,
     with the published number and the difference where ``published`` (its config/published.yaml entry) has one;
-    MTIL adds the per-dataset Transfer / Average / Last (``per_dataset``)."""
+    MTIL adds the per-dataset Transfer / Average / Last (``per_dataset``). ``differs``: the settings in which the
+    experiment differs from the protocol the published numbers were measured under (``protocol_differs``)."""
     protocol = protocol_of(spec)
     published = published or {}
     mtil = protocol == "mtil"
@@ -154,6 +194,8 @@ def experiment_summary(spec: dict, metrics: list[dict], published: dict | None =
                            for k, _ in METRICS[protocol]}}
     if "source" in published:
         summary["source"] = published["source"]
+        if differs:
+            summary["protocol_differs"] = list(differs)
     if mtil:
         paper = published.get("per_dataset", {})
         per = {ds: {} for ds in spec["sequence"]}
@@ -173,11 +215,20 @@ def _value(stats: dict, seeds: int) -> str:
     return f"{stats['mean']:.2f} ± {stats['std']:.2f}" if seeds > 1 else f"{stats['mean']:.2f}"
 
 
-def _paper_cells(stats: dict | None, note: int | None) -> list[str]:
+DIFFERS = "≠"  # beside a published number measured under other settings than this run's
+
+
+def _paper_cells(stats: dict | None, note: int | None, differs: bool = False) -> list[str]:
     if stats is None or "paper" not in stats:
         return ["—", "—"]
     paper = f"{stats['paper']:.2f}" + (f" ± {stats['paper_std']:.2f}" if "paper_std" in stats else "")
-    return [f"{paper} [{note}]", f"{stats['difference']:+.2f}"]
+    mark = f" {DIFFERS}" if differs else ""
+    return [f"{paper} [{note}]{mark}", f"{stats['difference']:+.2f}{mark}"]
+
+
+def _differs_note(name: str, s: dict) -> str:
+    return (f"{DIFFERS} {name} differs from the protocol of the published numbers in: "
+            f"{', '.join(s['protocol_differs'])}; compare with care")
 
 
 def summary_tables(summaries: dict[str, dict]) -> list[dict]:
@@ -202,8 +253,10 @@ def summary_tables(summaries: dict[str, dict]) -> list[dict]:
             for key, _ in metrics:
                 row.append(_value(s["metrics"][key], s["seeds"]))
                 if key in compared:
-                    row += _paper_cells(s["metrics"][key], note)
+                    row += _paper_cells(s["metrics"][key], note, "protocol_differs" in s)
             rows.append(row)
+            if "protocol_differs" in s:
+                notes.append(_differs_note(name, s))
         tables.append({"title": TITLES[protocol], "header": header, "rows": rows, "notes": notes})
     titles = dict(METRICS["mtil"])
     for name, s in summaries.items():
@@ -214,9 +267,12 @@ def summary_tables(summaries: dict[str, dict]) -> list[dict]:
         for ds, stats in s["per_dataset"].items():
             row = [ds]
             for k in PER_DATASET:
-                row += [_value(stats[k], s["seeds"]), *_paper_cells(stats[k], 1)] if k in stats else ["—"] * 3
+                row += [_value(stats[k], s["seeds"]), *_paper_cells(stats[k], 1, "protocol_differs" in s)] \
+                    if k in stats else ["—"] * 3
             rows.append(row)
         notes = [f"[1] {s['per_dataset_source']}"] if "per_dataset_source" in s else []
+        if "protocol_differs" in s:
+            notes.append(_differs_note(name, s))
         tables.append({"title": f"{name}: per dataset", "header": header, "rows": rows, "notes": notes})
     return tables
 
@@ -256,7 +312,7 @@ def summary_rows(summaries: dict[str, dict]) -> list[dict]:
     rows = []
     for name, s in summaries.items():
         base = {"experiment": name, "method": s["method"], "protocol": s["protocol"], "benchmark": s["dataset"],
-                "tasks": s["tasks"], "seeds": s["seeds"]}
+                "tasks": s["tasks"], "seeds": s["seeds"], "protocol_differs": ";".join(s.get("protocol_differs", []))}
         scopes = [("", s["metrics"], s.get("source", ""))]
         scopes += [(ds, stats, s.get("per_dataset_source", "")) for ds, stats in s.get("per_dataset", {}).items()]
         for dataset, metrics, source in scopes:
@@ -276,7 +332,7 @@ def summary_json(summaries: dict[str, dict]) -> dict:
     ``_paper``, ``_paper_std``, ``_difference``; MTIL adds the same per dataset under ``per_dataset``."""
     out = {}
     for name, s in summaries.items():
-        entry = {k: s[k] for k in ("method", "protocol", "dataset", "tasks", "seeds")}
+        entry = {k: s[k] for k in ("method", "protocol", "dataset", "tasks", "seeds", "protocol_differs") if k in s}
         entry.update(_flat(s["metrics"]))
         if "per_dataset" in s:
             entry["per_dataset"] = {ds: _flat(stats) for ds, stats in s["per_dataset"].items()}
@@ -285,13 +341,15 @@ def summary_json(summaries: dict[str, dict]) -> dict:
 
 
 def summarize(runs: dict[str, dict[int, dict]], experiments: dict, published: dict, csv_out: str, md_out: str,
-              json_out: str, html_out: str) -> None:
+              json_out: str, html_out: str, changes: dict[str, list[str]] | None = None) -> None:
     """Mean ± sample std over seeds of every metric of every experiment (``runs[exp][seed]["metrics"]`` =
-    metrics.json), next to the published numbers (``published``: see :func:`load_published`) with the difference:
-    summary.csv (one row per number), summary.md and summary.html (tables per protocol, per dataset for MTIL) and
-    summary.json (DVC's metrics file)."""
+    metrics.json), next to the published numbers (``published``: see :func:`load_published`) with the difference,
+    marked where the experiment's settings differ from the published protocol (``changes``: see
+    :func:`protocol_changes`): summary.csv (one row per number), summary.md and summary.html (tables per protocol,
+    per dataset for MTIL) and summary.json (DVC's metrics file)."""
+    changes = changes or {}
     summaries = {name: experiment_summary(experiments[name], [read_json(f["metrics"]) for f in by_seed.values()],
-                                          published.get(name))
+                                          published.get(name), changes.get(name, ()))
                  for name, by_seed in runs.items()}
     tables = summary_tables(summaries)
     write_csv(csv_out, summary_rows(summaries))

@@ -45,12 +45,12 @@ CONDA_ENV = "../../envs/ifcl.yaml"
 from ifcl import layout
 from ifcl.codeversion import code_version
 from ifcl.integrity import check_workdir
-from ifcl.config import ConfigError, canonical, check, merge_includes, task_train_params, validate_with_defaults
+from ifcl.config import ConfigError, canonical, check, load_config, merge_includes, task_train_params, validate_with_defaults
 from ifcl.layout import aligned_heads_task, is_diki, num_tasks, task_outputs, uses_alignment, uses_memory
 from ifcl.data.benchmarks import sources_of
 from ifcl.data.folder import folder_fingerprint
 from ifcl.plots import load_settings as figure_settings
-from ifcl.results import check_published, load_published, protocol_of
+from ifcl.results import check_published, load_published, protocol_changes, protocol_of
 from ifcl.data.transforms import DETERMINISTIC, decoded_file
 from ifcl.data.sources import MARKER as SOURCE_MARKER, SOURCES
 from ifcl.models.weights import backbone_weights_file, weights_name
@@ -321,6 +321,14 @@ try:
     check_published(PUBLISHED, EXPERIMENTS)
 except ValueError as e:
     raise WorkflowError(f"Invalid published numbers: {e}")
+
+# Where a configured experiment with published numbers differs from the paper config of the same name (the
+# protocol those numbers were measured under): the summary marks its comparison and names the settings.
+PROTOCOL_CHANGES = (
+    protocol_changes(config, load_config(os.path.join(workflow.basedir, "config", "config.yaml"), workflow.basedir),
+                     PUBLISHED)
+    if set(PUBLISHED) & set(EXPERIMENTS) else {}
+)
 
 
 # ---- figures ----

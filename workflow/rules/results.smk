@@ -36,6 +36,7 @@ rule summarize:
         runs=run_results(),
         experiments=EXPERIMENTS,
         published=PUBLISHED,
+        protocol_changes=PROTOCOL_CHANGES,
     localrule: True
     conda:
         CONDA_ENV

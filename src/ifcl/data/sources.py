@@ -230,8 +230,19 @@ def fetch_source(name: str, raw_root: str | Path = "data/raw", mirror: str | Non
     if marker.exists():
         return folder
     if layout_present(source, folder):
-        print(f"{name}: found the expected files in {folder} (placed by hand); accepting them")
-        write_json(marker, {"source": name, "placed_by_hand": True, "files": {}})
+        # files that are their own layout (split lists, not archives) are verified like downloads
+        record = {}
+        for remote in source.files:
+            dest = folder / remote.target
+            if dest.is_file() and not (remote.extract or remote.gunzip):
+                try:
+                    record[remote.target] = verify_file(dest, remote)
+                except FetchError as e:
+                    raise FetchError(f"{name}: {e}\n{_manual_hint(source, raw_root)}") from e
+        print(f"{name}: found the expected files in {folder} (placed by hand); "
+              + (f"verified {', '.join(sorted(record))}" if record else "accepting them"))
+        write_json(marker, {"source": name, "placed_by_hand": True,
+                            "files": {n: {"sha256": h} for n, h in sorted(record.items())}})
         return folder
     record = {}
     for remote in source.files:

@@ -239,6 +239,9 @@ def load_clip(spec: dict, weights: str) -> nn.Module:
         clip = build_clip(spec)
         clip.load_state_dict(load_state(weights)[0])
     else:
+        from .weights import check_weights
+
+        check_weights(weights)
         import open_clip
 
         clip = open_clip.create_model(spec["name"], pretrained=str(weights), force_quick_gelu=spec.get("quick_gelu", True))

@@ -268,6 +268,9 @@ def load_backbone(spec: dict, weights: str | Path) -> nn.Module:
         tensors, _ = load_state(weights)
         vit.load_state_dict(tensors)
     else:
+        from .weights import check_weights
+
+        check_weights(weights)
         import timm
 
         vit = timm.create_model(spec["name"], pretrained=True, num_classes=0,

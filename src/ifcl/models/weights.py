@@ -9,7 +9,10 @@ Both kinds come from the Hugging Face hub as safetensors (so loading never unpic
   the hub repository open_clip names for that tag (``ViT-B-16`` + ``openai`` -> ``timm/vit_base_patch16_clip_224.
   openai``: OpenAI's ViT-B/16 weights in open_clip's layout, the backbone of lloongx/DIKI).
 
-The file's sha256 is recorded beside it (``<file>.json``) and checked whenever the fetch rule runs again.
+The file's sha256 is recorded beside it (``<file>.json``) and checked whenever it is loaded (:func:`check_weights`)
+and whenever the fetch rule runs again. Weights placed by hand at that path (the fetch rule then never runs) get
+their record from the check every workflow start runs (:func:`record_placed_weights`), so they are checked on use
+from then on like downloaded ones.
 """
 from __future__ import annotations
 
@@ -75,3 +78,32 @@ def fetch_weights(spec: dict, out: str | Path, mirror: str | None = None) -> str
         raise FetchError(f"{out} differs from the file recorded in {record} (sha256 {sha256}); delete both to fetch again")
     write_json(record, {"model": weights_name(spec), "url": url, "sha256": sha256})
     return sha256
+
+
+def weights_record(path: str | Path) -> Path:
+    path = Path(path)
+    return path.with_name(path.name + ".json")
+
+
+def check_weights(path: str | Path) -> None:
+    """Refuse weights under data/weights/ that differ from their recorded sha256 (a file elsewhere, a backbone's
+    own ``weights:`` path, has no record and is read as it is)."""
+    record = weights_record(path)
+    if record.exists():
+        expected = read_json(record)["sha256"]
+        if file_sha256(path) != expected:
+            raise FetchError(f"{path} differs from the file recorded in {record} (sha256 {expected}); restore it, "
+                             "or delete both to fetch it again")
+
+
+def record_placed_weights(root: str | Path = ".") -> list[str]:
+    """Record the sha256 of every weights file under data/weights/ that has no record (placed by hand); return
+    their paths."""
+    placed = []
+    folder = Path(root) / Path(layout.FETCHED).parent
+    for path in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
+        if not weights_record(path).exists():
+            write_json(weights_record(path), {"model": path.name.removesuffix(".safetensors"), "url": None,
+                                              "placed_by_hand": True, "sha256": file_sha256(path)})
+            placed.append(str(path.relative_to(root)))
+    return placed
