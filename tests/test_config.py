@@ -24,6 +24,8 @@ def test_check_accepts_the_tiny_and_demo_configs(tiny_config):
     (lambda c: c["experiments"]["tiny_seq-lora"].update(lora_blocks=[0, 5]), "experiments.tiny_seq-lora.lora_blocks"),
     (lambda c: c["backbones"]["tiny_vit"]["pretrain"].update(dataset="nope"), "backbones.tiny_vit.pretrain.dataset"),
     (lambda c: c["backbones"]["tiny_vit"]["arch"].update(patch_size=5), "backbones.tiny_vit.arch.patch_size"),
+    (lambda c: c["backbones"].update(hub={"type": "timm", "name": "vit_tiny_patch16_224",
+                                          "weights": "nowhere/w.safetensors"}), "backbones.hub.weights: nowhere"),
     (lambda c: c["datasets"][c["experiments"]["tiny_seq-lora"]["dataset"]].pop("train_transform"),
      "needs train_transform"),
     (lambda c: c["datasets"][c["backbones"]["tiny_vit"]["pretrain"]["dataset"]].pop("test_transform"),

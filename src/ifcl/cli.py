@@ -84,6 +84,47 @@ def bench_demo(args) -> dict:
     return report
 
 
+def bench_check(args) -> dict:
+    """The check every workflow start runs (ifcl.integrity), on a fabricated working directory with the paper
+    configs' number of run files: ``--files`` files under results/runs, ``--text`` of them text files (with their
+    digests) and the rest state files of ``--state-kb`` KB, each with a Snakemake record of 3 inputs."""
+    import base64
+
+    import torch
+
+    from .files import file_sha256, write_text
+    from .integrity import check_workdir
+    from .state import save_state
+
+    with tempfile.TemporaryDirectory(prefix="ifcl-bench-check-") as tmp:
+        root = Path(tmp)
+        paths = []
+        for i in range(args.files):
+            path = root / f"results/runs/exp{i // 500}/seed0/task{i % 500}/file{i}"
+            if i < args.text:
+                write_text(path.with_suffix(".json"), json.dumps({"i": i}) + "\n")
+                paths.append(path.with_suffix(".json"))
+            else:
+                save_state(path.with_suffix(".safetensors"), {"w": torch.full((args.state_kb * 256,), float(i))}, {})
+                paths.append(path.with_suffix(".safetensors"))
+        meta = root / ".snakemake/metadata"
+        meta.mkdir(parents=True)
+        for i, path in enumerate(paths):
+            inputs = {str(paths[j].relative_to(root)): "sha256:" + file_sha256(paths[j])
+                      for j in (i - 1, i - 2, i - 3) if j >= 0}
+            key = base64.urlsafe_b64encode(str(path.relative_to(root)).encode()).decode()
+            (meta / key).write_text(json.dumps({"input_checksums": inputs}))
+        report = {"files": args.files, "text_files": args.text, "state_kb": args.state_kb, "records": len(paths)}
+        for label in ("first (every file read)", "next (nothing changed)"):
+            start = time.perf_counter()
+            result = check_workdir(root)
+            seconds = time.perf_counter() - start
+            assert not result.moved and not result.stale
+            print(f"{label}: {seconds:.2f} s, {result.checked} files checked, {result.hashed} read")
+            report[label.split()[0]] = {"seconds": round(seconds, 3), "read": result.hashed}
+    return report
+
+
 def run_show(args) -> None:
     from .runs import describe_run
 
@@ -166,6 +207,10 @@ def main(argv: list[str] | None = None) -> None:
     check_cmd.add_argument("--configfile", help="also check this config (YAML syntax with its line, the schema, "
                            "the cross-checks) as the workflow would")
     run = sub.add_parser("run", help="inspect a run: its task states, and the model after task k")
+    bcheck = bench_sub.add_parser("check", help="the start-of-workflow file check on a fabricated working directory")
+    bcheck.add_argument("--files", type=int, default=3526, help="run files (default: the fifteen paper configs')")
+    bcheck.add_argument("--text", type=int, default=1536, help="of which text files (the paper configs': 1536)")
+    bcheck.add_argument("--state-kb", type=int, default=64, help="size of each state file in KB")
     run_sub = run.add_subparsers(dest="what", required=True)
     show = run_sub.add_parser("show", help="tasks and files of a run, with sha256")
     show.add_argument("run", help="results/runs/<experiment>/seed<k>")
@@ -206,6 +251,8 @@ def main(argv: list[str] | None = None) -> None:
         for r in bf16_feature_drift(args.configfile, args.experiment, args.seed):
             print(f"| {r['dataset']} | {r['images']} | {r['max_abs_difference']:.2e} | {r['min_cosine']:.6f} | "
                   f"{r['task_choices_changed']} | {r['max_lambda_difference']:.2e} |")
+    elif args.command == "bench" and args.what == "check":
+        bench_check(args)
     elif args.command == "bench" and args.what == "demo":
         report = bench_demo(args)
         write_json(args.out, report)

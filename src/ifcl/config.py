@@ -155,6 +155,9 @@ def check(config: dict) -> None:
                 raise ConfigError(f"datasets.{name}.path: {folder} holds no class folders (expected "
                                   f"{folder}/<class name>/<image files>)")
     for name, bb in backbones.items():
+        if bb.get("weights") and not Path(bb["weights"]).is_file():
+            raise ConfigError(f"backbones.{name}.weights: {bb['weights']} does not exist (relative paths are relative "
+                              f"to the working directory, {Path.cwd()}; leave `weights` out to fetch the hub weights)")
         if bb["type"] in ("pretrain", "pretrain_clip") and bb["pretrain"]["dataset"] not in datasets:
             raise ConfigError(
                 f"backbones.{name}.pretrain.dataset: unknown dataset '{bb['pretrain']['dataset']}' "

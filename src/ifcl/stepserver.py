@@ -12,8 +12,9 @@ What a job computes does not depend on where it runs: every step seeds every gen
 itself, and nothing of ifcl is imported before the fork. ``tests/test_slurm.py`` compares every file of a local
 run (served) with the same run on a SLURM cluster (no server there) byte for byte.
 
-A job runs in its own process instead (nothing is handed over) when no server is running, under SLURM, with
-another Python (a conda environment or a container), or with ``IFCL_STEP_SERVER=off`` in the environment.
+A job runs in its own process instead (nothing is handed over) when no server is running (not Linux, or not
+Snakemake's local executor), under SLURM, with another Python (a conda environment or a container), or with
+``IFCL_STEP_SERVER=off`` in the environment.
 Stopping: a job killed (SIGTERM, SIGINT) passes the signal on to its child; a job killed with SIGKILL closes its
 connection, and the server kills the child; the server exits when Snakemake does (or is killed), and its children
 with it (Linux: the parent-death signal).
@@ -76,6 +77,11 @@ def hand_over(script: str) -> int | None:
 
 # ---- the workflow's side ----
 
+def available() -> bool:
+    """Linux only: elsewhere forking a process that has loaded these libraries is not safe (macOS) or possible."""
+    return sys.platform.startswith("linux") and os.environ.get(ENV) != "off"
+
+
 def start() -> tuple[subprocess.Popen, str]:
     """Start a server for this process's jobs and point them at it (the environment its jobs inherit)."""
     folder = tempfile.mkdtemp(prefix="ifcl-steps-")
@@ -92,6 +98,7 @@ def stop(server: tuple[subprocess.Popen, str]) -> None:
     proc.terminate()
     proc.wait()
     os.environ.pop(ENV, None)
+    os.environ.pop(_PYTHON, None)
     for p in Path(folder).iterdir():
         p.unlink()
     os.rmdir(folder)

@@ -25,7 +25,7 @@ _step_server = []
 
 
 onstart:
-    if getattr(workflow.executor_plugin, "name", None) == "local" and os.environ.get(stepserver.ENV) != "off":
+    if getattr(workflow.executor_plugin, "name", None) == "local" and stepserver.available():
         _step_server.append(stepserver.start())
 
 
