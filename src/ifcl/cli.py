@@ -59,6 +59,8 @@ def bench_demo(args) -> dict:
         sys.exit(f"ifcl bench demo: no Snakefile at {snakefile} (run from the repository root or pass --snakefile)")
     configfile = Path(args.configfile).resolve()
     with tempfile.TemporaryDirectory(prefix="ifcl-bench-") as tmp:
+        if args.keep:
+            tmp = str(Path(args.keep).resolve())
         cmd = [sys.executable, "-m", "snakemake", "-s", str(snakefile), "-d", tmp, "--cores", str(args.cores),
                "--configfile", str(configfile)]
         print("running:", " ".join(cmd), flush=True)
@@ -120,9 +122,33 @@ def bench_check(args) -> dict:
             result = check_workdir(root)
             seconds = time.perf_counter() - start
             assert not result.moved and not result.stale
-            print(f"{label}: {seconds:.2f} s, {result.checked} files checked, {result.hashed} read")
+            print(f"{label}: {seconds:.2f} s, {result.checked} files checked, {result.hashed} file reads")
             report[label.split()[0]] = {"seconds": round(seconds, 3), "read": result.hashed}
     return report
+
+
+README_BEGIN = "<!-- demo summary: written by `ifcl readme-tables`, from results/summary/summary.md -->"
+README_END = "<!-- end of demo summary -->"
+
+
+def readme_tables(args) -> None:
+    """Copy the tables of a summary.md (its headings one level down) between the README's demo-summary markers;
+    with --check, only say whether the README already holds them."""
+    body = read_text(args.summary).split("\n\n", 1)[1].strip()  # without the introduction line
+    body = "\n".join("#" + line if line.startswith("### ") else line for line in body.splitlines())
+    readme = Path(args.readme).read_text()
+    if readme.count(README_BEGIN) != 1 or readme.count(README_END) != 1:
+        sys.exit(f"ifcl readme-tables: {args.readme} needs one line {README_BEGIN!r} and one {README_END!r}")
+    before, rest = readme.split(README_BEGIN)
+    after = rest.split(README_END)[1]
+    new = f"{before}{README_BEGIN}\n\n{body}\n\n{README_END}{after}"
+    if args.check:
+        if new != readme:
+            sys.exit(f"ifcl readme-tables: the tables in {args.readme} differ from {args.summary}")
+        print(f"{args.readme} holds the tables of {args.summary}")
+    elif new != readme:
+        Path(args.readme).write_text(new)
+        print(f"written the tables of {args.summary} into {args.readme}")
 
 
 def run_show(args) -> None:
@@ -186,6 +212,7 @@ def main(argv: list[str] | None = None) -> None:
     demo.add_argument("--snakefile", default="Snakefile")
     demo.add_argument("--configfile", default="config/demo.yaml")
     demo.add_argument("--out", default="results/bench/demo.json")
+    demo.add_argument("--keep", help="run in this folder and keep it (default: a temporary folder)")
     speed = bench_sub.add_parser("speed", help="training/evaluation steps against official-style references")
     speed.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     speed.add_argument("--preset", default="paper", choices=["paper", "tiny"],
@@ -206,6 +233,10 @@ def main(argv: list[str] | None = None) -> None:
                            "would be regenerated)")
     check_cmd.add_argument("--configfile", help="also check this config (YAML syntax with its line, the schema, "
                            "the cross-checks) as the workflow would")
+    tables = sub.add_parser("readme-tables", help="copy a summary's tables into the README's demo section")
+    tables.add_argument("summary", nargs="?", default="results/summary/summary.md")
+    tables.add_argument("--readme", default="README.md")
+    tables.add_argument("--check", action="store_true", help="only check (exit status 1 if they differ)")
     run = sub.add_parser("run", help="inspect a run: its task states, and the model after task k")
     bcheck = bench_sub.add_parser("check", help="the start-of-workflow file check on a fabricated working directory")
     bcheck.add_argument("--files", type=int, default=3526, help="run files (default: the fifteen paper configs')")
@@ -226,6 +257,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.command == "check":
         check(args)
+    elif args.command == "readme-tables":
+        readme_tables(args)
     elif args.command == "run":
         from .config import ConfigError
         from .files import FileCheckError
