@@ -191,3 +191,19 @@ def test_iteration_cosine_schedule():
     assert lrs[0] == 5.0 and len(lrs) == 100
     assert abs(lrs[50] - (0.005 + 0.5 * (5.0 - 0.005))) < 1e-12
     assert lrs[-1] > 0.005 and all(a > b for a, b in zip(lrs, lrs[1:]))
+
+
+def test_the_installed_open_clip_has_the_attention_module_prefix_attention_replaces():
+    """open_clip's residual blocks hold torch's nn.MultiheadAttention, whose packed in-projection PrefixAttention
+    reads; a release that replaces it (pyproject.toml bounds open_clip_torch below 4) fails here, and in
+    PrefixAttention itself with an error naming the installed version."""
+    model = tiny_clip()
+    blocks = list(model.visual.transformer.resblocks) + list(model.transformer.resblocks)
+    assert blocks and all(type(b.attn) is torch.nn.MultiheadAttention for b in blocks)
+    assert all(b.attn.batch_first and b.attn._qkv_same_embed_dim and b.attn.in_proj_weight is not None for b in blocks)
+
+    class OwnAttention(torch.nn.Module):
+        pass
+
+    with pytest.raises(TypeError, match=f"open_clip {open_clip.__version__} has .*OwnAttention"):
+        PrefixAttention(OwnAttention())

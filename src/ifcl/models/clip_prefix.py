@@ -50,6 +50,12 @@ class PrefixAttention(nn.Module):
 
     def __init__(self, mha: nn.MultiheadAttention):
         super().__init__()
+        if not isinstance(mha, nn.MultiheadAttention):
+            import open_clip
+
+            raise TypeError(f"PrefixAttention replaces torch's nn.MultiheadAttention in open_clip's residual blocks; "
+                            f"open_clip {open_clip.__version__} has {type(mha).__module__}.{type(mha).__name__} there. "
+                            "Install the open_clip_torch release pyproject.toml allows (<4).")
         if not mha.batch_first or not mha._qkv_same_embed_dim:
             raise ValueError("PrefixAttention expects a batch-first self-attention with a packed in-projection")
         self.mha = mha
