@@ -152,3 +152,16 @@ def test_a_folder_dataset_is_checked_before_any_job(tmp_path, tiny_config):
     assert "experiments.mine.num_tasks: 3 tasks do not divide the 4 classes of dataset 'mine' (the class folders of" \
         in out, out[-3000:]
     assert not any((tmp_path / "wd" / d).exists() for d in ("data", "results", "logs"))
+
+
+def test_config_readme_lists_every_key_of_the_schema():
+    """config/README.md is what `ifcl config-docs` writes from the schema: every key, in the schema's words."""
+    from ifcl.config import config_reference, schema_keys
+
+    text = (REPO / "config" / "README.md").read_text()
+    assert text == config_reference(), "config/README.md is out of date: run `ifcl config-docs`"
+    for row in schema_keys():
+        assert f"| `{row['key'].split('.', 1)[1]}` |" in text
+    proc = subprocess.run([sys.executable, "-m", "ifcl.cli", "config-docs", "--check"], cwd=REPO,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr

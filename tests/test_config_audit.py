@@ -19,39 +19,16 @@ import pytest
 import yaml
 
 from conftest import REPO, TINY_CONFIG
+from ifcl.config import schema_keys as config_schema_keys
 
 pytestmark = pytest.mark.pipeline
 
-GROUPS = ("dataset", "backbone", "vit_arch", "train", "cil_experiment", "diki_experiment")
 
 
 def schema_keys() -> set[str]:
-    """Every key of the schema's experiments, datasets and backbones, as ``group[type].key.subkey``; a key whose
-    value is another group (an experiment's ``train``, a pretrained ViT's ``arch``) is that group's keys."""
-    schema = yaml.safe_load((REPO / "workflow/schemas/config.schema.yaml").read_text())
-    out = set()
-
-    def walk(node, prefix):
-        for sub in node.get("allOf", []):
-            kind = sub.get("if", {}).get("properties", {}).get("type", {})
-            kind = kind.get("const") or "|".join(kind.get("enum", []))
-            if kind and "then" in sub:
-                walk(sub["then"], f"{prefix}[{kind}]")
-        for name, sub in (node.get("properties") or {}).items():
-            path = f"{prefix}.{name}"
-            if sub == {} or "$ref" in sub or any("$ref" in s for s in sub.get("allOf", [])):
-                continue  # declared in the base group, or another group's keys
-            items = sub.get("items") if isinstance(sub.get("items"), dict) else {}
-            if "properties" in sub:
-                walk(sub, path)
-            elif "properties" in items:
-                walk(items, path + "[]")
-            else:
-                out.add(path)
-
-    for group in GROUPS:
-        walk(schema["$defs"][group], group)
-    return out
+    """Every key of the schema's experiments, datasets and backbones, as ``group[type].key.subkey``
+    (:func:`ifcl.config.schema_keys`, which also writes config/README.md)."""
+    return {row["key"] for row in config_schema_keys()}
 
 
 TRAINING = {"reduction", "train_task", "evaluate_task"}  # what a new model shape re-runs first

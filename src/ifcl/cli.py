@@ -233,6 +233,9 @@ def main(argv: list[str] | None = None) -> None:
                            "would be regenerated)")
     check_cmd.add_argument("--configfile", help="also check this config (YAML syntax with its line, the schema, "
                            "the cross-checks) as the workflow would")
+    cdocs = sub.add_parser("config-docs", help="write config/README.md, every config key, from the schema")
+    cdocs.add_argument("--out", default="config/README.md")
+    cdocs.add_argument("--check", action="store_true", help="only check (exit status 1 if it differs)")
     tables = sub.add_parser("readme-tables", help="copy a summary's tables into the README's demo section")
     tables.add_argument("summary", nargs="?", default="results/summary/summary.md")
     tables.add_argument("--readme", default="README.md")
@@ -257,6 +260,17 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.command == "check":
         check(args)
+    elif args.command == "config-docs":
+        from .config import config_reference
+
+        text = config_reference()
+        if args.check:
+            if not Path(args.out).is_file() or Path(args.out).read_text() != text:
+                sys.exit(f"ifcl config-docs: {args.out} does not match the schema; run `ifcl config-docs`")
+            print(f"{args.out} matches the schema")
+        else:
+            Path(args.out).write_text(text)
+            print(f"written {args.out}")
     elif args.command == "readme-tables":
         readme_tables(args)
     elif args.command == "run":

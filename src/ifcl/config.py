@@ -7,6 +7,7 @@ task overrides name existing tasks). Both run before any job starts; errors name
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import yaml
@@ -233,3 +234,77 @@ def task_train_params(experiment: dict, task: int) -> dict:
     params = dict(experiment["train"])
     params.update((experiment.get("task_overrides") or {}).get(task, {}))
     return params
+
+
+# ---- the schema's keys, for people (config/README.md) and for the audit of what reads them ----
+
+SCHEMA_GROUPS = ("dataset", "backbone", "vit_arch", "train", "cil_experiment", "diki_experiment")
+GROUP_TITLES = {"dataset": "Datasets (`datasets.<name>`)", "backbone": "Backbones (`backbones.<name>`)",
+                "vit_arch": "A pretrained ViT's sizes (`backbones.<name>.arch`, type `pretrain`)",
+                "train": "Optimisation (`experiments.<name>.train`, and each entry of `task_overrides`)",
+                "cil_experiment": "Class-incremental experiments (`experiments.<name>`, methods seq-lora, inflora, "
+                                  "inflora-ca)",
+                "diki_experiment": "DIKI experiments (`experiments.<name>`, method diki)"}
+
+
+def schema_keys(schema: dict | None = None) -> list[dict]:
+    """Every key of the schema's groups, in the schema's order: ``key`` as ``group[type].key.subkey`` (``[type]``
+    for keys of one dataset or backbone type; ``[]`` for the keys of a list's items), with its ``node``. A key
+    whose value is another group (an experiment's ``train``) is that group's keys, listed under that group."""
+    schema = schema or load_yaml(SCHEMA)
+    rows = []
+
+    def walk(node, prefix):
+        for name, sub in (node.get("properties") or {}).items():
+            path = f"{prefix}.{name}"
+            if sub == {} or "$ref" in sub or any("$ref" in s for s in sub.get("allOf", [])):
+                continue  # declared in the base group, or another group's keys
+            items = sub.get("items") if isinstance(sub.get("items"), dict) else {}
+            if "properties" in sub:
+                walk(sub, path)
+            elif "properties" in items:
+                walk(items, path + "[]")
+            else:
+                rows.append({"key": path, "node": sub})
+        for sub in node.get("allOf", []):
+            kind = sub.get("if", {}).get("properties", {}).get("type", {})
+            kind = kind.get("const") or "|".join(kind.get("enum", []))
+            if kind and "then" in sub:
+                walk(sub["then"], f"{prefix}[{kind}]")
+
+    for group in SCHEMA_GROUPS:
+        walk(schema["$defs"][group], group)
+    return rows
+
+
+def _cell(text: str) -> str:
+    return " ".join(str(text).split()).replace("|", "\\|")
+
+
+def config_reference(schema: dict | None = None) -> str:
+    """config/README.md: every key of the schema with its type or values, its default and its description."""
+    schema = schema or load_yaml(SCHEMA)
+    out = ["# Configuration keys", "",
+           "Every key a config file may hold, read from `workflow/schemas/config.schema.yaml` (this file is written "
+           "by `ifcl config-docs`; `tests/test_config.py` checks that it matches the schema). A config holds three "
+           "registries, `datasets`, `backbones` and `experiments`, each mapping names to specs; `include:` lists "
+           "further files merged in, and `downloads.mirror` a mirror for the fetch rules. Which files are configs: "
+           "`config/demo.yaml` (the offline demo), `config/experiments/*.yaml` (one per paper config) and "
+           "`config/config.yaml` (all of them). Errors name the key; see the README, \"Configuration errors\".", ""]
+    rows = schema_keys(schema)
+    for group in SCHEMA_GROUPS:
+        mine = [r for r in rows if r["key"].split(".")[0].split("[")[0] == group]
+        out += [f"## {GROUP_TITLES[group]}", "", "| key | values | default | meaning |", "|---|---|---|---|"]
+        for r in mine:
+            node = r["node"]
+            key = r["key"].split(".", 1)[1]
+            kind = r["key"].split(".")[0].partition("[")[2].rstrip("]")
+            values = ", ".join(f"`{v}`" for v in node["enum"]) if "enum" in node else _cell(
+                "/".join(node["type"]) if isinstance(node.get("type"), list) else node.get("type", "any"))
+            default = f"`{json.dumps(node['default'])}`" if "default" in node else ""
+            meaning = _cell(node.get("description", ""))
+            if kind:
+                meaning = f"(type {kind.replace('|', ', ')}) {meaning}".strip()
+            out.append(f"| `{key}` | {values} | {_cell(default)} | {meaning} |")
+        out.append("")
+    return "\n".join(out)
