@@ -1,4 +1,4 @@
-# ifcl: per-task continual-learning pipelines (see README.md and DESIGN in the docs).
+# ifcl: per-task continual-learning pipelines (see README.md and docs/).
 # Default config: config/config.yaml; `--configfile X` replaces it (it is not merged with the default).
 from snakemake.utils import min_version
 

@@ -1,0 +1,69 @@
+"""Every pointer in the project's documents resolves inside the repository: markdown links to files (and their
+#anchors), and the files, folders and tests named in backticks (`tests/test_x.py::test_name`)."""
+import re
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+
+DOCUMENTS = ["README.md", "BENCHMARKS.md", "config/README.md", *sorted(str(p.relative_to(REPO))
+                                                                     for p in (REPO / "docs").glob("*.md"))]
+# a repository path in backticks: starts with one of the top-level folders or files
+TOP = ("src/", "tests/", "docs/", "config/", "workflow/", "scripts/", "profiles/", "envs/", ".ci/")
+LINK = re.compile(r"\]\(([^)#\s]+)?(?:#([^)\s]+))?\)")
+TICKED = re.compile(r"`((?:" + "|".join(re.escape(t) for t in TOP) + r")[^`\s]*)`")
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor of a heading: lower case, punctuation but - and _ dropped, spaces to -."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def anchors(path):
+    return {slug(line.lstrip("#")) for line in path.read_text().splitlines() if line.startswith("#")}
+
+
+@pytest.mark.parametrize("document", DOCUMENTS)
+def test_every_link_and_named_path_resolves(document):
+    path = REPO / document
+    text = path.read_text()
+    broken = []
+    for target, anchor in LINK.findall(text):
+        if target.startswith(("http://", "https://", "mailto:")):
+            continue
+        file = (path.parent / target).resolve() if target else path
+        if not file.exists():
+            broken.append(f"link to {target}")
+        elif anchor and file.suffix == ".md" and anchor not in anchors(file):
+            broken.append(f"link to {target}#{anchor} (no such heading)")
+    for ticked in TICKED.findall(text):
+        name, _, test = ticked.partition("::")
+        name = name.rstrip(".,:;)")
+        if any(c in name for c in "*{}<>"):  # a pattern (config/experiments/*.yaml, task<t>/...), not one path
+            continue
+        file = REPO / name
+        if not file.exists():
+            broken.append(f"`{ticked}`")
+        elif test and f"def {test.split('[')[0]}(" not in file.read_text():
+            broken.append(f"`{ticked}` (no such test)")
+    assert not broken, f"{document}: " + "; ".join(broken)
+
+
+CODE_POINTER = re.compile(r"\b((?:tests|docs|config|workflow|scripts|profiles|envs)/[\w./-]*\w)(?:::(\w+))?")
+
+
+def test_every_path_named_in_the_code_exists():
+    """Docstrings and comments of the library, the rules and the scripts point to files of the repository."""
+    broken = []
+    files = [*(REPO / "src/ifcl").rglob("*.py"), *(REPO / "workflow").rglob("*.smk"), *(REPO / "scripts").glob("*.py"),
+             REPO / "Snakefile", REPO / "dvc.yaml", REPO / "pyproject.toml"]
+    for file in files:
+        for name, test in CODE_POINTER.findall(file.read_text()):
+            if "{" in name or "<" in name or not (REPO / name).exists() and "." not in Path(name).name:
+                continue  # a pattern, or a folder the pipeline makes
+            if not (REPO / name).exists():
+                broken.append(f"{file.relative_to(REPO)}: {name}")
+            elif test and f"def {test}(" not in (REPO / name).read_text():
+                broken.append(f"{file.relative_to(REPO)}: {name}::{test}")
+    assert not broken, "; ".join(broken)
