@@ -28,7 +28,7 @@ from slurm_cluster import missing_requirements, single_node_cluster
 
 pytestmark = pytest.mark.pipeline
 TARGETS = ["all"]
-# The test cluster has no accounting database: the plugin must poll with squeue (README: "Running on a cluster").
+# The test cluster has no accounting database: the plugin must poll with squeue (docs/running.md).
 # After a poll that finds a job finished, the next comes after --slurm-init-seconds-before-status-checks; after one
 # that finds none, 10 s later than the last interval. 8 s is a little longer than one of these tiny jobs takes.
 CLUSTER_FLAGS = ["--slurm-status-command", "squeue", "--seconds-between-status-checks", "8",

@@ -132,10 +132,9 @@ README_END = "<!-- end of demo summary -->"
 
 
 def readme_tables(args) -> None:
-    """Copy the tables of a summary.md (its headings one level down) between the README's demo-summary markers;
-    with --check, only say whether the README already holds them."""
+    """Copy the tables of a summary.md between the README's demo-summary markers; with --check, only say whether
+    the README already holds them."""
     body = read_text(args.summary).split("\n\n", 1)[1].strip()  # without the introduction line
-    body = "\n".join("#" + line if line.startswith("### ") else line for line in body.splitlines())
     readme = Path(args.readme).read_text()
     if readme.count(README_BEGIN) != 1 or readme.count(README_END) != 1:
         sys.exit(f"ifcl readme-tables: {args.readme} needs one line {README_BEGIN!r} and one {README_END!r}")
