@@ -116,3 +116,16 @@ def test_sequential_rng_chains_the_tasks(copy_of_tiny_run):
                     "--dry-run", "--forcerun", "train_prefix").stdout
     assert "task0/prefix.safetensors" in dag
     assert not np.isnan(pd.read_csv(run / "acc_matrix.csv", index_col=0).to_numpy()).any()
+
+
+def test_bench_bf16_reports_the_drift_of_a_diki_run(workdir):
+    """`ifcl bench bf16` on a finished DIKI run: one row per dataset of the sequence, a small drift."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "ifcl.cli", "bench", "bf16", "--configfile", "config.yaml",
+                           "tiny_diki"], cwd=workdir, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| tc_")]
+    assert [r.split("|")[1].strip() for r in rows] == TINY_CONFIG["experiments"]["tiny_diki"]["sequence"]
+    assert all(0.99 < float(r.split("|")[4]) <= 1.0 for r in rows)  # min cosine

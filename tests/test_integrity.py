@@ -2,6 +2,7 @@
 and regenerated, never used; an input put back with an old timestamp re-runs what was made from other content of
 it; a user's class folders are followed image by image."""
 import os
+import re
 import subprocess
 import sys
 
@@ -158,3 +159,20 @@ def test_a_users_folder_is_followed_image_by_image(tmp_path, tiny_config):
     snakemake(wd, tiny_config, target)
     assert f"skipped, not a readable image: {root}/class_2/broken.png" in \
         (wd / "logs/folder_manifest/mine.log").read_text()
+
+
+def test_ifcl_run_compare_names_what_differs(copy_of_tiny_run, tiny_run):
+    same = ifcl("run", "compare", str(tiny_run), str(copy_of_tiny_run), "--run", "tiny_inflora/seed0", cwd=tiny_run)
+    assert same.returncode == 0 and "none differ" in same.stdout
+    (copy_of_tiny_run / RUN / "task0/eval.json").write_text("{}\n")
+    differ = ifcl("run", "compare", str(tiny_run), str(copy_of_tiny_run), "--run", "tiny_inflora/seed0", cwd=tiny_run)
+    assert differ.returncode == 1 and re.search(rf"{RUN}/task0/eval.json +differs", differ.stdout)
+    assert "1 differ" in differ.stdout
+
+
+def test_bench_check_times_the_check_on_a_fabricated_tree(tmp_path):
+    proc = ifcl("bench", "check", "--files", "40", "--text", "20", "--state-kb", "1", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    first, later = proc.stdout.splitlines()[:2]
+    assert first.startswith("first (every file read):") and "40 files checked" in first
+    assert later.startswith("next (nothing changed):") and "0 file reads" in later
