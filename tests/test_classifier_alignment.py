@@ -1,4 +1,4 @@
-"""InfLoRA+CA's classifier alignment (reference/inflora.md §5.2) on synthetic features."""
+"""InfLoRA+CA's classifier alignment (liangyanshuo/InfLoRA methods/inflora_ca.py) on synthetic features."""
 import pytest
 import torch
 import torch.nn.functional as F

@@ -115,7 +115,7 @@ def test_generated_parts_span_domains_with_labels_in_listed_order(tmp_path):
 def test_task_split_native_and_official_shuffle(tmp_path):
     t = make_tasks([f"c{i}" for i in range(6)], 3, "native", seed=0)
     assert t["tasks"] == [[0, 1], [2, 3], [4, 5]]
-    # reference/inflora.md §6.1: shuffle with seed 1993 gives PyCIL's CIFAR-100 order
+    # liangyanshuo/InfLoRA utils/data_manager.py: shuffle with seed 1993 gives PyCIL's CIFAR-100 order
     s = make_tasks([f"c{i}" for i in range(100)], 10, "shuffled", seed=1993)
     assert s["class_order"][:10] == [68, 56, 78, 8, 23, 84, 90, 65, 74, 76]
     assert sorted(s["class_order"]) == list(range(100)) and len(s["tasks"]) == 10

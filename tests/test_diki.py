@@ -1,5 +1,5 @@
-"""DIKI on tensors: residual prefix attention (reference/diki.md §2.2), task Gaussians and calibration (§3),
-the per-iteration schedule (§4)."""
+"""DIKI on tensors: residual prefix attention (lloongx/DIKI clip/attention.py), task Gaussians and calibration
+(DIKI/DIKI.py), the per-iteration schedule."""
 import math
 
 import open_clip
@@ -24,7 +24,7 @@ def tokens(texts, length=16):
 
 
 def direct(q, k, v, pk, pv, weight, mask=None):
-    """The §2.2 formula written out: two separate softmaxes, the prefix one scaled per sample."""
+    """The formula of lloongx/DIKI clip/attention.py written out: two separate softmaxes, the prefix one scaled per sample."""
     d = q.shape[-1]
     scores = q @ k.transpose(-1, -2) / math.sqrt(d)
     if mask is not None:
@@ -133,7 +133,7 @@ def test_prefix_initialisation_and_the_vit_b16_count():
     assert keys.min() >= -1 and keys.max() <= 1 and keys.std() > 0.5
     assert model.trainable_parameters() == 2 * 2 * 4 * 48 + 3 * 2 * 4 * 32
     vit_b16 = CLIPPrefix(open_clip.create_model("ViT-B-16", pretrained=None), 8, 8, 8)
-    assert vit_b16.trainable_parameters() == 163_840  # reference/diki.md §2.1
+    assert vit_b16.trainable_parameters() == 163_840  # the official 8/8/8 prefixes at ViT-B/16
 
 
 def random_gaussians(d=6, t=3, seed=0):

@@ -67,3 +67,13 @@ def test_every_path_named_in_the_code_exists():
             elif test and f"def {test}(" not in (REPO / name).read_text():
                 broken.append(f"{file.relative_to(REPO)}: {name}::{test}")
     assert not broken, "; ".join(broken)
+
+
+def test_nothing_points_outside_the_repository():
+    """No notes outside the repository are cited: no `reference/...`, no DESIGN, no section signs of such notes."""
+    files = [p for folder in ("src", "tests", "scripts", "workflow", "docs", "config") for p in (REPO / folder).rglob("*")
+             if p.suffix in (".py", ".smk", ".md", ".yaml", ".rst") and p.name != "test_docs.py"]
+    files += [REPO / name for name in ("README.md", "BENCHMARKS.md", "Snakefile", "dvc.yaml", "pyproject.toml")]
+    found = [f"{p.relative_to(REPO)}:{i}" for p in files for i, line in enumerate(p.read_text().splitlines(), 1)
+             if re.search(r"reference/|\bDESIGN\b|§", line)]
+    assert not found, found

@@ -1,4 +1,4 @@
-"""InfLoRA's formulas (reference/inflora.md §2-§4) on random tensors."""
+"""InfLoRA's formulas (liangyanshuo/InfLoRA methods/inflora.py) on random tensors."""
 import math
 
 import numpy as np
@@ -18,7 +18,7 @@ def second_moment(n, d, decay, seed):
 
 
 def test_threshold_schedule():
-    # §3.2 table: cifar100 (0.95, T=10) 0.95, 0.955, ..., 0.995; mimg5 (0.98, T=5) 0.98, 0.984, ... 0.996
+    # the thresholds of the official configs: cifar100 (0.95, T=10) 0.95, 0.955, ..., 0.995; mimg5 (0.98, T=5) 0.98, 0.984, ... 0.996
     assert [threshold(t, 10, 0.95) for t in range(10)] == pytest.approx([0.95 + 0.005 * t for t in range(10)])
     assert [threshold(t, 5, 0.98) for t in range(5)] == pytest.approx([0.98, 0.984, 0.988, 0.992, 0.996])
     assert threshold(3, 20, 0.99) == pytest.approx(0.9915)
@@ -54,7 +54,7 @@ def test_designed_rows_are_orthogonal_to_the_old_space(kind):
 
 
 def test_design_uses_the_projected_second_moment_not_the_projected_tokens():
-    # §2.4/§9.1: the code takes singular vectors of Π⊥C, not of Π⊥CΠ⊥ (the paper's Π⊥H)
+    # the official code takes singular vectors of Π⊥C, not of Π⊥CΠ⊥ (the paper's Π⊥H)
     d = 24
     c = second_moment(2000, d, 0.8, 3)
     g = torch.Generator().manual_seed(4)
@@ -81,7 +81,7 @@ def test_first_task_memory_counts_prefixes_strictly_below_the_threshold():
 
 
 def test_first_task_filling_half_the_space_stores_the_complement():
-    # §3.4: the official code would store the space itself as 'retain' and then fail its assertion
+    # the official code (update_DualGPM) would store the space itself as 'retain' and then fail its assertion
     d = 16
     c = second_moment(5000, d, 1.0, 5)  # near-isotropic: most directions needed
     mem = update_memory(None, c, 0.95)
@@ -96,7 +96,7 @@ def test_first_task_filling_half_the_space_stores_the_complement():
 
 
 def test_dualgpm_and_gpm_keep_the_same_old_space_and_switch_at_half():
-    # §3.7: over many tasks the two bookkeepings give the same projector (≤ 5e-6 in the reference's check);
+    # over many tasks the two bookkeepings give the same projector (≤ 5e-6 in the reference's check);
     # DualGPM switches to 'retain' exactly when the remove memory exceeds d/2 columns.
     d, T = 32, 10
     dual = gpm = None

@@ -5,7 +5,7 @@ from ifcl.metrics import cil_accuracy_curve, cil_metrics, mtil_metrics
 
 nan = np.nan
 
-# reference/inflora.md §8.1: official InfLoRA CIFAR-100 seed 0 (2025-03-13 log), per-task accuracies after each task.
+# The official InfLoRA CIFAR-100 seed 0 (2025-03-13 log), per-task accuracies after each task.
 CIFAR_SEED0 = np.array([
     [99.4, nan, nan, nan, nan, nan, nan, nan, nan, nan],
     [98.1, 95.0, nan, nan, nan, nan, nan, nan, nan, nan],

@@ -1,5 +1,5 @@
-"""The official InfLoRA and DIKI configs (config/experiments/*.yaml): valid, faithful to reference/inflora.md §7 and
-reference/diki.md §1, §5, §6, and a dry run builds every task of every seed, from the download rules on."""
+"""The official InfLoRA and DIKI configs (config/experiments/*.yaml): valid, faithful to the official configs of
+liangyanshuo/InfLoRA (configs/*.json) and lloongx/DIKI (configs/*.yaml), and a dry run builds every task of every seed, from the download rules on."""
 import re
 import shutil
 import subprocess
@@ -41,7 +41,7 @@ RELEASED = {
 }
 
 
-# DIKI: name -> the sequence of the official configs (MTIL.yaml, MTIL-order-II.yaml, MTIL-FS.yaml; diki.md §5.1)
+# DIKI: name -> the sequence of the official configs (MTIL.yaml, MTIL-order-II.yaml, MTIL-FS.yaml of lloongx/DIKI configs/)
 ORDER_1 = ["aircraft", "caltech101", "cifar100", "dtd", "eurosat", "flowers", "food", "mnist", "oxford_pet",
            "stanford_cars", "sun397"]
 RELEASED_DIKI = {
@@ -50,7 +50,7 @@ RELEASED_DIKI = {
                          "dtd", "eurosat", "cifar100"],
     "mtil_fs_diki": ["aircraft", "caltech101", "cifar100", "dtd", "flowers", "food", "stanford_cars", "sun397"],
 }
-# the single template each official loader uses (the first of its list; diki.md §1)
+# the single template each official loader uses (the first of its list, lloongx/DIKI DIKI/MTIL_datasets/*.py)
 TEMPLATES = {
     "aircraft": "a photo of a {}, a type of aircraft.", "caltech101": "a photo of a {}.", "cifar100": "a photo of a {}.",
     "dtd": "a photo of a {} texture.", "eurosat": "a centered satellite photo of {}.",
@@ -98,12 +98,12 @@ def test_official_config_is_valid_and_faithful(path):
     assert exp["seeds"] == [0, 1, 2, 3, 4] and exp["class_order"] == "native" and exp["lame"] == 1.0
     backbone = config["backbones"][exp["backbone"]]
     assert backbone["name"] == "vit_base_patch16_224.augreg_in21k"
-    assert backbone["mean"] == [0.0, 0.0, 0.0] and backbone["std"] == [1.0, 1.0, 1.0]  # inputs in [0, 1] (§1.1)
+    assert backbone["mean"] == [0.0, 0.0, 0.0] and backbone["std"] == [1.0, 1.0, 1.0]  # inputs in [0, 1], as the official code feeds them
     if optimizer == "adam":
         assert train["schedule"] == "inflora-cosine" and train["weight_decay"] == 0.0
     if method == "inflora-ca":
         assert exp["ca"]["samples_per_class"] == 256 and exp["ca"]["logit_norm"] == 0.1 and exp["ca"]["epochs"] == 5
-    # the recipes that differ (§5.2, §5.3)
+    # the recipes that differ (CA and DomainNet)
     if name == "cifar100_infloraca":
         assert exp["final_norm"] == "reset"
         assert (train["head_lr"], train["weight_decay"], train["schedule"], train["milestones"]) == (0.01, 1e-3, "multistep", [18])

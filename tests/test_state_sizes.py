@@ -1,5 +1,5 @@
-"""Per-task state files at the papers' scale: ViT-B/16, rank 10, 10 or 20 classes per task (reference/inflora.md
-§4.1: the official code saves ≈445 MB per task)."""
+"""Per-task state files at the papers' scale: ViT-B/16, rank 10, 10 or 20 classes per task (the official
+code, liangyanshuo/InfLoRA, saves ≈445 MB per task)."""
 import timm
 import torch
 
@@ -29,10 +29,14 @@ def test_reduction_and_adapter_of_a_vit_b16_task_take_under_2_mb(tmp_path):
 
 
 def test_memory_file_size_follows_its_columns(tmp_path):
-    """The memory stores, per layer, the old-space basis (remove) or its complement (retain): at most 384 columns of
-    768 floats. With the first-task sizes of the official ImageNet-R log (§3.8) that is 1.1 MB."""
+    """The memory stores, per layer, the old-space basis (remove) or, with DualGPM, its complement (retain) when
+    that is smaller: at most 384 columns of 768 floats with DualGPM, 768 with GPM (28.3 MB over 12 blocks). With
+    the first-task sizes of the official ImageNet-R log that is 1.1 MB."""
     columns = [7, 11, 14, 19, 28, 26, 30, 31, 50, 60, 28, 81]
     memories = [LayerMemory(torch.linalg.qr(torch.randn(768, m))[0], "remove") for m in columns]
     save_memory(tmp_path / "memory.safetensors", list(range(12)), memories, {"task": 0})
     size = (tmp_path / "memory.safetensors").stat().st_size
     assert sum(columns) * 768 * 4 < size < sum(columns) * 768 * 4 + 20_000
+    full = [LayerMemory(torch.eye(768), "remove") for _ in range(12)]  # GPM, every direction kept
+    save_memory(tmp_path / "full.safetensors", list(range(12)), full, {"task": 9})
+    assert 28.3 * MB < (tmp_path / "full.safetensors").stat().st_size < 28.3 * MB + 20_000

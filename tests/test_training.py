@@ -7,7 +7,7 @@ from ifcl.training import lr_multipliers, per_task_accuracy
 
 
 def test_official_cosine_schedule_multipliers():
-    # reference/inflora.md §4.2: K=20 -> 1, 1, 0.9967, 0.9866, ..., 0.1784, 0.0974
+    # liangyanshuo/InfLoRA utils/schedulers.py CosineSchedule, K=20 -> 1, 1, 0.9967, 0.9866, ..., 0.1784, 0.0974
     m = lr_multipliers(20)
     assert len(m) == 20
     assert m[:4] == pytest.approx([1.0, 1.0, 0.9967, 0.9866], abs=1e-4)
@@ -37,7 +37,7 @@ def test_per_task_accuracy_splits_by_class_blocks():
 
 
 def test_sgd_schedules_and_head_group():
-    # CosineAnnealingLR(T_max=K) stepped per epoch, and MultiStepLR([18], 0.1) of InfLoRA_CA1 (reference §5.2)
+    # CosineAnnealingLR(T_max=K) stepped per epoch, and MultiStepLR([18], 0.1) of liangyanshuo/InfLoRA's InfLoRA_CA1
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=5)
     expected = []

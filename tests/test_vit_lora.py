@@ -125,7 +125,7 @@ def test_random_reduction_is_lora_default_init():
     r = random_reduction(768, 10, torch.Generator().manual_seed(0))
     assert r.shape == (10, 768)
     assert r.abs().max() <= 1 / 768 ** 0.5
-    # expected row norm of U(-1/sqrt(d), 1/sqrt(d)) rows is 1/sqrt(3) (reference/inflora.md §2)
+    # expected row norm of U(-1/sqrt(d), 1/sqrt(d)) rows is 1/sqrt(3) (liangyanshuo/InfLoRA methods/inflora.py scales R_t so)
     assert r.norm(dim=1).mean().item() == pytest.approx(3 ** -0.5, rel=0.02)
 
 
