@@ -29,7 +29,7 @@ import socket
 import subprocess
 import sys
 import tempfile
-from pathlib import Path
+import time
 
 ENV = "IFCL_STEP_SERVER"  # the server's socket; "off" disables handing over
 _PYTHON = "IFCL_STEP_SERVER_PYTHON"  # the interpreter the server runs: a job under another one runs itself
@@ -88,6 +88,9 @@ def start() -> tuple[subprocess.Popen, str]:
     path = os.path.join(folder, "server.sock")
     proc = subprocess.Popen([sys.executable, "-m", "ifcl.stepserver", path, str(os.getpid())],
                             stdin=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30  # it listens before its imports: jobs that come early wait in its queue
+    while not os.path.exists(path) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
     os.environ[ENV] = path
     os.environ[_PYTHON] = sys.executable
     return proc, folder
@@ -99,9 +102,7 @@ def stop(server: tuple[subprocess.Popen, str]) -> None:
     proc.wait()
     os.environ.pop(ENV, None)
     os.environ.pop(_PYTHON, None)
-    for p in Path(folder).iterdir():
-        p.unlink()
-    os.rmdir(folder)
+    _remove(os.path.join(folder, "server.sock"))
 
 
 # ---- the server ----
@@ -153,8 +154,9 @@ def _die_with_parent() -> None:
 def serve(path: str, parent: int) -> None:
     """Listen on ``path``; fork a child for each job; exit when process ``parent`` is gone."""
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(path)
+    listener.bind(path + ".new")
     listener.listen(128)  # jobs that connect before the imports below are done wait here
+    os.rename(path + ".new", path)  # the socket appears once it listens
     _die_with_parent()
     import importlib
 
@@ -197,6 +199,19 @@ def serve(path: str, parent: int) -> None:
     finally:
         for pid in running.values():
             _kill(pid)
+        _remove(path)  # also when Snakemake was killed and stop() never ran
+
+
+def _remove(path: str) -> None:
+    for name in (path, path + ".new"):
+        try:
+            os.unlink(name)
+        except FileNotFoundError:
+            pass
+    try:
+        os.rmdir(os.path.dirname(path))
+    except OSError:
+        pass
 
 
 def _kill(pid: int) -> None:
