@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .files import DIGEST_SUFFIX, FileCheckError, check_bytes, file_sha256
+from .files import DIGEST_SUFFIX, FileCheckError, check_bytes, file_sha256, recorded_digest
 
 QUARANTINE = "quarantine"
 CACHE = ".snakemake/ifcl-checked.json"
@@ -63,10 +63,10 @@ class Report:
         return out
 
 
-def state_problem(path: Path) -> str | None:
+def state_problem(path: Path, raw: bytes | None = None) -> str | None:
     """Why a state file fails its check (None: it matches the digest of its tensors). The same digest as
-    :func:`ifcl.state.payload_sha256`, computed from the file's bytes without torch."""
-    raw = path.read_bytes()
+    :func:`ifcl.state.payload_sha256`, computed from the file's bytes (``raw``, else read) without torch."""
+    raw = path.read_bytes() if raw is None else raw
     try:
         n = int.from_bytes(raw[:8], "little")
         header = json.loads(raw[8:8 + n])
@@ -88,11 +88,14 @@ def state_problem(path: Path) -> str | None:
     return None
 
 
-def text_problem(path: Path) -> str | None:
+def text_problem(path: Path, raw: bytes) -> str | None:
+    """Why a text file written by a step fails its check (None: it matches the digest beside it)."""
+    if recorded_digest(path) is None:
+        return "has no recorded digest"
     try:
-        check_bytes(path, path.read_bytes())
-    except FileCheckError as e:
-        return "has no recorded digest" if "no recorded digest" in str(e) else "does not match its recorded digest"
+        check_bytes(path, raw)
+    except FileCheckError:
+        return "does not match its recorded digest"
     return None
 
 
@@ -186,10 +189,12 @@ def check_workdir(root: str | Path = ".", dry_run: bool = False) -> Report:
         report.checked += 1
         if cache.get(path, "ok"):
             continue
-        problem = state_problem(path) if path.suffix == ".safetensors" else text_problem(path)
+        raw = path.read_bytes()  # read once: checked here, and its sha256 kept for the inputs' comparison below
+        problem = state_problem(path, raw) if path.suffix == ".safetensors" else text_problem(path, raw)
         cache.hashed += 1
         if problem is None:
             cache.put(path, "ok", True)
+            cache.put(path, "sha256", hashlib.sha256(raw).hexdigest())
             continue
         rel = path.relative_to(root)
         dest = root / QUARANTINE / stamp / rel

@@ -322,13 +322,15 @@ try:
 except ValueError as e:
     raise WorkflowError(f"Invalid published numbers: {e}")
 
-# Where a configured experiment with published numbers differs from the paper config of the same name (the
-# protocol those numbers were measured under): the summary marks its comparison and names the settings.
-PROTOCOL_CHANGES = (
-    protocol_changes(config, load_config(os.path.join(workflow.basedir, "config", "config.yaml"), workflow.basedir),
-                     PUBLISHED)
-    if set(PUBLISHED) & set(EXPERIMENTS) else {}
-)
+def protocol_changes_of_runs(wildcards):
+    """Params function of the summarize rule: where a configured experiment with published numbers differs from the
+    paper config of the same name (the protocol those numbers were measured under), so that the summary marks the
+    comparison and names the settings. Computed only for that job: reading the paper configs takes a few tenths
+    of a second, which every start (a SLURM job's too) would otherwise pay."""
+    if not set(PUBLISHED) & set(EXPERIMENTS):
+        return {}
+    reference = load_config(os.path.join(workflow.basedir, "config", "config.yaml"), workflow.basedir)
+    return protocol_changes(config, reference, PUBLISHED)
 
 
 # ---- figures ----

@@ -36,7 +36,7 @@ rule summarize:
         runs=run_results(),
         experiments=EXPERIMENTS,
         published=PUBLISHED,
-        protocol_changes=PROTOCOL_CHANGES,
+        protocol_changes=protocol_changes_of_runs,
     localrule: True
     conda:
         CONDA_ENV
