@@ -35,3 +35,10 @@ rule runs:
     the target of dvc.yaml's pipeline stage."""
     input:
         run_targets(),
+
+
+rule data:
+    """Every file under data/ that the configured runs read: datasets fetched and prepared, weights fetched. Then
+    `dvc add data` tracks it as data.dvc, so other machines pull it instead (docs/reproducibility.md)."""
+    input:
+        data_targets(),

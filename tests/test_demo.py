@@ -3,6 +3,7 @@ the summary it writes (`ifcl readme-tables --check`), and each claim the README 
 above the spread between seeds. Not in the default run (several minutes on 2 cores): `pytest -m demo`, which also
 runs the demo through the SLURM profile (tests/test_slurm.py)."""
 import json
+import shutil
 import subprocess
 import sys
 
@@ -39,3 +40,24 @@ def test_the_demo_runs_gives_the_readme_tables_and_its_claims_hold(tmp_path):
         first, last = (json.loads((run / f"task{t}/eval.json").read_text()) for t in (0, 1))
         assert abs(first["accuracy"][1] - zero_shot[1]) <= 1.0 and first["mean_weight"][1] < 0.1
         assert all(a > z for a, z in zip(last["accuracy"], zero_shot)) and min(last["mean_weight"]) > 0.5
+
+
+def test_the_demo_data_is_what_data_dvc_records(tmp_path):
+    """The repository's data.dvc records the demo's prepared data: `snakemake data` on config/demo.yaml makes it
+    again bit for bit: recording it again (`dvc add data`) leaves data.dvc as it is."""
+    work = tmp_path / "work"
+    work.mkdir()
+    for name in ("data.dvc", ".dvcignore"):
+        shutil.copyfile(REPO / name, work / name)
+
+    def run(*args):
+        proc = subprocess.run(list(args), cwd=work, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return proc.stdout
+
+    run(sys.executable, "-m", "snakemake", "data", "--cores", "2", "-s", str(REPO / "Snakefile"), "-d", str(work),
+        "--configfile", str(REPO / "config/demo.yaml"))
+    run("git", "init", "-q")
+    run(sys.executable, "-m", "dvc", "init", "-q")
+    run(sys.executable, "-m", "dvc", "add", "-q", "data")
+    assert (work / "data.dvc").read_text() == (REPO / "data.dvc").read_text()

@@ -41,6 +41,10 @@ COVERED = {
     "snakemake --configfile config/demo.yaml --report": "tests/test_pipeline.py::test_every_figure_and_the_report",
     "snakemake --configfile <config> --report": "tests/test_pipeline.py::test_every_figure_and_the_report",
     "dvc": "tests/test_reproducibility.py::test_pull_into_an_emptied_checkout_restores_everything_and_nothing_reruns",
+    "dvc add data": "tests/test_reproducibility.py::test_dvc_repro_records_every_stage_with_metrics_and_plots",
+    "dvc pull data.dvc":
+        "tests/test_reproducibility.py::test_a_node_without_internet_pulls_data_dvc_and_no_fetch_or_prepare_job_runs",
+    "ifcl data-ready": "tests/test_reproducibility.py::test_the_pipeline_stage_refuses_data_that_is_not_complete",
     "dvc repro": "tests/test_reproducibility.py::test_dvc_repro_records_every_stage_with_metrics_and_plots",
     "dvc plots": "tests/test_reproducibility.py::test_dvc_repro_records_every_stage_with_metrics_and_plots",
     "dvc metrics": "tests/test_reproducibility.py::test_dvc_repro_records_every_stage_with_metrics_and_plots",

@@ -74,6 +74,9 @@ FIGURE_JOBS = {"accuracy_curves", "overview", "accuracy_matrix", "forgetting", "
 def project(tmp_path_factory):
     """A lab's project after `dvc repro` (pipeline, summary, figures) and `dvc push` to a folder remote."""
     root = new_project(tmp_path_factory.mktemp("lab"))
+    # the README's recipe: fetch and prepare the data, record it as data.dvc, then the DVC stages
+    snakemake(root, "data")
+    dvc(root, "add", "data")
     dvc(root, "repro")
     dvc(root, "remote", "add", "-d", "labstore", str(root.parent / "dvc-remote"))
     dvc(root, "push")
@@ -84,8 +87,11 @@ def test_dvc_repro_records_every_stage_with_metrics_and_plots(project):
     lock = yaml.safe_load((project / "dvc.lock").read_text())
     assert set(lock["stages"]) == {"pipeline", "summary", "figures"}
     outs = {o["path"] for stage in lock["stages"].values() for o in stage["outs"]}
-    assert {"data", "results/runs", "results/summary/summary.json", "results/summary/summary.html",
+    assert {"results/runs", "results/summary/summary.json", "results/summary/summary.html",
             "results/figures", ".snakemake/metadata"} <= outs
+    # the data is its own artifact (data.dvc), which the pipeline stage reads
+    assert "data" not in outs and "data" in {d["path"] for d in lock["stages"]["pipeline"]["deps"]}
+    assert yaml.safe_load((project / "data.dvc").read_text())["outs"][0]["path"] == "data"
     assert "Data and pipelines are up to date" in dvc(project, "status")
     assert re.search(rf"{EXP}\.final_mean\s", dvc(project, "metrics", "show"))
     assert (project / RUN / "task2" / "eval.json").is_file()
@@ -117,6 +123,39 @@ def test_pull_into_an_emptied_checkout_restores_everything_and_nothing_reruns(pr
     assert tree(project, *OUTPUTS) == before
     assert "Nothing to be done" in snakemake(project, "-n")
     assert "Data and pipelines are up to date" in dvc(project, "status")
+
+
+DATA_RULES = {"fetch_source", "fetch_weights", "decode_cifar100", "prepare_mtil", "list_benchmark",
+              "generate_dataset", "folder_manifest"}
+
+
+def test_a_node_without_internet_pulls_data_dvc_and_no_fetch_or_prepare_job_runs(project, tmp_path):
+    """A fresh clone of the lab's commit (data.dvc and the remote in .dvc/config) pulls only the data, then plans
+    the whole pipeline: training and evaluation, and no fetch or prepare job."""
+    assert run(REPO, "git", "ls-files", "data.dvc").split() == ["data.dvc"]  # the repository tracks it
+    (tmp_path / "node").mkdir()
+    node = new_project(tmp_path / "node")
+    for name in ("data.dvc", ".dvc/config"):
+        shutil.copyfile(project / name, node / name)
+    dvc(node, "pull", "data.dvc")
+    decoded = "data/decoded/"  # the decoded-image caches are not tracked (.dvcignore): each machine makes its own
+    assert tree(node, "data") == {p: h for p, h in tree(project, "data").items() if not p.startswith(decoded)}
+    assert not (node / "results").exists()
+    planned = {rule for rule, _ in jobs_run(snakemake(node, "-n"))}
+    assert {"pretrain_backbone", "split_tasks", "train_task", "evaluate_task", "summarize"} <= planned
+    assert not planned & DATA_RULES, planned & DATA_RULES
+    assert "data/ is complete" in run(node, os.path.join(BIN, "ifcl"), "data-ready", "--configfile",
+                                      "config/tiny.yaml")
+
+
+def test_the_pipeline_stage_refuses_data_that_is_not_complete(project, tmp_path):
+    work = tmp_path / "work"
+    shutil.copytree(project, work)
+    shutil.rmtree(work / "data/prepared/tiny_shapes")
+    proc = subprocess.run([os.path.join(BIN, "ifcl"), "data-ready", "--configfile", "config/tiny.yaml"], cwd=work,
+                          capture_output=True, text=True, env=ENV)
+    assert proc.returncode == 1
+    assert "`snakemake data` would run generate_dataset x1" in proc.stderr and "dvc add data" in proc.stderr
 
 
 def test_files_copied_with_new_timestamps_do_not_rerun_but_changed_code_does(project, tmp_path):

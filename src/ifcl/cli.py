@@ -12,6 +12,10 @@
         In a finished working directory: how far the run's frozen test features would move under bf16 autocast
         (ifcl computes them in float32), and what that would change in DIKI's task choice and λ.
 
+    ifcl data-ready [--configfile config/config.yaml]
+        Exit with a message naming the jobs if `snakemake data` would run any: the data under data/ (what data.dvc
+        tracks) is complete and up to date for the config. The first command of dvc.yaml's pipeline stage.
+
     ifcl run show results/runs/<experiment>/seed<k>
         List the run's tasks and files with their sizes and sha256; every state file is verified as it is read.
 
@@ -51,6 +55,23 @@ def job_stats(log: str) -> dict[str, int]:
             break
         jobs[parts[0]] = int(parts[1])
     return jobs
+
+
+def data_ready(configfile: str, directory: str = ".") -> None:
+    """Exit with a message if `snakemake data` would run a job: the pipeline stage of dvc.yaml depends on data/
+    (data.dvc) and must not write into it, so the data is prepared before, by `snakemake data` and `dvc add data`,
+    or pulled (`dvc pull data.dvc`)."""
+    cmd = [sys.executable, "-m", "snakemake", "data", "--dry-run", "--quiet", "rules", "--configfile", configfile]
+    proc = subprocess.run(cmd, cwd=directory, capture_output=True, text=True)
+    if proc.returncode:
+        sys.exit(proc.stdout + proc.stderr + f"\nifcl data-ready: `snakemake data --dry-run` failed (above)")
+    jobs = {rule: n for rule, n in job_stats(proc.stdout + proc.stderr).items() if rule != "data"}
+    if jobs:
+        listed = ", ".join(f"{rule} x{n}" for rule, n in sorted(jobs.items()))
+        sys.exit(f"ifcl data-ready: data/ is not complete for {configfile}: `snakemake data` would run {listed}.\n"
+                 f"Prepare it first, then record it: `snakemake data --cores all --configfile {configfile}` and "
+                 f"`dvc add data` (or fetch a lab's copy: `dvc pull data.dvc`), then run `dvc repro` again.")
+    print(f"data/ is complete for {configfile}")
 
 
 def bench_demo(args) -> dict:
@@ -239,6 +260,9 @@ def main(argv: list[str] | None = None) -> None:
     tables.add_argument("summary", nargs="?", default="results/summary/summary.md")
     tables.add_argument("--readme", default="README.md")
     tables.add_argument("--check", action="store_true", help="only check (exit status 1 if they differ)")
+    ready = sub.add_parser("data-ready", help="exit 1 if `snakemake data` would run a job (data/ incomplete)")
+    ready.add_argument("--configfile", default="config/config.yaml")
+    ready.add_argument("-d", "--directory", default=".", help="the pipeline's working directory (default: .)")
     run = sub.add_parser("run", help="inspect a run: its task states, and the model after task k")
     bcheck = bench_sub.add_parser("check", help="the start-of-workflow file check on a fabricated working directory")
     bcheck.add_argument("--files", type=int, default=3526, help="run files (default: the fifteen paper configs')")
@@ -259,6 +283,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.command == "check":
         check(args)
+    elif args.command == "data-ready":
+        data_ready(args.configfile, args.directory)
     elif args.command == "config-docs":
         from .config import config_reference
 

@@ -115,6 +115,9 @@ def names_of_type(registry, kind):
     return "|".join(re.escape(n) for n in names) if names else "(?!)"
 
 
+# the manifests each type of dataset has (the others: train and test)
+DATASET_SPLITS = {"mtil": ("train", "val", "test"), "generated": ("train", "val", "test")}
+
 NON_CONTENT_KEYS = ("train_transform", "test_transform", "crop_scale", "template")
 
 
@@ -296,6 +299,19 @@ def run_targets():
             targets += [layout.task_file(exp, seed, t, name) for t in range(num_tasks(spec))
                         for name in task_outputs(spec, t)]
     return targets
+
+
+def data_targets():
+    """Every file under data/ that the configured runs read: the manifests of each dataset an experiment or a
+    pretrained backbone uses (with the images and raw sources they are made from) and the fetched weights. The
+    target `snakemake data`, which `dvc add data` then tracks as data.dvc."""
+    used = {EXPERIMENTS[exp]["backbone"] for exp in EXPERIMENTS}
+    datasets = {ds for spec in EXPERIMENTS.values() for ds in (spec["sequence"] if is_diki(spec) else [spec["dataset"]])}
+    datasets |= {BACKBONES[b]["pretrain"]["dataset"] for b in used if "pretrain" in BACKBONES[b]}
+    manifests = [manifest(ds, split) for ds in sorted(datasets)
+                 for split in DATASET_SPLITS.get(DATASETS[ds]["type"], ("train", "test"))]
+    weights = sorted({backbone_weights(b) for b in used} & {layout.FETCHED.format(model=m) for m in fetched_weights()})
+    return manifests + weights
 
 
 def run_results():
