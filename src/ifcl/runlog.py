@@ -1,10 +1,12 @@
-"""Per-rule log files: everything a step prints (progress bars included) goes to the rule's ``log:`` file.
+"""Per-rule log files: everything a step prints goes to the rule's ``log:`` file (plain lines, see
+:mod:`ifcl.progress`, which also keeps the job's status file).
 
 Every script of the workflow starts with ``with job(snakemake):``.
 """
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import sys
 import traceback
@@ -28,6 +30,10 @@ def logging_to(path: str | Path):
             raise
 
 
+class Terminated(BaseException):
+    """The job was told to stop (SIGTERM): its status file says so, and the process exits with an error."""
+
+
 @contextmanager
 def job(snakemake):
     """The body of a rule's script: handed to the step server if the workflow runs one (:mod:`ifcl.stepserver`;
@@ -38,5 +44,17 @@ def job(snakemake):
     code = hand_over(sys.argv[0])
     if code is not None:
         os._exit(code)
+    from . import progress
+
+    def terminated(signum, frame):  # Snakemake stops its jobs with SIGTERM (Ctrl-C, a failed job elsewhere)
+        raise Terminated(f"stopped by signal {signal.Signals(signum).name}")
+
+    signal.signal(signal.SIGTERM, terminated)
     with logging_to(snakemake.log[0]):
-        yield
+        progress.start_job(snakemake.rule, dict(snakemake.wildcards.items()), snakemake.log[0])
+        try:
+            yield
+        except BaseException as e:
+            progress.finish_job(e)
+            raise
+        progress.finish_job()

@@ -15,8 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
-from tqdm import tqdm
-
+from .progress import epoch_done, track
 from .runtime import autocast
 
 
@@ -89,7 +88,7 @@ def train_classifier(
         for group in opt.param_groups:
             group["lr"] = group["base_lr"] * mult
         start, total_loss, correct, seen = time.perf_counter(), 0.0, 0, 0
-        for x, y in tqdm(loader, desc=f"{desc} epoch {epoch + 1}/{cfg['epochs']}", leave=False, mininterval=5):
+        for x, y in track(loader, f"{desc} epoch {epoch + 1}/{cfg['epochs']}", epoch=epoch, epochs=cfg["epochs"]):
             x, y = x.to(device, non_blocking=True), (y - label_offset).to(device, non_blocking=True)
             with autocast(device, precision):
                 logits = logits_fn(x)
@@ -102,9 +101,8 @@ def train_classifier(
             seen += len(y)
         rows.append({"epoch": epoch, "lr": cfg["lr"] * mult, "loss": total_loss / seen,
                      "train_acc": 100.0 * correct / seen})
-        print(f"{desc} epoch {epoch + 1}/{cfg['epochs']}: loss {rows[-1]['loss']:.4f} "
-              f"acc {rows[-1]['train_acc']:.2f}% lr {rows[-1]['lr']:.3g} ({time.perf_counter() - start:.1f} s)",
-              flush=True)
+        epoch_done(desc, epoch, cfg["epochs"], time.perf_counter() - start, seen, loss=rows[-1]["loss"],
+                   accuracy=rows[-1]["train_acc"], lr=rows[-1]["lr"])
     return rows
 
 
@@ -113,7 +111,7 @@ def predict_logits(logits_fn: Callable[[torch.Tensor], torch.Tensor], loader: Da
                    precision: str = "bf16") -> tuple[torch.Tensor, torch.Tensor]:
     """Logits and targets over a loader."""
     logits, targets = [], []
-    for x, y in tqdm(loader, desc="evaluate", leave=False, mininterval=5):
+    for x, y in track(loader, "evaluate"):
         with autocast(device, precision):
             logits.append(logits_fn(x.to(device)).float().cpu())
         targets.append(y)

@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 from torchvision import transforms as T
-from tqdm import tqdm
 
 from ..files import atomic_path
+from ..progress import track
 from .manifest import DatasetError, read_manifest, selected_rows
 from .transforms import DETERMINISTIC, geometric_ops, read_image
 
@@ -49,8 +49,7 @@ def write_decoded(manifest: str, transform: str, size: int, out: str, threads: i
 
     with atomic_path(out) as f, ThreadPoolExecutor(max(1, threads)) as pool:
         np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": shape})
-        for data in tqdm(pool.map(decode, rows), total=len(rows), desc=f"decode {Path(manifest).name}",
-                         mininterval=5):
+        for data in track(pool.map(decode, rows), f"decode {Path(manifest).name}", total=len(rows), unit="images"):
             f.write(data)
     print(f"{len(rows)} images decoded under {transform} at {size} px into {out} "
           f"({np.prod(shape) / 2**20:.1f} MiB)", flush=True)

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from .. import layout
 from ..data.loader import image_batches
@@ -24,6 +23,7 @@ from ..files import file_sha256, write_csv, write_json
 from ..methods.diki import TaskGaussian, fit_gaussian, iteration_lrs
 from ..models.clip_prefix import CLIPPrefix, load_clip, prompts, tokenize
 from ..models.diki import DIKIModel, calibrated_logits
+from ..progress import epoch_done, track
 from ..runtime import autocast, derive_seed, full_precision, seed_everything, start
 from ..state import load_state, save_state
 
@@ -90,7 +90,7 @@ def frozen_features(step: FrozenFeatures) -> None:
     loader = _batches(step.manifest, step.backbone, FEATURE_BATCH, device)
     feats, labels = [], []
     with full_precision():
-        for x, y in tqdm(loader, desc="frozen features", leave=False, mininterval=5):
+        for x, y in track(loader, "frozen features"):
             feats.append(F.normalize(clip.encode_image(x), dim=-1).float().cpu())
             labels.append(y)
         feats, labels = torch.cat(feats), torch.cat(labels)
@@ -190,7 +190,8 @@ def train(step: Train) -> None:
     rows, best, best_acc, n_step = [], None, -1.0, 0
     for epoch in range(cfg["epochs"]):
         loss_sum = correct = seen = 0
-        for x, y in tqdm(loader, desc=f"task {step.t} epoch {epoch}", leave=False, mininterval=5):
+        began = time.perf_counter()
+        for x, y in track(loader, f"task {step.t} epoch {epoch + 1}/{cfg['epochs']}", epoch=epoch, epochs=cfg["epochs"]):
             for group in optimizer.param_groups:
                 group["lr"] = lrs[n_step]
             y = y.to(device)
@@ -207,7 +208,8 @@ def train(step: Train) -> None:
         val_acc = _accuracy(model, prefix, tokens, val, device, step.precision) if val else float("nan")
         rows.append({"epoch": epoch, "loss": loss_sum / seen, "train_accuracy": 100.0 * correct / seen,
                      "val_accuracy": val_acc, "lr_last": lrs[n_step - 1]})
-        print(f"epoch {epoch}: loss {loss_sum / seen:.4f}, train {100.0 * correct / seen:.2f}%, val {val_acc:.2f}%")
+        epoch_done(f"task {step.t}", epoch, cfg["epochs"], time.perf_counter() - began, seen, loss=loss_sum / seen,
+                   train_accuracy=100.0 * correct / seen, val_accuracy=val_acc, lr=lrs[n_step - 1])
         if val is None or val_acc > best_acc:  # strictly better; without validation the last epoch
             best_acc, best = val_acc, {"epoch": epoch, "prefix": {k: v.detach().cpu().clone() for k, v in prefix.items()}}
     write_csv(step.log_csv, rows)

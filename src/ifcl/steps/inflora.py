@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from .. import layout
 from ..data.loader import image_batches
@@ -22,6 +21,7 @@ from ..methods.classifier_alignment import align_heads, class_statistics
 from ..methods.inflora import LayerMemory, design_reduction, threshold, update_memory
 from ..models.vit_lora import (ViTLoRA, heads_state, load_backbone, load_heads, random_reduction, reduction_state,
                                split_reduction_state)
+from ..progress import track
 from ..runtime import derive_seed, full_precision, start
 from ..state import load_state, save_state
 from ..training import per_task_accuracy, predict_logits, task_aware_predictions, task_of, train_classifier
@@ -85,7 +85,7 @@ def collect_second_moments(model: ViTLoRA, loader, device) -> list[torch.Tensor]
     for layer in model.lora_layers:
         layer.start_collecting()
     with full_precision():
-        for x, _ in tqdm(loader, desc="collect inputs", leave=False, mininterval=5):
+        for x, _ in track(loader, "collect inputs"):
             model.features(x.to(device))
     return [layer.stop_collecting() for layer in model.lora_layers]
 
