@@ -165,7 +165,9 @@ def epoch_done(desc: str, epoch: int, epochs: int, seconds: float, images: int, 
     line = f"{desc} epoch {epoch + 1}/{epochs}: {', '.join(parts)}, {seconds:.1f} s, {rate:.1f} img/s"
     print(line, flush=True)
     if _job is not None:
+        since = time.time() - _job.get("training_started", time.time())
         _job.update(phase=desc, epoch=epoch + 1, epochs=epochs, images_per_s=round(rate, 1),
+                    eta_s=round(since * (epochs - epoch - 1) / (epoch + 1)),
                     last_epoch={"epoch": epoch + 1, **{k: round(float(v), 6) for k, v in metrics.items()}})
         _write(force=True)
     return line
