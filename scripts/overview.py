@@ -1,5 +1,5 @@
 # Rule overview: summary.json and every run's accuracy curve -> one page comparing the methods on each benchmark
-# (curves and final metrics with the published numbers), PNG and PDF.
+# (curves and final metrics with the published numbers, each experiment in its colour), PNG and PDF.
 from ifcl.runlog import job
 
 with job(snakemake):
@@ -9,4 +9,5 @@ with job(snakemake):
 
     p = snakemake.params
     curves = {exp: list(by_seed.values()) for exp, by_seed in run_curves(p.runs, p.protocols).items()}
-    plot_overview(overview_benchmarks(read_json(snakemake.input.summary), curves), p.settings, list(snakemake.output))
+    plot_overview(overview_benchmarks(read_json(snakemake.input.summary), curves), p.protocols, p.colours, p.settings,
+                  list(snakemake.output))

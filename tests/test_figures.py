@@ -1,7 +1,9 @@
 """Issue 9, results people can read: the summary over seeds next to the published numbers, and every figure rendered
 from a small fabricated results tree (written with the library's own writers), as valid PNG and PDF files whose
 drawn content is the data: the heatmap's numbers are the matrix, the memory lines the old-space dimensions, the λ
-histograms the evaluation's counts, the overview's bars the summary."""
+histograms the evaluation's counts, the overview's bars the summary, the training curves every epoch of the
+task logs. Every figure gives an experiment the same colour and every panel with data a legend; class-incremental
+and MTIL curves are in separate panels. The tiny run has a training figure and the training data of every run."""
 import numpy as np
 import pytest
 import torch
@@ -13,9 +15,10 @@ from ifcl.config import load_config
 from ifcl.files import read_json, write_json
 from ifcl.methods.inflora import LayerMemory
 from ifcl.metrics import forgetting_per_task
-from ifcl.plots import (DEFAULT_SETTINGS, accuracy_curve, curve_records, lambda_histograms, matrix_annotations,
-                        memory_dimensions, plot_accuracy_curves, plot_accuracy_matrix, plot_forgetting,
-                        plot_lambda_histograms, plot_memory_sizes, plot_overview, read_matrix)
+from ifcl.plots import (CURVE_AXES, DEFAULT_SETTINGS, TAB10, accuracy_curve, curve_records, experiment_colours,
+                        lambda_histograms, matrix_annotations, memory_dimensions, plot_accuracy_curves,
+                        plot_accuracy_matrix, plot_forgetting, plot_lambda_histograms, plot_memory_sizes, plot_overview,
+                        plot_training, read_matrix, shades, training_log, training_records)
 from ifcl.results import (aggregate_run, benchmark_groups, check_published, load_published, overview_benchmarks,
                           summarize)
 from ifcl.state import save_state
@@ -34,6 +37,8 @@ EXPERIMENTS = {
     "demo_seq-lora": {"method": "seq-lora", "dataset": "demo_mixed", "num_tasks": 3, "seeds": [0]},
     MTIL: {"method": "diki", "sequence": SEQUENCE, "seeds": [0]},
 }
+PROTOCOLS = {CIL: "cil", "demo_seq-lora": "cil", MTIL: "mtil"}
+COLOURS = experiment_colours(list(EXPERIMENTS))  # as the workflow computes them: every experiment, in config order
 
 
 def is_png(path):
@@ -241,7 +246,7 @@ def test_forgetting_bars_are_the_mean_over_seeds(results, tmp_path):
     assert per_seed[0] == pytest.approx([90 - 60, 70 - 65]) and per_seed[1] == pytest.approx([88 - 70, 72 - 60])
     stored = [read_json(f["metrics"])["forgetting"] for f in runs[CIL].values()]  # metrics.json: the mean over tasks
     assert [f.mean() for f in per_seed] == pytest.approx(stored)
-    fig = plot_forgetting(per_seed, CIL, SETTINGS, outputs(tmp_path / "f"))
+    fig = plot_forgetting(per_seed, CIL, COLOURS[CIL], SETTINGS, outputs(tmp_path / "f"))
     check_image(tmp_path / "f")
     heights = [p.get_height() for p in fig.axes[0].patches]
     assert heights == pytest.approx(np.mean(per_seed, axis=0))
@@ -257,7 +262,7 @@ def test_the_memory_figure_draws_the_old_space_dimensions_of_each_block(results,
     # block 1 after task 1 keeps a 7-column basis of the complement: 16 - 7 = 9 dimensions of old space
     assert layers == ["0", "1"] and dims.tolist() == [[2, 5], [3, 9]]
     assert kinds == [["remove", "remove"], ["remove", "retain"]]
-    fig = plot_memory_sizes(layers, dims, kinds, 16, "memory", SETTINGS, outputs(tmp_path / "mem"))
+    fig = plot_memory_sizes(layers, dims, kinds, 16, "memory", COLOURS[CIL], SETTINGS, outputs(tmp_path / "mem"))
     check_image(tmp_path / "mem")
     lines = {line.get_label(): line.get_ydata().tolist() for line in fig.axes[0].lines
              if line.get_label().startswith("block")}
@@ -292,7 +297,7 @@ def test_the_overview_compares_the_experiments_per_benchmark(results, tmp_path):
     benchmarks = overview_benchmarks(summary, curves)
     assert benchmarks[0]["metrics"] == [("final", "A_T"), ("average", "Ā"), ("forgetting", "forgetting")]
     assert benchmarks[2]["metrics"] == [("transfer", "Transfer"), ("average", "Average"), ("last", "Last")]
-    fig = plot_overview(benchmarks, SETTINGS, outputs(tmp_path / "overview"))
+    fig = plot_overview(benchmarks, PROTOCOLS, COLOURS, SETTINGS, outputs(tmp_path / "overview"))
     image = check_image(tmp_path / "overview")
     assert image.shape[0] > image.shape[1] / 2  # three rows of panels
     cil_bars = fig.axes[1]
@@ -312,10 +317,233 @@ def test_the_accuracy_curves_as_a_figure_and_as_data(results, tmp_path):
     assert records[-1]["accuracy"] == pytest.approx(np.mean(CIL_MATRICES[1][2]))
     by_experiment = {CIL: list(curves[CIL].values()), MTIL: [accuracy_curve(runs[MTIL][0]["matrix"], None, "mtil")]}
     for band, shaded in (("std", 1), ("none", 0)):
-        fig = plot_accuracy_curves(by_experiment, {**SETTINGS, "band": band}, outputs(tmp_path / band))
+        fig = plot_accuracy_curves(by_experiment, PROTOCOLS, COLOURS, {**SETTINGS, "band": band},
+                                   outputs(tmp_path / band))
         check_image(tmp_path / band)
-        ax = fig.axes[0]
-        drawn = [line.get_ydata() for line in ax.lines]
-        assert np.allclose(drawn[0], np.mean(by_experiment[CIL], axis=0))
-        assert np.allclose(drawn[1], by_experiment[MTIL][0])
-        assert len(ax.collections) == shaded  # a band only where there are two seeds
+        cil_ax, mtil_ax = fig.axes
+        assert np.allclose(cil_ax.lines[0].get_ydata(), np.mean(by_experiment[CIL], axis=0))
+        assert np.allclose(mtil_ax.lines[0].get_ydata(), by_experiment[MTIL][0])
+        assert len(cil_ax.collections) == shaded and not mtil_ax.collections  # a band only where there are two seeds
+
+
+# ---- one colour per experiment, legends, separate protocol panels, training curves ----
+
+EPOCHS = {CIL: [3, 1, 2], MTIL: [2, 2, 1]}  # epochs per task (unequal, as task_overrides allow)
+
+
+def fake_log(exp: str, t: int, epochs: int) -> list[dict]:
+    """A task's train_log.csv rows as its training step writes them (InfLoRA family or DIKI); DIKI's last dataset
+    has no validation split (NaN)."""
+    rows = []
+    for e in range(epochs):
+        loss, acc = 2.0 - 0.3 * e - 0.1 * t, 40.0 + 10 * e + t
+        if exp == MTIL:
+            val = float("nan") if t == 2 else acc - 5
+            rows.append({"epoch": e, "loss": loss, "train_accuracy": acc, "val_accuracy": val, "lr_last": 0.1})
+        else:
+            rows.append({"epoch": e, "lr": 0.01, "loss": loss, "train_acc": acc})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def train_logs(tmp_path_factory):
+    """Every task's train_log.csv of a class-incremental and a DIKI run, written and read back with the library's
+    CSV functions (as the steps and the figure rules do), as :func:`ifcl.plots.training_log` records."""
+    from ifcl.files import read_csv, write_csv
+
+    root = tmp_path_factory.mktemp("train_logs")
+    logs = {}
+    for exp, epochs in EPOCHS.items():
+        paths = []
+        for t, n in enumerate(epochs):
+            paths.append(root / exp / f"task{t}" / "train_log.csv")
+            write_csv(paths[-1], fake_log(exp, t, n))
+        logs[exp] = {0: training_log([read_csv(path) for path in paths])}
+    return logs
+
+
+def task_labels(exp):
+    return SEQUENCE if exp == MTIL else [f"task {t}" for t in range(len(EPOCHS[exp]))]
+
+
+def training_figure(train_logs, exp, path):
+    """The training figure of one fabricated run, written to path (.png, .pdf) unless path is None."""
+    return plot_training(train_logs[exp][0], task_labels(exp), exp, COLOURS[exp], SETTINGS,
+                         outputs(path) if path else [])
+
+
+def test_experiment_colours_are_tab10_then_more_all_distinct():
+    names = [f"exp{k:02d}" for k in range(30)]
+    colours = experiment_colours(names)
+    assert [colours[n] for n in names[:10]] == TAB10
+    assert len(set(colours.values())) == 30
+    assert experiment_colours(names[:12]) == {n: colours[n] for n in names[:12]}  # by place in the order only
+
+
+def test_an_experiment_has_the_same_colour_in_every_figure_that_draws_it(results, train_logs):
+    """Each figure gets the colours of all experiments in config order: a figure of some of them (a protocol's
+    panel, a benchmark, one experiment) keeps each one's colour. (Figures not written to files: [] outputs.)"""
+    from matplotlib.colors import to_hex
+
+    root, runs = results
+    drawn = {exp: {} for exp in EXPERIMENTS}  # experiment -> {where: colour}
+
+    def lines_of(where, ax):
+        for line in ax.lines:
+            name = line.get_label().split(" (")[0]
+            if name in drawn:
+                drawn[name][f"{where}: {ax.get_title()}"] = to_hex(line.get_color())
+
+    curves = {exp: [accuracy_curve(f["matrix"], f["metrics"], PROTOCOLS[exp]) for f in by_seed.values()]
+              for exp, by_seed in runs.items()}
+    for subset in (list(curves), ["demo_seq-lora", MTIL]):
+        fig = plot_accuracy_curves({n: curves[n] for n in subset}, PROTOCOLS, COLOURS, SETTINGS, [])
+        for ax in fig.axes:
+            lines_of(f"curves of {subset}", ax)
+    fig = plot_overview(overview_benchmarks(read_json(root / "summary" / "summary.json"), curves), PROTOCOLS, COLOURS,
+                        SETTINGS, [])
+    for curve_ax, bar_ax in zip(fig.axes[::2], fig.axes[1::2]):
+        lines_of("overview", curve_ax)
+        for bar in bar_ax.patches:
+            drawn[bar.get_gid()][f"overview bars: {curve_ax.get_title()}"] = to_hex(bar.get_facecolor())
+    for exp in (CIL, "demo_seq-lora"):
+        per_seed = [forgetting_per_task(read_matrix(f["matrix"])) for f in runs[exp].values()]
+        fig = plot_forgetting(per_seed, exp, COLOURS[exp], SETTINGS, [])
+        drawn[exp]["forgetting"] = {to_hex(bar.get_facecolor()) for bar in fig.axes[0].patches}.pop()
+    for exp in EPOCHS:
+        fig = training_figure(train_logs, exp, None)
+        drawn[exp]["training"] = {to_hex(line.get_color()) for ax in fig.axes for line in ax.lines
+                                  if line.get_gid() in ("loss", "accuracy")}.pop()
+
+    for exp, where in drawn.items():
+        assert len(where) >= 4 and set(where.values()) == {COLOURS[exp]}, (exp, where)
+    assert len(set(COLOURS.values())) == len(COLOURS)
+
+
+def test_the_memory_lines_are_shades_of_the_experiment_colour(results):
+    from matplotlib.colors import to_hex
+    from ifcl.state import load_state
+
+    root, _ = results
+    metas = [load_state(root / "runs" / CIL / "seed0" / f"task{t}" / "memory.safetensors")[1] for t in (0, 1)]
+    layers, dims, kinds = memory_dimensions(metas)
+    fig = plot_memory_sizes(layers, dims, kinds, 16, "memory", COLOURS["demo_seq-lora"], SETTINGS, [])
+    blocks = [to_hex(line.get_color()) for line in fig.axes[0].lines if line.get_label().startswith("block")]
+    assert blocks == [to_hex(c) for c in shades(COLOURS["demo_seq-lora"], 2)] and len(set(blocks)) == 2
+    assert shades(COLOURS[CIL], 1) == [pytest.approx(np.array([0x1F, 0x77, 0xB4]) / 255)]  # one block: the colour
+
+
+def test_class_incremental_and_mtil_curves_are_in_separate_panels(results):
+    _, runs = results
+    curves = {exp: [accuracy_curve(f["matrix"], f["metrics"], PROTOCOLS[exp]) for f in by_seed.values()]
+              for exp, by_seed in runs.items()}
+    fig = plot_accuracy_curves(curves, PROTOCOLS, COLOURS, SETTINGS, [])
+    assert len(fig.axes) == 2
+    for ax, protocol in zip(fig.axes, ("cil", "mtil")):
+        shown = {line.get_label().split(" (")[0] for line in ax.lines}
+        assert shown == {exp for exp in curves if PROTOCOLS[exp] == protocol}
+        assert (ax.get_title(), ax.get_xlabel(), ax.get_ylabel()) == CURVE_AXES[protocol]
+    assert fig.axes[0].get_ylabel() != fig.axes[1].get_ylabel()
+    # one protocol configured: one panel
+    fig = plot_accuracy_curves({MTIL: curves[MTIL]}, PROTOCOLS, COLOURS, SETTINGS, [])
+    assert len(fig.axes) == 1 and fig.axes[0].get_xlabel() == CURVE_AXES["mtil"][1]
+
+
+def test_every_panel_with_data_has_a_legend(results, train_logs):
+    root, runs = results
+    curves = {exp: [accuracy_curve(f["matrix"], f["metrics"], PROTOCOLS[exp]) for f in by_seed.values()]
+              for exp, by_seed in runs.items()}
+    summary = read_json(root / "summary" / "summary.json")
+    evals = [read_json(root / "runs" / MTIL / "seed0" / f"task{t}" / "eval.json") for t in range(3)]
+    edges, rows = lambda_histograms(evals)
+    metas = [{"old_space_dims": {"0": 2, "1": 5}, "layer_kinds": {"0": "remove", "1": "retain"}}] * 2
+    per_seed = [forgetting_per_task(read_matrix(f["matrix"])) for f in runs[CIL].values()]
+    figures = {
+        "accuracy curves": plot_accuracy_curves(curves, PROTOCOLS, COLOURS, SETTINGS, []),
+        "overview": plot_overview(overview_benchmarks(summary, curves), PROTOCOLS, COLOURS, SETTINGS, []),
+        "forgetting": plot_forgetting(per_seed, CIL, COLOURS[CIL], SETTINGS, []),
+        "memory": plot_memory_sizes(*memory_dimensions(metas), 16, "m", COLOURS[CIL], SETTINGS, []),
+        "lambda": plot_lambda_histograms(edges, rows, SEQUENCE, "λ", SETTINGS, []),
+        **{f"training {exp}": training_figure(train_logs, exp, None) for exp in EPOCHS},
+    }
+    for name, fig in figures.items():
+        panels = [ax for ax in fig.axes if ax.get_visible() and (ax.lines or ax.patches or ax.collections)]
+        assert panels, name
+        for ax in panels:
+            legend = ax.get_legend()
+            assert legend is not None and [t.get_text() for t in legend.get_texts()], (name, ax.get_title())
+    for bar_ax in figures["overview"].axes[1::2]:  # the bars' legend names the experiments drawn
+        names = {bar.get_gid() for bar in bar_ax.patches}
+        assert names <= {t.get_text() for t in bar_ax.get_legend().get_texts()}
+
+
+def test_the_training_figure_draws_every_epoch_of_every_task_and_the_task_boundaries(train_logs, tmp_path):
+    for exp, epochs in EPOCHS.items():
+        log = train_logs[exp][0]
+        assert [r["global_epoch"] for r in log] == list(range(sum(epochs)))
+        starts = list(np.cumsum(epochs)[:-1])  # global epoch of each task's first epoch, from the second task
+        fig = training_figure(train_logs, exp, tmp_path / exp)
+        check_image(tmp_path / exp)
+        loss_ax, acc_ax = fig.axes
+        for ax, key in ((loss_ax, "loss"), (acc_ax, "accuracy")):
+            lines = [line for line in ax.lines if line.get_gid() == key]
+            assert len(lines) == len(epochs) and all(line.get_marker() == "o" for line in lines)  # a line per task
+            assert np.concatenate([line.get_xdata() for line in lines]).tolist() == [r["global_epoch"] for r in log]
+            assert np.concatenate([line.get_ydata() for line in lines]) == pytest.approx([r[key] for r in log])
+            boundaries = [line.get_xdata()[0] for line in ax.lines if line.get_gid() == "task boundary"]
+            assert boundaries == pytest.approx([s - 0.5 for s in starts])
+        names = [t.get_text() for t in loss_ax.child_axes[0].get_xticklabels()]
+        assert names == task_labels(exp)
+    # DIKI: the validation accuracy where the dataset has a validation split (not the last one here)
+    log = train_logs[MTIL][0]
+    fig = training_figure(train_logs, MTIL, tmp_path / "val")
+    val = [line for line in fig.axes[1].lines if line.get_gid() == "val_accuracy"]
+    assert np.concatenate([line.get_xdata() for line in val]).tolist() == [r["global_epoch"] for r in log if r["task"] < 2]
+    assert np.concatenate([line.get_ydata() for line in val]) == pytest.approx(
+        [r["val_accuracy"] for r in log if r["task"] < 2])
+
+
+def test_the_training_curves_as_data(train_logs):
+    log = train_logs[CIL][0]
+    assert [(r["task"], r["epoch"], r["global_epoch"]) for r in log] == [
+        (0, 0, 0), (0, 1, 1), (0, 2, 2), (1, 0, 3), (2, 0, 4), (2, 1, 5)]
+    assert log[4]["loss"] == pytest.approx(2.0 - 0.2) and log[4]["accuracy"] == 42.0
+    assert "val_accuracy" not in log[0] and np.isnan(train_logs[MTIL][0][-1]["val_accuracy"])
+    records = training_records(train_logs)
+    assert len(records) == sum(map(sum, EPOCHS.values()))
+    assert records[0] == {"experiment": CIL, "seed": 0, "task": 0, "epoch": 0, "global_epoch": 0, "loss": 2.0,
+                          "accuracy": 40.0}
+    assert all(set(r) == set(records[0]) for r in records)  # nothing else: no validation, no times
+
+
+def test_every_figure_rule_that_colours_by_experiment_gets_the_workflow_colour_table():
+    """The table is computed once (common.smk) from every configured experiment; the rules pass it, or the
+    experiment's own colour, to their scripts."""
+    common = (REPO / "workflow/rules/common.smk").read_text()
+    assert "EXPERIMENT_COLOURS = canonical(experiment_colours(list(EXPERIMENTS)))" in common
+    rules = {block.split(":")[0]: block for block in (REPO / "workflow/rules/figures.smk").read_text().split("\nrule ")}
+    for rule in ("accuracy_curves", "overview"):
+        assert "colours=EXPERIMENT_COLOURS," in rules[rule], rule
+    for rule in ("forgetting", "memory_sizes", "training_curves"):
+        assert "colour=experiment_colour," in rules[rule], rule
+
+
+def test_the_tiny_run_has_a_training_figure_and_the_training_data_of_every_run(tiny_run):
+    from conftest import TINY_CONFIG
+    from ifcl.files import read_csv
+    from ifcl.layout import num_tasks
+
+    figures = tiny_run / "results" / "figures"
+    records = read_json(figures / "training_curves.json")
+    for exp, spec in TINY_CONFIG["experiments"].items():
+        for seed in spec["seeds"]:
+            check_image(figures / exp / f"seed{seed}" / "training")
+            run = tiny_run / "results" / "runs" / exp / f"seed{seed}"
+            logs = [read_csv(run / f"task{t}" / "train_log.csv") for t in range(num_tasks(spec))]
+            mine = [r for r in records if (r["experiment"], r["seed"]) == (exp, seed)]
+            assert [(r["task"], r["epoch"]) for r in mine] == [(t, int(row["epoch"])) for t, rows in enumerate(logs)
+                                                               for row in rows]
+            assert [r["global_epoch"] for r in mine] == list(range(len(mine)))
+            assert [r["loss"] for r in mine] == pytest.approx([float(row["loss"]) for rows in logs for row in rows])
+    assert {(r["experiment"], r["seed"]) for r in records} == {(exp, s) for exp, spec in
+                                                              TINY_CONFIG["experiments"].items() for s in spec["seeds"]}

@@ -73,6 +73,7 @@ def test_every_figure_and_the_report(workdir):
     stems = ["accuracy_curves", "overview"] + [f"{exp}/forgetting" for exp in CIL_EXPERIMENTS]
     stems += [f"{exp}/seed{s}/acc_matrix" for exp, spec in experiments.items() for s in spec["seeds"]]
     stems += [f"{exp}/seed0/memory" for exp in ("tiny_inflora", "tiny_inflora-ca")] + ["tiny_diki/seed0/lambda"]
+    stems += [f"{exp}/seed{s}/training" for exp, spec in experiments.items() for s in spec["seeds"]]
     for stem in stems:
         assert (figures / f"{stem}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", stem
         assert (figures / f"{stem}.pdf").read_bytes()[:5] == b"%PDF-", stem
@@ -88,7 +89,7 @@ def test_every_figure_and_the_report(workdir):
     html = report.read_text()
     for text in ("InfLoRA and DIKI, task by task", "Summary", "Overview", "Accuracy matrices", "Forgetting",
                  "InfLoRA memory", "DIKI \\u03bb", "summary.html", "overview.png", "acc_matrix.png", "memory.png",
-                 "lambda.png"):
+                 "lambda.png", "Training", "training.png"):
         assert text in html, text
 
 
@@ -117,7 +118,8 @@ def test_a_task_level_change_reruns_only_that_task_and_its_dependants(copy_of_ti
     task_jobs = {(r, o) for r, o in planned if r in ("reduction", "train_task", "evaluate_task")}
     assert task_jobs == expected_tasks
     assert {r for r, _ in planned} == {"train_task", "evaluate_task", "aggregate_run", "summarize", "accuracy_curves",
-                                      "overview", "accuracy_matrix", "forgetting"}
+                                      "overview", "accuracy_matrix", "forgetting", "training_curves",
+                                      "training_curves_data"}
 
     untouched = {p: p.read_bytes() for s in (0, 1) for p in (run_dir(workdir, s) / "task0").iterdir()}
     old_t1 = (run_dir(workdir, 0) / "task1" / "train_log.csv").read_text()

@@ -20,23 +20,31 @@ envvars:
 # Jobs run on this machine are forked from one process that has imported torch, timm and open_clip once, instead
 # of each importing them anew (ifcl.stepserver); IFCL_STEP_SERVER=off runs every job in a process of its own.
 from ifcl import stepserver
+from ifcl.status import start_console
 
 _step_server = []
+_console = []
 
 
 onstart:
     if getattr(workflow.executor_plugin, "name", None) == "local" and stepserver.available():
         _step_server.append(stepserver.start())
+    # a line a minute naming the running jobs, their epoch, loss and ETA (from their status files)
+    _console.append(start_console(interval=float(os.environ.get("IFCL_CONSOLE_SECONDS", 60))))
 
 
 onsuccess:
     for server in _step_server:
         stepserver.stop(server)
+    for stop in _console:
+        stop.set()
 
 
 onerror:
     for server in _step_server:
         stepserver.stop(server)
+    for stop in _console:
+        stop.set()
 
 
 # The software of every rule, for --software-deployment-method conda (paths relative to workflow/rules/).
@@ -49,7 +57,7 @@ from ifcl.config import ConfigError, canonical, check, load_config, merge_includ
 from ifcl.layout import aligned_heads_task, is_diki, num_tasks, task_outputs, uses_alignment, uses_memory
 from ifcl.data.benchmarks import sources_of
 from ifcl.data.folder import folder_fingerprint
-from ifcl.plots import load_settings as figure_settings
+from ifcl.plots import experiment_colours, load_settings as figure_settings
 from ifcl.results import check_published, load_published, protocol_changes, protocol_of
 from ifcl.data.transforms import DETERMINISTIC, decoded_file
 from ifcl.data.sources import MARKER as SOURCE_MARKER, SOURCES
@@ -368,13 +376,24 @@ def has_memory_files(spec):
 FORGETTING_EXPERIMENTS = experiments_where(has_forgetting)
 MEMORY_EXPERIMENTS = experiments_where(has_memory_files)
 
+# One colour per experiment in every figure: the palette of ifcl.plots in the order of the configured experiments
+# (the config's order, keys sorted), so a figure that shows some of them gives each the same colour as the others.
+EXPERIMENT_COLOURS = canonical(experiment_colours(list(EXPERIMENTS)))
+
+
+def experiment_colour(wildcards):
+    """Params function: the colour of the wildcard's experiment (a figure of one experiment re-runs only when its
+    own colour changes)."""
+    return EXPERIMENT_COLOURS[wildcards.exp]
+
 
 def figure_targets():
-    """Every figure (PNG and PDF) and the accuracy curves as data."""
+    """Every figure (PNG and PDF) and the accuracy and training curves as data."""
     targets = [f"{FIGURES}/accuracy_curves.{ext}" for ext in ("png", "pdf", "json")]
     targets += [f"{FIGURES}/overview.{ext}" for ext in ("png", "pdf")]
+    targets.append(f"{FIGURES}/training_curves.json")
     for exp, spec in EXPERIMENTS.items():
-        names = ["acc_matrix"]
+        names = ["acc_matrix", "training"]
         if has_memory_files(spec):
             names.append("memory")
         if is_diki(spec):
@@ -405,6 +424,23 @@ def memory_files(wildcards):
 
 def diki_evals(wildcards):
     return run_evals(wildcards)["evals"]
+
+
+def train_logs(wildcards):
+    """The run's train_log.csv of every task, in task order."""
+    return [run_file(wildcards, t, layout.TRAIN_LOG) for t in range(num_tasks(EXPERIMENTS[wildcards.exp]))]
+
+
+def all_train_logs():
+    """train_log.csv of every task of every run, by experiment and seed."""
+    return {exp: {s: [layout.task_file(exp, s, t, layout.TRAIN_LOG) for t in range(num_tasks(spec))]
+                  for s in spec["seeds"]} for exp, spec in EXPERIMENTS.items()}
+
+
+def task_labels(wildcards):
+    """The names of a run's tasks in the figures: MTIL's datasets, class-incremental "task 0", "task 1", ..."""
+    spec = EXPERIMENTS[wildcards.exp]
+    return spec["sequence"] if is_diki(spec) else [f"task {t}" for t in range(spec["num_tasks"])]
 
 
 # ---- DIKI ----

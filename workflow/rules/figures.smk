@@ -9,8 +9,8 @@ rule figures:
 
 
 rule accuracy_curves:
-    """Accuracy after each task, one line per experiment with a band over seeds (settings: params.yaml), and the
-    curves as data for `dvc plots show`."""
+    """Accuracy after each task, one panel per protocol, one line per experiment with a band over seeds (settings:
+    params.yaml), and the curves as data for `dvc plots show`."""
     input:
         [path for by_seed in run_results().values() for files in by_seed.values() for path in files.values()],
     output:
@@ -21,6 +21,7 @@ rule accuracy_curves:
         code=code("accuracy_curves"),
         runs=run_results(),
         protocols=protocols(),
+        colours=EXPERIMENT_COLOURS,
         settings=FIGURE_SETTINGS,
     localrule: True
     conda:
@@ -43,6 +44,7 @@ rule overview:
         code=code("overview"),
         runs=run_results(),
         protocols=protocols(),
+        colours=EXPERIMENT_COLOURS,
         settings=FIGURE_SETTINGS,
     localrule: True
     conda:
@@ -86,6 +88,7 @@ rule forgetting:
         exp=FORGETTING_EXPERIMENTS,
     params:
         code=code("forgetting"),
+        colour=experiment_colour,
         settings=FIGURE_SETTINGS,
     localrule: True
     conda:
@@ -108,6 +111,7 @@ rule memory_sizes:
         exp=MEMORY_EXPERIMENTS,
     params:
         code=code("memory_sizes"),
+        colour=experiment_colour,
         settings=FIGURE_SETTINGS,
     localrule: True
     conda:
@@ -139,3 +143,43 @@ rule lambda_histograms:
         "logs/lambda_histograms/{exp}/seed{seed}.log",
     script:
         "../../scripts/lambda_histograms.py"
+
+
+rule training_curves:
+    """One run's loss and training accuracy per epoch over its whole task sequence, task boundaries marked."""
+    input:
+        train_logs,
+    output:
+        png=report(f"{RUN_FIGURES}/training.png", caption="../report/training_curves.rst", category="Training",
+                   subcategory="{exp}", labels={"experiment": "{exp}", "seed": "{seed}"}),
+        pdf=f"{RUN_FIGURES}/training.pdf",
+    params:
+        code=code("training_curves"),
+        labels=task_labels,
+        colour=experiment_colour,
+        settings=FIGURE_SETTINGS,
+    localrule: True
+    conda:
+        CONDA_ENV
+    log:
+        "logs/training_curves/{exp}/seed{seed}.log",
+    script:
+        "../../scripts/training_curves.py"
+
+
+rule training_curves_data:
+    """Every run's training, one record per epoch, as data for `dvc plots show`."""
+    input:
+        [path for by_seed in all_train_logs().values() for paths in by_seed.values() for path in paths],
+    output:
+        f"{FIGURES}/training_curves.json",
+    params:
+        code=code("training_curves_data"),
+        logs=all_train_logs(),
+    localrule: True
+    conda:
+        CONDA_ENV
+    log:
+        "logs/training_curves_data.log",
+    script:
+        "../../scripts/training_curves_data.py"
