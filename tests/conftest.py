@@ -131,7 +131,8 @@ def copy_run(workdir: Path, to: Path) -> Path:
 # to one process, which builds the run and then reads it; meanwhile the SLURM cluster, the longest module (mostly
 # waiting for its jobs), goes to the other; then the DVC project, then the rest. The tests of the whole demo
 # (`-m demo`) are one unit too: each runs the demo on both cores, so they run one at a time.
-TINY_RUN_MODULES = ("test_pipeline.py", "test_diki_pipeline.py", "test_config_audit.py", "test_integrity.py")
+TINY_RUN_MODULES = ("test_pipeline.py", "test_diki_pipeline.py", "test_config_audit.py", "test_integrity.py",
+                    "test_predict.py", "test_status.py")
 FIRST_MODULES = (*TINY_RUN_MODULES, "test_slurm.py", "test_reproducibility.py")
 
 

@@ -23,9 +23,8 @@ TRAP = "snakemake --cores 8 --resources gpu=4 all"
 
 # command prefix -> the test that runs it
 COVERED = {
-    "python3 -m venv .venv && .venv/bin/pip install -e '.[test]' && .venv/bin/pytest": ".ci/run",
-    "python3 -m venv .venv && .venv/bin/pip install -e . && .venv/bin/snakemake --cores 2 --configfile config/demo.yaml":
-        "tests/test_demo.py::test_the_demo_runs_gives_the_readme_tables_and_its_claims_hold",
+    "python3 -m venv .venv && source .venv/bin/activate && pip install -e '.[test]'": ".ci/run",
+    "pytest": ".ci/run",
     "pytest -m demo": "tests/test_demo.py::test_the_demo_runs_gives_the_readme_tables_and_its_claims_hold",
     ".venv/bin/pytest -m demo": "tests/test_demo.py::test_the_demo_runs_gives_the_readme_tables_and_its_claims_hold",
     "pytest --durations": ".ci/run",
@@ -34,9 +33,12 @@ COVERED = {
     "ifcl bench bf16": "tests/test_diki_pipeline.py::test_bench_bf16_reports_the_drift_of_a_diki_run",
     "ifcl bench check": "tests/test_integrity.py::test_bench_check_times_the_check_on_a_fabricated_tree",
     "ifcl readme-tables": "tests/test_demo.py::test_the_demo_runs_gives_the_readme_tables_and_its_claims_hold",
+    "ifcl status": "tests/test_status.py::test_ifcl_status_on_the_finished_tiny_run_and_its_logs_read_as_text",
     "ifcl run show": "tests/test_pipeline.py::test_the_model_after_task_k_loads_and_reproduces_its_evaluation",
     "ifcl run model": "tests/test_pipeline.py::test_the_model_after_task_k_loads_and_reproduces_its_evaluation",
     "ifcl run compare": "tests/test_integrity.py::test_ifcl_run_compare_names_what_differs",
+    "ifcl run predict": "tests/test_predict.py::test_predict_on_a_folder_gives_the_evaluations_argmax",
+    "ifcl run evaluate": "tests/test_predict.py::test_evaluate_gives_the_runs_eval_json",
     "ifcl.runs.load_model": "tests/test_pipeline.py::test_the_model_after_task_k_loads_and_reproduces_its_evaluation",
     "snakemake --configfile config/demo.yaml --report": "tests/test_pipeline.py::test_every_figure_and_the_report",
     "snakemake --configfile <config> --report": "tests/test_pipeline.py::test_every_figure_and_the_report",

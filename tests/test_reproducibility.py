@@ -67,7 +67,8 @@ def jobs_run(log: str) -> list[tuple[str, str]]:
 
 OUTPUTS = ("data", "results", ".snakemake/metadata")
 # the figure rules of the tiny InfLoRA config (no DIKI run: no λ figure); the figures stage runs only these
-FIGURE_JOBS = {"accuracy_curves", "overview", "accuracy_matrix", "forgetting", "memory_sizes"}
+FIGURE_JOBS = {"accuracy_curves", "overview", "accuracy_matrix", "forgetting", "memory_sizes", "training_curves",
+               "training_curves_data"}
 
 
 @pytest.fixture(scope="module")
@@ -248,6 +249,11 @@ def kill_during_training(work: Path, task: int, whole_run: bool) -> None:
             assert proc.poll() is None, "the run ended before the training job could be killed"
             assert time.monotonic() < deadline, "training never started"
             time.sleep(0.05)
+        # `ifcl status`, from the files alone: the training job with its epoch, loss and log
+        status = run(work, os.path.join(BIN, "ifcl"), "status", "--configfile", "config/tiny.yaml")
+        assert re.search(rf"train_task  {EXP}/seed0/task{task}  epoch \d+/100 .*\(epoch \d+: loss [\d.]+, acc [\d.]+%\)"
+                         r".*img/s.*ETA", status), status
+        assert f"log: {log.relative_to(work)}" in status
         if whole_run:
             os.killpg(proc.pid, signal.SIGKILL)
         else:
@@ -283,3 +289,7 @@ def test_a_training_job_killed_mid_task_resumes_to_the_uninterrupted_results(pro
     assert not [out for rule, out in rerun if "/task0/" in out or (rule in ("reduction", "train_task") and "/task1/" in out)]
     assert (work / RUN / "acc_matrix.csv").read_bytes() == (project / RUN / "acc_matrix.csv").read_bytes()
     assert tree(work, str(RUN)) == tree(project, str(RUN))
+    # the killed jobs' status files were replaced by their re-runs' (SIGKILL leaves no word behind)
+    status = run(work, os.path.join(BIN, "ifcl"), "status", "--configfile", "config/tiny.yaml")
+    assert f"{EXP}  seed 0  3/3 tasks  finished" in status and "running jobs: none" in status
+    assert "no failed job" in status

@@ -12,6 +12,10 @@
         In a finished working directory: how far the run's frozen test features would move under bf16 autocast
         (ifcl computes them in float32), and what that would change in DIKI's task choice and λ.
 
+    ifcl status [--configfile config/config.yaml] [-d DIR] [--watch SECONDS]
+        Where the working directory stands: each configured run's tasks done, the running jobs (task, epoch, loss,
+        images/s, ETA, log), the last failure and its log. Read from the files: local and SLURM runs alike.
+
     ifcl data-ready [--configfile config/config.yaml]
         Exit with a message naming the jobs if `snakemake data` would run any: the data under data/ (what data.dvc
         tracks) is complete and up to date for the config. The first command of dvc.yaml's pipeline stage.
@@ -25,6 +29,15 @@
     ifcl run compare <workdir A> <workdir B> [--run <experiment>/seed<k> ...]
         Compare two working directories byte for byte: the summary tables and every file of the named runs (all
         runs of A by default); exit status 1 if any differs or is missing.
+
+    ifcl run predict --configfile config/demo.yaml <experiment> <seed> <task> <image, folder or list file>...
+            [--out predictions.csv] [--batch-size N] [--dataset <DIKI dataset>]
+        The model after task <task> on one's own images, through the experiment's test-time transform: per image
+        the predicted class, its softmax probability and, for DIKI, the chosen task and λ (ifcl.predict).
+
+    ifcl run evaluate --configfile config/demo.yaml <experiment> <seed> <task> [--manifest <csv>]
+        The run's evaluation step after task <task> again: on its test set (beside the figures of its eval.json,
+        which it reproduces), or on the images of a manifest (path,label,class_name).
 """
 from __future__ import annotations
 
@@ -55,6 +68,25 @@ def job_stats(log: str) -> dict[str, int]:
             break
         jobs[parts[0]] = int(parts[1])
     return jobs
+
+
+def show_status(args) -> None:
+    from .config import ConfigError, load_config
+    from .status import status_report
+
+    try:
+        config = load_config(args.configfile)
+    except (ConfigError, OSError) as e:
+        sys.exit(f"ifcl status: {e}")
+    while True:
+        print(status_report(config, args.directory), flush=True)
+        if not args.watch:
+            return
+        try:
+            time.sleep(args.watch)
+        except KeyboardInterrupt:
+            return
+        print()
 
 
 def data_ready(configfile: str, directory: str = ".") -> None:
@@ -222,6 +254,22 @@ def run_compare(args) -> None:
         sys.exit(1)
 
 
+def run_predict(args) -> None:
+    from .predict import predict, prediction_summary, write_predictions
+
+    rows = predict(args.configfile, args.experiment, args.seed, args.task, args.images, args.batch_size, args.dataset)
+    write_predictions(args.out, rows)
+    print("\n".join(prediction_summary(rows) + [f"written {args.out}"]))
+
+
+def run_evaluate(args) -> None:
+    from .predict import evaluate, evaluation_lines
+
+    result, recorded, evaluated = evaluate(args.configfile, args.experiment, args.seed, args.task, args.manifest)
+    print(f"{args.experiment} seed {args.seed} after task {args.task}:")
+    print("\n".join(evaluation_lines(result, recorded, evaluated)))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="ifcl", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -260,6 +308,10 @@ def main(argv: list[str] | None = None) -> None:
     tables.add_argument("summary", nargs="?", default="results/summary/summary.md")
     tables.add_argument("--readme", default="README.md")
     tables.add_argument("--check", action="store_true", help="only check (exit status 1 if they differ)")
+    status = sub.add_parser("status", help="runs, tasks done, running jobs with epoch and ETA, the last failure")
+    status.add_argument("--configfile", default="config/config.yaml")
+    status.add_argument("-d", "--directory", default=".", help="the pipeline's working directory (default: .)")
+    status.add_argument("--watch", type=float, metavar="SECONDS", help="print it again every SECONDS until Ctrl-C")
     ready = sub.add_parser("data-ready", help="exit 1 if `snakemake data` would run a job (data/ incomplete)")
     ready.add_argument("--configfile", default="config/config.yaml")
     ready.add_argument("-d", "--directory", default=".", help="the pipeline's working directory (default: .)")
@@ -280,9 +332,23 @@ def main(argv: list[str] | None = None) -> None:
     compare.add_argument("a")
     compare.add_argument("b")
     compare.add_argument("--run", action="append", help="<experiment>/seed<k> (repeatable; default: every run of A)")
+    predict = run_sub.add_parser("predict", help="the model after a task on one's own images, as a CSV")
+    evaluate = run_sub.add_parser("evaluate", help="the run's evaluation after a task, again (or on a manifest)")
+    for command in (predict, evaluate):
+        command.add_argument("--configfile", default="config/config.yaml")
+        command.add_argument("experiment")
+        command.add_argument("seed", type=int)
+        command.add_argument("task", type=int)
+    predict.add_argument("images", nargs="+", help="image files, folders (searched recursively), files listing paths")
+    predict.add_argument("--out", default="predictions.csv")
+    predict.add_argument("--batch-size", type=int, help="default: the experiment's eval_batch_size")
+    predict.add_argument("--dataset", help="DIKI: classify among this dataset's classes (default: the chosen task's)")
+    evaluate.add_argument("--manifest", help="a CSV path,label,class_name (default: the run's test set)")
     args = parser.parse_args(argv)
     if args.command == "check":
         check(args)
+    elif args.command == "status":
+        show_status(args)
     elif args.command == "data-ready":
         data_ready(args.configfile, args.directory)
     elif args.command == "config-docs":
@@ -300,12 +366,14 @@ def main(argv: list[str] | None = None) -> None:
         readme_tables(args)
     elif args.command == "run":
         from .config import ConfigError
+        from .data.manifest import DatasetError
         from .files import FileCheckError
         from .state import StateError
 
         try:
-            {"show": run_show, "model": run_model, "compare": run_compare}[args.what](args)
-        except (StateError, FileCheckError, FileNotFoundError, KeyError, ConfigError) as e:
+            {"show": run_show, "model": run_model, "compare": run_compare, "predict": run_predict,
+             "evaluate": run_evaluate}[args.what](args)
+        except (StateError, FileCheckError, FileNotFoundError, KeyError, ConfigError, DatasetError) as e:
             sys.exit(f"ifcl run {args.what}: {e}")
     elif args.command == "bench" and args.what == "speed":
         from .benchmark import format_report, run_benchmark

@@ -1,0 +1,352 @@
+""""The model after task k" of a run on a user's images (``ifcl run predict``) and its accuracy on a manifest
+(``ifcl run evaluate``), computed as the run's evaluation computes eval.json. Both run in the pipeline's working
+directory (manifests list image paths relative to it), with the config the run was made with.
+
+- :func:`predict`: the images (:func:`image_paths`: folders searched recursively for image files, image paths, text
+  files listing paths) go through the experiment's test-time transform (``test_transform``; CLIP's preprocessing
+  for DIKI) in batches of the experiment's ``eval_batch_size``, in the order given, on the device and in the
+  precision of the evaluation. The InfLoRA family: arg-max over the heads of tasks 0..k, class names from the run's
+  tasks.json. DIKI: per batch, the task from the frozen features under the Gaussians of tasks 0..k (batch-wise
+  majority vote, or per image, as the experiment's ``calibration`` says) and λ per image; the classes are those of
+  the chosen task's dataset (or of one named dataset of the sequence), with its prompt template, as the evaluation
+  uses them for that dataset's test images. The score is the softmax probability of the prediction (for DIKI over
+  the CLIP logits, the cosine similarities times CLIP's logit scale, as in training).
+- :func:`evaluate`: the pipeline's own evaluation step (:func:`ifcl.steps.inflora.evaluate`,
+  :func:`ifcl.steps.diki.evaluate`) on the run's files, as its rule runs it (the images read from their files: a
+  decoded-image cache holds the same inputs), with its eval.json written to a temporary folder: on the run's test
+  set it gives the figures of the run's eval.json, bit for bit for a run made on the CPU (CPU runs are
+  bit-reproducible).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import tempfile
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from . import layout
+from .config import load_config
+from .data.loader import DeviceBatches, make_loader
+from .data.manifest import IMAGE_SUFFIXES, DatasetError, class_names_of, read_manifest, write_manifest
+from .data.transforms import make_transform, read_image
+from .files import read_json, recorded_digest
+from .models.weights import backbone_weights_file
+from .runtime import autocast, full_precision, pick_device
+
+PREDICTION_COLUMNS = ("path", "predicted_class", "score")
+DIKI_COLUMNS = ("task", "task_dataset", "lambda")  # the chosen task, its dataset, the calibration weight λ
+
+
+# ---- the run ----
+
+def manifest_file(dataset: str, split: str) -> str:
+    """A prepared dataset split's manifest, relative to the working directory (as the workflow names it)."""
+    return f"data/prepared/{dataset}/{split}.csv"
+
+
+def _experiment(config: str | Path | dict, experiment: str, seed: int, task: int) -> tuple[dict, dict, Path]:
+    """(config, experiment spec, run folder), the run checked to have a task<task> folder."""
+    config = load_config(config)
+    if experiment not in config["experiments"]:
+        known = ", ".join(sorted(config["experiments"]))
+        raise KeyError(f"experiment {experiment!r} is not in the config (it has {known})")
+    run = layout.run_dir(experiment, seed)
+    tasks = [t for t, _ in layout.task_folders(run)] if run.is_dir() else []
+    if task not in tasks:
+        raise FileNotFoundError(f"{run}: no task{task} folder (tasks present: {tasks or 'none'})")
+    return config, config["experiments"][experiment], run
+
+
+# ---- a user's images ----
+
+def image_paths(sources: list[str | Path]) -> list[str]:
+    """The images named by ``sources``, in order: a folder gives its image files (by suffix, recursively, sorted),
+    a file with an image suffix itself, a CSV whose header starts with ``path`` (a manifest) its first column, any
+    other file the paths it lists (one per line; blank lines and lines starting with # skipped). Relative paths are
+    relative to the current directory, like those given directly."""
+    paths: list[str] = []
+    for source in map(Path, sources):
+        if source.is_dir():
+            found = sorted(p for p in source.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise FileNotFoundError(f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) under {source}")
+            paths += [str(p) for p in found]
+        elif not source.is_file():
+            raise FileNotFoundError(f"no such image, folder or list file: {source}")
+        elif source.suffix.lower() in IMAGE_SUFFIXES:
+            paths.append(str(source))
+        elif (text := _list_text(source)).startswith("path,"):  # a manifest (or any CSV with a path column first)
+            paths += [row[0] for row in list(csv.reader(io.StringIO(text, newline="")))[1:] if row]
+        else:
+            lines = [line.strip() for line in text.splitlines()]
+            paths += [line for line in lines if line and not line.startswith("#")]
+    if not paths:
+        raise FileNotFoundError(f"no images in {', '.join(map(str, sources))}")
+    return paths
+
+
+def _list_text(path: Path) -> str:
+    try:
+        return path.read_text()
+    except UnicodeDecodeError as e:
+        suffixes = ", ".join(sorted(IMAGE_SUFFIXES))
+        raise DatasetError(f"{path}: neither an image ({suffixes}) nor a text file listing images") from e
+
+
+class ImageFiles(Dataset):
+    """Image files under a transform; the target of an image is its position in ``paths``."""
+
+    def __init__(self, paths: list[str], transform):
+        self.paths, self.transform = paths, transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        return self.transform(read_image(self.paths[i])), i
+
+
+def image_file_batches(paths: list[str], transform: str, image: dict, batch_size: int, device,
+                       crop_scale=(0.08, 1.0)) -> DeviceBatches:
+    """Batches of the images on ``device``, in order, under the named transform at ``image['image_size']``,
+    normalised with ``image['mean']`` / ``image['std']``: what :func:`ifcl.data.loader.image_batches` makes of a
+    manifest's images. An unreadable image raises :class:`DatasetError` naming it when its batch is read."""
+    dataset = ImageFiles(paths, make_transform(transform, image["image_size"], image["mean"], image["std"], crop_scale))
+    return DeviceBatches(make_loader(dataset, batch_size, shuffle=False), device, lambda x: x)
+
+
+# ---- predictions ----
+
+def class_incremental_predictions(model, loader, class_names: list[str], device, precision: str) -> list[dict]:
+    """Arg-max over every seen class (as :func:`ifcl.steps.inflora.evaluate` takes it) and its softmax probability."""
+    from .training import predict_logits
+
+    logits, index = predict_logits(model, loader, device, precision)
+    pred = logits.argmax(1)
+    score = logits.softmax(1).gather(1, pred[:, None])[:, 0]
+    return [{"image": int(i), "predicted_class": class_names[int(c)], "score": float(s)}
+            for i, c, s in zip(index, pred, score)]
+
+
+@torch.no_grad()
+def diki_predictions(model, loader, class_names: list[list[str]], tokens: list[torch.Tensor], datasets: list[str],
+                     device, precision: str, vocabulary: int | None = None) -> list[dict]:
+    """DIKI's calibrated inference (:func:`ifcl.models.diki.calibrated_logits`, as :func:`ifcl.steps.diki.evaluate`
+    calls it) batch by batch. The classes of an image are those of dataset ``vocabulary`` of the sequence, or, when
+    it is None, of the dataset of the task chosen for it: each batch is then classified in groups of one chosen task
+    (one group, the whole batch, under batch-wise calibration). ``class_names`` and ``tokens``: per dataset."""
+    from .methods.diki import calibrate
+    from .models.diki import calibrated_logits
+
+    prefixes, gaussians, calibration = model.task_prefixes(), model.gaussians, model.calibration
+    logit_scale = float(model.model.logit_scale())
+    rows = []
+    for x, index in loader:
+        frozen = model.frozen_features(x)
+        if vocabulary is None:
+            with full_precision():
+                chosen, _ = calibrate(frozen.float(), gaussians, batchwise=calibration["batchwise"],
+                                      scale=calibration["scale"])
+        else:
+            chosen = torch.full((len(index),), vocabulary, dtype=torch.long)
+        for d in chosen.unique().tolist():
+            group = chosen == d
+            with autocast(device, precision):
+                logits, ids, lam = calibrated_logits(model.model, prefixes, gaussians, x[group.to(x.device)],
+                                                     tokens[d], frozen[group], calibration)
+            logits = logits.float().cpu()
+            pred = logits.argmax(1)
+            score = (logit_scale * logits).softmax(1).gather(1, pred[:, None])[:, 0]
+            for i, c, s, u, w in zip(index[group], pred, score, ids, lam):
+                rows.append({"image": int(i), "predicted_class": class_names[d][int(c)], "score": float(s),
+                             "task": int(u), "task_dataset": datasets[int(u)], "lambda": float(w)})
+    return sorted(rows, key=lambda r: r["image"])
+
+
+def predict(config: str | Path | dict, experiment: str, seed: int, task: int, sources: list[str | Path],
+            batch_size: int | None = None, dataset: str | None = None) -> list[dict]:
+    """One row per image of ``sources`` (:func:`image_paths`), in order: path, predicted class name, score and, for
+    DIKI, the chosen task, its dataset and λ. ``batch_size``: default the experiment's ``eval_batch_size`` (under
+    DIKI's batch-wise calibration the batches decide the task, as in the evaluation). ``dataset`` (DIKI): classify
+    among the classes of that dataset of the sequence (seen or not, as the evaluation does) whatever the task chosen."""
+    from .runs import load_model
+
+    config, spec, run = _experiment(config, experiment, seed, task)
+    paths = image_paths(sources)
+    backbone = config["backbones"][spec["backbone"]]
+    batch_size = batch_size or spec["eval_batch_size"]
+    model = load_model(config, experiment, seed, task)
+    device = pick_device()
+    model = model.to(device)
+    if layout.is_diki(spec):
+        from .steps.diki import _prompt_tokens
+
+        sequence = spec["sequence"]
+        if dataset is not None and dataset not in sequence:
+            raise KeyError(f"dataset {dataset!r} is not in the sequence of {experiment} ({', '.join(sequence)})")
+        manifests = [manifest_file(ds, "test") for ds in sequence]
+        names = [class_names_of(read_manifest(m)) for m in manifests]
+        tokens = [_prompt_tokens(m, config["datasets"][ds], model.model.clip).to(device)
+                  for m, ds in zip(manifests, sequence)]
+        loader = image_file_batches(paths, "clip", backbone, batch_size, device)
+        rows = diki_predictions(model, loader, names, tokens, sequence, device, spec["gpu_precision"],
+                                None if dataset is None else sequence.index(dataset))
+    else:
+        if dataset is not None:
+            raise KeyError(f"{experiment} is a class-incremental run: it has no choice of dataset")
+        tasks = read_json(run / layout.TASKS)
+        seen = sum(len(c) for c in tasks["tasks"][: task + 1])
+        names = [tasks["class_names"][label] for label in tasks["class_order"][:seen]]
+        data = config["datasets"][spec["dataset"]]
+        loader = image_file_batches(paths, data["test_transform"], backbone, batch_size, device, data["crop_scale"])
+        rows = class_incremental_predictions(model, loader, names, device, spec["gpu_precision"])
+    return [{"path": paths[r.pop("image")], **r} for r in rows]
+
+
+def write_predictions(path: str | Path, rows: list[dict]) -> None:
+    """The rows as CSV: path, predicted_class, score (and task, task_dataset, lambda for DIKI)."""
+    columns = PREDICTION_COLUMNS + (DIKI_COLUMNS if rows and "task" in rows[0] else ())
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(buf.getvalue())
+
+
+# ---- accuracy on a manifest ----
+
+def _manifest_to_read(manifest: str, folder: str) -> str:
+    """``manifest`` itself where it has a recorded digest (it is checked as it is read); a user's own CSV without
+    one (columns path,label,class_name) as a checked copy in ``folder``."""
+    if recorded_digest(manifest) is not None:
+        return manifest
+    reader = csv.reader(io.StringIO(Path(manifest).read_text(), newline=""))
+    header = next(reader, None) or []
+    if tuple(header[:3]) != ("path", "label", "class_name"):
+        raise DatasetError(f"{manifest}: not a manifest (header {header}, expected path,label,class_name)")
+    try:
+        rows = [(row[0], int(row[1]), row[2]) for row in reader if row]
+    except (IndexError, ValueError) as e:
+        raise DatasetError(f"{manifest}: a row without path, integer label and class name ({e})") from e
+    copy = str(Path(folder) / "manifest.csv")
+    write_manifest(copy, rows)
+    return copy
+
+
+def _check_class_names(manifest: str, class_names: list[str]) -> None:
+    """Every label of the manifest names the run's class of that label (class-incremental runs)."""
+    for path, label, name in read_manifest(manifest):
+        if not 0 <= label < len(class_names) or class_names[label] != name:
+            known = repr(class_names[label]) if 0 <= label < len(class_names) else "no class"
+            raise DatasetError(f"{manifest}: {path} has label {label} {name!r}, which is {known} in the run")
+
+
+def evaluate(config: str | Path | dict, experiment: str, seed: int, task: int,
+             manifest: str | None = None) -> tuple[dict, dict | None, list[str]]:
+    """(the evaluation after task ``task``, the run's eval.json or None, what was evaluated): the pipeline's
+    evaluation step on the run's files. Without ``manifest`` on the run's test set (class-incremental: the test
+    images of the classes seen through ``task``; DIKI: every dataset of the sequence); with it on that manifest's
+    images (class-incremental: those of the seen classes, labelled as the run's data labels them; DIKI: one
+    dataset, its prompts with the template of the sequence's dataset of the same classes, else the default)."""
+    config, spec, run = _experiment(config, experiment, seed, task)
+    threads = torch.get_num_threads()  # the step sets the rule's (1); given back afterwards
+    try:
+        with tempfile.TemporaryDirectory(prefix="ifcl-evaluate-") as tmp:
+            readable = None if manifest is None else _manifest_to_read(manifest, tmp)
+            step = _diki_evaluation if layout.is_diki(spec) else _class_incremental_evaluation
+            step(config, spec, run, task, readable, tmp)
+            result = read_json(f"{tmp}/{layout.EVAL}")
+    finally:
+        torch.set_num_threads(threads)
+    recorded = read_json(layout.in_run(run, task, layout.EVAL)) if manifest is None else None
+    evaluated = [manifest] if manifest is not None else spec["sequence"] if layout.is_diki(spec) else [spec["dataset"]]
+    return result, recorded, evaluated
+
+
+def _task_files(run: Path, task: int, name: str) -> list[str]:
+    """File ``name`` of tasks 0..task of the run."""
+    return [str(layout.in_run(run, s, name)) for s in range(task + 1)]
+
+
+def _class_incremental_evaluation(config: dict, spec: dict, run: Path, task: int, manifest: str | None,
+                                  tmp: str) -> None:
+    """Rule evaluate_task's step on the run's files; its eval.json in ``tmp``."""
+    from .steps import inflora
+
+    tasks_file = str(run / layout.TASKS)
+    if manifest is not None:
+        _check_class_names(manifest, read_json(tasks_file)["class_names"])
+    heads = str(layout.in_run(run, task, layout.ALIGNED_HEADS)) if layout.aligned_heads_task(spec, task) else None
+    backbone = config["backbones"][spec["backbone"]]
+    inflora.evaluate(inflora.Evaluate(
+        t=task, model=spec, backbone=backbone, weights=backbone_weights_file(spec["backbone"], backbone),
+        tasks=tasks_file, manifest=manifest or manifest_file(spec["dataset"], "test"),
+        reductions=_task_files(run, task, layout.REDUCTION), adapters=_task_files(run, task, layout.ADAPTER),
+        heads=heads, eval_batch_size=spec["eval_batch_size"], dataset=config["datasets"][spec["dataset"]],
+        precision=spec["gpu_precision"], out=f"{tmp}/{layout.EVAL}"))
+
+
+def _diki_evaluation(config: dict, spec: dict, run: Path, task: int, manifest: str | None, tmp: str) -> None:
+    """Rule evaluate_diki's step on the run's files (a manifest's frozen features computed by rule
+    frozen_features' step first); its eval.json in ``tmp``."""
+    from .steps import diki
+
+    backbone = config["backbones"][spec["backbone"]]
+    weights = backbone_weights_file(spec["backbone"], backbone)
+    if manifest is None:
+        tests = [manifest_file(ds, "test") for ds in spec["sequence"]]
+        features = [layout.features_file(spec["backbone"], ds, "test") for ds in spec["sequence"]]
+        prompts = [{"template": config["datasets"][ds].get("template")} for ds in spec["sequence"]]
+    else:
+        names = class_names_of(read_manifest(manifest))
+        same = [ds for ds in spec["sequence"] if class_names_of(read_manifest(manifest_file(ds, "test"))) == names]
+        prompts = [{"template": config["datasets"][same[0]].get("template") if same else None}]
+        tests, features = [manifest], [f"{tmp}/features.safetensors"]
+        diki.frozen_features(diki.FrozenFeatures(backbone=backbone, dataset=prompts[0], weights=weights,
+                                                 manifest=manifest, out=features[0]))
+    diki.evaluate(diki.Evaluate(
+        t=task, model={"backbone": spec["backbone"], "prefix": spec["prefix"]}, calibration=spec["calibration"],
+        eval_batch_size=spec["eval_batch_size"], datasets=prompts, backbone=backbone, precision=spec["gpu_precision"],
+        weights=weights, gaussians=_task_files(run, task, layout.GAUSSIAN),
+        prefixes=_task_files(run, task, layout.PREFIX), tests=tests, features=features, out=f"{tmp}/{layout.EVAL}"))
+
+
+# ---- what the commands print ----
+
+def prediction_summary(rows: list[dict]) -> list[str]:
+    """Images per predicted class (and, for DIKI, per chosen task with its mean λ)."""
+    lines = [f"{len(rows)} images"]
+    classes = sorted({r["predicted_class"] for r in rows})
+    counts = {c: sum(r["predicted_class"] == c for r in rows) for c in classes}
+    lines.append("predicted: " + ", ".join(f"{c} {n}" for c, n in sorted(counts.items(), key=lambda kv: -kv[1])))
+    if rows and "task" in rows[0]:
+        for name in sorted({r["task_dataset"] for r in rows}):
+            chosen = [r["lambda"] for r in rows if r["task_dataset"] == name]
+            lines.append(f"task {name}: {len(chosen)} images, mean λ {sum(chosen) / len(chosen):.3f}")
+    return lines
+
+
+def evaluation_lines(result: dict, recorded: dict | None, evaluated: list[str]) -> list[str]:
+    """The accuracy (per dataset for DIKI), beside eval.json's, and whether every figure equals eval.json's."""
+    def accuracy(value: float, was: float | None) -> str:
+        return f"{value:.2f}%" + ("" if was is None else f" (eval.json {was:.2f}%)")
+
+    lines = []
+    if isinstance(result["accuracy"], list):  # DIKI: one accuracy per dataset
+        was = recorded["accuracy"] if recorded else [None] * len(result["accuracy"])
+        for name, value, prior, weight in zip(evaluated, result["accuracy"], was, result["mean_weight"]):
+            lines.append(f"{name}: accuracy {accuracy(value, prior)}, mean λ {weight:.3f}")
+    else:
+        was = recorded["accuracy"] if recorded else None
+        lines.append(f"{', '.join(evaluated)}: accuracy {accuracy(result['accuracy'], was)} on "
+                     f"{sum(result['per_task_count'])} images; per task "
+                     f"{[round(a, 2) for a in result['per_task_accuracy']]}")
+    if recorded is not None:
+        differ = [key for key in result if result[key] != recorded.get(key)]
+        lines.append("every figure equals the run's eval.json" if not differ
+                     else f"differs from the run's eval.json in: {', '.join(differ)}")
+    return lines
