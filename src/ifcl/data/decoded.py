@@ -76,8 +76,10 @@ class DecodedDataset(Dataset):
 
 
 def to_unit_range(x: torch.Tensor) -> torch.Tensor:
-    """uint8 [B, H, W, 3] -> float [B, 3, H, W] in [0, 1], as ``ToTensor`` computes it (divided by 255)."""
-    return x.permute(0, 3, 1, 2).to(torch.float32).div(255)
+    """uint8 [B, H, W, 3] -> float [B, 3, H, W] in [0, 1], as ``ToTensor`` computes it (divided by 255), in the
+    same (contiguous) memory layout: a channels-last batch would let the patch embedding pick another kernel, whose
+    float rounding differs on some CPUs."""
+    return x.permute(0, 3, 1, 2).contiguous().to(torch.float32).div(255)
 
 
 def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
