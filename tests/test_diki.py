@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ifcl.methods.diki import calibrate, fit_gaussian, iteration_lrs, log_likelihoods, majority_task
-from ifcl.models.clip_prefix import CLIPPrefix, PrefixAttention, residual_attention
+from ifcl.models.clip_prefix import CLIPPrefix, PrefixAttention, joint_attention, residual_attention
 
 
 def tiny_clip(seed=0):
@@ -45,6 +45,41 @@ def test_residual_attention_matches_the_formula():
     assert out.shape == (b, h, n, d)
     torch.testing.assert_close(out, direct(q, k, v, pk, pv, w, mask), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(residual_attention(q, k, v, pk, pv, 0.0), F.scaled_dot_product_attention(q, k, v))
+
+
+def joint_direct(q, k, v, pk, pv, weight, mask=None):
+    """Prefix tuning's attention written out: exp-scores of the prefixes scaled by λ, one normalisation."""
+    d = q.shape[-1]
+    original = (q @ k.transpose(-1, -2) / math.sqrt(d) + (0 if mask is None else mask)).exp()
+    extra = (q @ pk.transpose(-1, -2) / math.sqrt(d)).exp() * weight.view(-1, 1, 1, 1)
+    return (extra @ pv + original @ v) / (extra.sum(-1, keepdim=True) + original.sum(-1, keepdim=True))
+
+
+def test_the_softmax_ablation_is_prefix_tuning_with_lambda_scaling_the_prefix_weights():
+    g = torch.Generator().manual_seed(1)
+    b, h, n, length, d = 3, 2, 7, 4, 8
+    q, k, v = (torch.randn(b, h, n, d, generator=g, dtype=torch.float64) for _ in range(3))
+    pk, pv = (torch.randn(b, h, length, d, generator=g, dtype=torch.float64) for _ in range(2))
+    w = torch.tensor([0.2, 1.0, 0.7], dtype=torch.float64)
+    causal = torch.full((n, n), float("-inf"), dtype=torch.float64).triu(1)
+    out = joint_attention(q, k, v, pk, pv, w, attn_mask=causal)
+    torch.testing.assert_close(out, joint_direct(q, k, v, pk, pv, w, causal), rtol=1e-12, atol=1e-12)
+    # a boolean mask (True: may attend) is the same mask
+    torch.testing.assert_close(joint_attention(q, k, v, pk, pv, w, attn_mask=causal == 0), out, rtol=1e-12, atol=1e-12)
+    # λ = 0: the frozen attention; λ = 1: one softmax over [prefixes; tokens]; not DIKI's residual branch
+    torch.testing.assert_close(joint_attention(q, k, v, pk, pv, 0.0), F.scaled_dot_product_attention(q, k, v))
+    plain = F.scaled_dot_product_attention(q, torch.cat([pk, k], 2), torch.cat([pv, v], 2))
+    torch.testing.assert_close(joint_attention(q, k, v, pk, pv, 1.0), plain, rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(out, residual_attention(q, k, v, pk, pv, w, attn_mask=causal))
+    # through a model: prefixes with the ablation change the features, and λ = 0 leaves the frozen CLIP
+    model = CLIPPrefix(tiny_clip(), depth_vision=2, depth_text=2, length=4, attention="softmax")
+    x = torch.rand(2, 3, 32, 32)
+    trained = {k: torch.randn_like(p) for k, p in model.new_prefix(torch.Generator().manual_seed(0)).items()}
+    torch.testing.assert_close(model.encode_image(x, trained, weight=torch.zeros(2)), model.encode_image(x),
+                               rtol=0, atol=1e-6)
+    assert not torch.allclose(model.encode_image(x, trained), model.encode_image(x))
+    with pytest.raises(ValueError, match="prefix attention must be one of"):
+        CLIPPrefix(tiny_clip(), depth_vision=1, depth_text=1, length=2, attention="concat")
 
 
 def test_prefix_attention_module_equals_the_formula_through_the_projections():
@@ -177,6 +212,10 @@ def test_calibration_picks_the_likeliest_task_and_the_official_weight():
     _, w512 = calibrate(x, gaussians, batchwise=False, scale=512)
     torch.testing.assert_close(w512, torch.sigmoid(best / 512 - 1))
     assert majority_task(torch.tensor([1, 0, 1, 0, 3])) == 0  # ties go to the smaller task id
+    ids_1, w_1 = calibrate(x, gaussians, batchwise=False, weight="one")  # the ablation without calibration
+    assert ids_1.tolist() == ids.tolist() and torch.equal(w_1, torch.ones(5))
+    with pytest.raises(ValueError, match="'likelihood' or 'one'"):
+        calibrate(x, gaussians, weight="none")
 
 
 def test_non_positive_definite_covariance_is_refused():

@@ -75,10 +75,11 @@ def test_official_diki_config_is_valid_and_faithful(path):
     assert [d["name"] for d in datasets] == RELEASED_DIKI[name]
     assert all(d["type"] == "mtil" and d["template"] == TEMPLATES[d["name"]] for d in datasets)
     assert all(d.get("shots") == (16 if name == "mtil_fs_diki" else None) for d in datasets)
-    assert exp["prefix"] == {"depth_vision": 8, "depth_text": 8, "length": 8}
+    assert exp["prefix"] == {"depth_vision": 8, "depth_text": 8, "length": 8, "attention": "residual"}
     assert exp["train"] == {"optimizer": "sgd", "lr": 5.0, "final_lr_ratio": 1e-3, "weight_decay": 0.0, "epochs": 10,
                             "batch_size": 128}
-    assert exp["calibration"] == {"batchwise": True, "scale": None} and exp["eval_batch_size"] == 256
+    assert exp["calibration"] == {"batchwise": True, "scale": None, "weight": "likelihood"}
+    assert exp["eval_batch_size"] == 256
     backbone = config["backbones"][exp["backbone"]]
     assert (backbone["type"], backbone["name"], backbone["pretrained"], backbone["quick_gelu"], backbone["image_size"]) == \
         ("open_clip", "ViT-B-16", "openai", True, 224)
@@ -143,7 +144,11 @@ def test_dry_run_builds_every_task_of_every_seed(tmp_path):
         # per InfLoRA run (every one of them keeps a memory); DIKI's λ per run
         "accuracy_curves": 1, "overview": 1, "accuracy_matrix": runs + len(RELEASED_DIKI), "forgetting": len(exps),
         "memory_sizes": runs, "lambda_histograms": len(RELEASED_DIKI),
+        # the training curves: a figure per run, their data in one file
+        "training_curves": runs + len(RELEASED_DIKI), "training_curves_data": 1,
     }
+    # the README's count
+    assert f"({sum(expected.values()):,} jobs" in (REPO / "README.md").read_text()
     assert counts == {**expected, "total": sum(expected.values())}
     assert not (tmp_path / "data").exists() and not (tmp_path / "results").exists()
 
@@ -170,3 +175,32 @@ def test_offline_paper_config_stops_in_the_fetch_rule_with_instructions(tmp_path
     assert not (tmp_path / "data" / "prepared").exists() and not (tmp_path / "results").exists()
     assert not list((tmp_path / "data" / "raw").glob(f"*/{'ifcl-source.json'}"))
     assert not list((tmp_path / "data").rglob("*.safetensors"))
+
+
+def test_the_diki_ablations_are_the_official_order_i_config_but_for_the_ablated_setting():
+    from ifcl.config import load_config
+
+    official = load_config(REPO / "config/experiments/mtil_order1_diki.yaml", REPO)["experiments"]["mtil_order1_diki"]
+    ablations = load_config(REPO / "config/comparisons/mtil_order1_diki_ablations.yaml", REPO)["experiments"]
+    assert official["calibration"]["weight"] == "likelihood" and official["prefix"]["attention"] == "residual"
+    for name, key, value in (("mtil_order1_diki-no-calibration", "calibration", {"weight": "one"}),
+                             ("mtil_order1_diki-softmax-prefix", "prefix", {"attention": "softmax"})):
+        assert ablations[name] == {**official, key: {**official[key], **value}}, name
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "config" / "comparisons").glob("*.yaml")), ids=lambda p: p.stem)
+def test_dry_run_of_each_comparison_config(path, tmp_path):
+    """`snakemake -n` over each comparison config: every task of every experiment in it is planned."""
+    from ifcl.config import load_config
+    from ifcl.layout import num_tasks
+
+    shutil.copytree(REPO / "config", tmp_path / "config")
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path), "-n", "--quiet",
+           "rules", "--configfile", str(tmp_path / "config" / "comparisons" / path.name)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    counts = {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", proc.stdout + proc.stderr, re.M)}
+    experiments = load_config(path, REPO)["experiments"]
+    tasks = sum(num_tasks(spec) * len(spec["seeds"]) for spec in experiments.values())
+    assert counts.get("evaluate_diki", 0) + counts.get("evaluate_task", 0) == tasks
+    assert counts["aggregate_run"] == sum(len(spec["seeds"]) for spec in experiments.values())

@@ -61,15 +61,21 @@ def majority_task(task_ids: torch.Tensor) -> int:
 
 
 def calibrate(features: torch.Tensor, gaussians: list[TaskGaussian], batchwise: bool = True,
-              scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+              scale: float | None = None, weight: str = "likelihood") -> tuple[torch.Tensor, torch.Tensor]:
     """Task and weight of every sample.
 
     ``features`` [B, D] are the frozen, L2-normalised image features. Returns ``task_ids`` [B] (long) and
     ``weights`` λ [B] = σ(max_t ℓ_t / scale − 1), ``scale`` = D unless given (512 in the official code). With
-    ``batchwise`` (the official setting) every sample gets the batch's majority task and keeps its own λ."""
+    ``batchwise`` (the official setting) every sample gets the batch's majority task and keeps its own λ.
+    ``weight="one"`` is the ablation without calibration: λ = 1 for every sample (the task is chosen as above)."""
     scores = log_likelihoods(features, gaussians)
     best, task_ids = scores.max(dim=1)
-    weights = torch.sigmoid(best / (scale or features.shape[1]) - 1.0)
+    if weight == "one":
+        weights = torch.ones_like(best)
+    elif weight == "likelihood":
+        weights = torch.sigmoid(best / (scale or features.shape[1]) - 1.0)
+    else:
+        raise ValueError(f"calibration weight must be 'likelihood' or 'one', got {weight!r}")
     if batchwise:
         task_ids = torch.full_like(task_ids, majority_task(task_ids))
     return task_ids, weights

@@ -38,18 +38,48 @@ def prefix_attention(q: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.Te
     return F.scaled_dot_product_attention(q, prefix_k, prefix_v)
 
 
+def joint_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor,
+                    prefix_v: torch.Tensor, weight: torch.Tensor | float, attn_mask: torch.Tensor | None = None
+                    ) -> torch.Tensor:
+    """The ablation of DIKI's residual attention (``prefix.attention: softmax``): prefix tuning's attention, where
+    the prefixes join the original keys and values in one softmax,
+
+        softmax([Q P_Kᵀ / √d + log λ, Q Kᵀ / √d]) [P_V; V],
+
+    λ scaling the prefixes' unnormalised attention weights: λ = 1 is plain prefix tuning, λ = 0 the frozen
+    attention. Shapes and ``attn_mask`` (on the original tokens only) as :func:`residual_attention`."""
+    b, _, n, _ = q.shape
+    length = prefix_k.shape[2]
+    bias = torch.zeros(b, 1, n, length + k.shape[2], dtype=q.dtype, device=q.device)
+    lam = torch.as_tensor(weight, dtype=torch.promote_types(q.dtype, torch.float32), device=q.device)
+    bias[..., :length] = torch.log(lam).to(q.dtype).view(-1, 1, 1, 1)  # added after the 1/√d scaling
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:  # True = may attend
+            attn_mask = torch.zeros(attn_mask.shape, dtype=q.dtype, device=q.device).masked_fill(~attn_mask, -math.inf)
+        bias[..., length:] = bias[..., length:] + attn_mask.to(q.dtype)
+    return F.scaled_dot_product_attention(q, torch.cat([prefix_k, k], dim=2), torch.cat([prefix_v, v], dim=2),
+                                          attn_mask=bias)
+
+
 def _weighted(x: torch.Tensor, weight: torch.Tensor | float) -> torch.Tensor:
     if isinstance(weight, torch.Tensor) and weight.dim() == 1:
         return x * weight.to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
     return x * weight
 
 
+# prefix.attention: DIKI's residual branch (official) or, as an ablation, one softmax with the original tokens
+ATTENTIONS = {"residual": residual_attention, "softmax": joint_attention}
+
+
 class PrefixAttention(nn.Module):
     """Drop-in for a block's ``nn.MultiheadAttention`` (batch first): the frozen module plus the residual prefix
     term. ``prefix`` = (keys, values) of shape [B or 1, L, D] and ``weight`` are set by :class:`CLIPPrefix`."""
 
-    def __init__(self, mha: nn.MultiheadAttention):
+    def __init__(self, mha: nn.MultiheadAttention, attention: str = "residual"):
         super().__init__()
+        if attention not in ATTENTIONS:
+            raise ValueError(f"prefix attention must be one of {sorted(ATTENTIONS)}, got {attention!r}")
+        self.attend = ATTENTIONS[attention]
         if not isinstance(mha, nn.MultiheadAttention):
             import open_clip
 
@@ -79,7 +109,7 @@ class PrefixAttention(nn.Module):
         if attn_mask is not None and attn_mask.dtype == torch.bool:  # MultiheadAttention: True = may not attend
             attn_mask = attn_mask.logical_not()
         pk, pv = (p.to(q.dtype).expand(b, -1, -1).reshape(b, -1, h, d // h).transpose(1, 2) for p in self.prefix)
-        heads = residual_attention(q, k, v, pk, pv, self.weight, attn_mask=attn_mask)
+        heads = self.attend(q, k, v, pk, pv, self.weight, attn_mask=attn_mask)
         return self.mha.out_proj(heads.transpose(1, 2).reshape(b, n, d)), None
 
 
@@ -102,12 +132,13 @@ def fold_quick_gelu(mlp: nn.Module) -> None:
 class CLIPPrefix(nn.Module):
     """A frozen open_clip ``CLIP`` whose first ``depth_vision`` / ``depth_text`` blocks take task prefixes. The
     model is rewritten in place (prefix attention in those blocks, :func:`fold_quick_gelu` in every MLP unless
-    ``fold_gelu`` is False): it computes the same function as the CLIP it was given, which it owns from then on."""
+    ``fold_gelu`` is False): it computes the same function as the CLIP it was given, which it owns from then on.
+    ``attention``: how the prefixes enter (:data:`ATTENTIONS`)."""
 
     TOWERS = ("visual", "text")
 
     def __init__(self, clip: nn.Module, depth_vision: int = 8, depth_text: int = 8, length: int = 8,
-                 fold_gelu: bool = True):
+                 fold_gelu: bool = True, attention: str = "residual"):
         super().__init__()
         self.clip = clip.eval().requires_grad_(False)
         self.length = length
@@ -118,7 +149,7 @@ class CLIPPrefix(nn.Module):
                 raise ValueError(f"{tower} tower has {len(blocks)} blocks, fewer than the prefix depth {depth}")
             self.layers[tower] = []
             for block in list(blocks)[:depth]:
-                block.attn = PrefixAttention(block.attn)
+                block.attn = PrefixAttention(block.attn, attention)
                 self.layers[tower].append(block.attn)
             for block in blocks if fold_gelu else ():
                 fold_quick_gelu(block.mlp)

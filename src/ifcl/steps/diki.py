@@ -45,9 +45,10 @@ def _prompt_tokens(manifest: str, dataset: dict, clip) -> torch.Tensor:
 
 
 def prefix_model(model: dict, backbone: dict, weights: str) -> CLIPPrefix:
-    """The frozen CLIP with room for prefixes (``model['prefix']``: depth_vision, depth_text, length)."""
+    """The frozen CLIP with room for prefixes (``model['prefix']``: depth_vision, depth_text, length, attention)."""
     p = model["prefix"]
-    return CLIPPrefix(load_clip(backbone, weights), p["depth_vision"], p["depth_text"], p["length"])
+    return CLIPPrefix(load_clip(backbone, weights), p["depth_vision"], p["depth_text"], p["length"],
+                      attention=p.get("attention", "residual"))
 
 
 def load_gaussian(path: str | Path) -> TaskGaussian:
