@@ -93,7 +93,8 @@ def test_frozen_features_are_shared_and_tasks_do_not_depend_on_each_other(workdi
     planned = re.findall(r"^(?:local)?rule (\w+):\n(?:    .*\n)*?    output: (.*)$", proc.stdout, flags=re.M)
     assert sorted(r for r, _ in planned) == ["accuracy_curves", "accuracy_matrix", "aggregate_run", "evaluate_diki",
                                             "evaluate_diki", "gaussian", "gaussian", "lambda_histograms", "overview",
-                                            "summarize", "train_prefix", "train_prefix"]
+                                            "summarize", "train_prefix", "train_prefix", "training_curves",
+                                            "training_curves_data"]
     # task 1's prefix needs nothing of task 0
     dag = snakemake(workdir, TINY_CONFIG, "results/runs/tiny_diki/seed0/task1/prefix.safetensors",
                     "--dry-run", "--forcerun", "train_prefix").stdout  # (targets before --forcerun's list)

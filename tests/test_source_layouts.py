@@ -569,7 +569,7 @@ def test_prepare_mtil_script_in_a_fresh_interpreter(tmp_path):
                       "images": f"{out}/images"}}
     code = ("import json, runpy, sys, types; job, ns = json.loads(sys.argv[1]), types.SimpleNamespace; "
             "runpy.run_path(sys.argv[2], init_globals={'snakemake': ns(log=job['log'], output=ns(**job['output']), "
-            "params=ns(**job['params']))})")
+            "params=ns(**job['params']), rule='prepare_mtil', wildcards={'dataset': 'mtil_dtd'})})")
     proc = subprocess.run([sys.executable, "-c", code, json.dumps(job), str(REPO / "scripts" / "prepare_dataset.py")],
                           cwd=tmp_path, capture_output=True, text=True)
     log = tmp_path / job["log"][0]
