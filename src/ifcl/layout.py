@@ -26,6 +26,7 @@ from pathlib import Path
 RUNS = "results/runs"
 RUN = RUNS + "/{exp}/seed{seed}"
 TASK = RUN + "/task{t}"
+MANIFEST = "data/prepared/{dataset}/{split}.csv"  # a prepared dataset split's manifest
 FEATURES = "results/features/{backbone}/{dataset}/{split}.safetensors"
 PRETRAINED = "results/backbones/{backbone}"  # a backbone pretrained in the pipeline: its weights and log
 FETCHED = "data/weights/{model}.safetensors"  # a timm / open_clip backbone's hub weights
@@ -118,6 +119,11 @@ def in_run(run: str | Path, t: int, name: str) -> Path:
 
 def pretrained_file(backbone: str, name: str) -> str:
     return f"{PRETRAINED.format(backbone=backbone)}/{name}"
+
+
+def manifest_file(dataset: str, split: str) -> str:
+    """A prepared dataset split's manifest, relative to the working directory."""
+    return MANIFEST.format(dataset=dataset, split=split)
 
 
 def features_file(backbone: str, dataset: str, split: str) -> str:

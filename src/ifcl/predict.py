@@ -42,11 +42,6 @@ DIKI_COLUMNS = ("task", "task_dataset", "lambda")  # the chosen task, its datase
 
 # ---- the run ----
 
-def manifest_file(dataset: str, split: str) -> str:
-    """A prepared dataset split's manifest, relative to the working directory (as the workflow names it)."""
-    return f"data/prepared/{dataset}/{split}.csv"
-
-
 def _experiment(config: str | Path | dict, experiment: str, seed: int, task: int) -> tuple[dict, dict, Path]:
     """(config, experiment spec, run folder), the run checked to have a task<task> folder."""
     config = load_config(config)
@@ -187,7 +182,7 @@ def predict(config: str | Path | dict, experiment: str, seed: int, task: int, so
         sequence = spec["sequence"]
         if dataset is not None and dataset not in sequence:
             raise KeyError(f"dataset {dataset!r} is not in the sequence of {experiment} ({', '.join(sequence)})")
-        manifests = [manifest_file(ds, "test") for ds in sequence]
+        manifests = [layout.manifest_file(ds, "test") for ds in sequence]
         names = [class_names_of(read_manifest(m)) for m in manifests]
         tokens = [_prompt_tokens(m, config["datasets"][ds], model.model.clip).to(device)
                   for m, ds in zip(manifests, sequence)]
@@ -284,7 +279,7 @@ def _class_incremental_evaluation(config: dict, spec: dict, run: Path, task: int
     backbone = config["backbones"][spec["backbone"]]
     inflora.evaluate(inflora.Evaluate(
         t=task, model=spec, backbone=backbone, weights=backbone_weights_file(spec["backbone"], backbone),
-        tasks=tasks_file, manifest=manifest or manifest_file(spec["dataset"], "test"),
+        tasks=tasks_file, manifest=manifest or layout.manifest_file(spec["dataset"], "test"),
         reductions=_task_files(run, task, layout.REDUCTION), adapters=_task_files(run, task, layout.ADAPTER),
         heads=heads, eval_batch_size=spec["eval_batch_size"], dataset=config["datasets"][spec["dataset"]],
         precision=spec["gpu_precision"], out=f"{tmp}/{layout.EVAL}"))
@@ -298,12 +293,12 @@ def _diki_evaluation(config: dict, spec: dict, run: Path, task: int, manifest: s
     backbone = config["backbones"][spec["backbone"]]
     weights = backbone_weights_file(spec["backbone"], backbone)
     if manifest is None:
-        tests = [manifest_file(ds, "test") for ds in spec["sequence"]]
+        tests = [layout.manifest_file(ds, "test") for ds in spec["sequence"]]
         features = [layout.features_file(spec["backbone"], ds, "test") for ds in spec["sequence"]]
         prompts = [{"template": config["datasets"][ds].get("template")} for ds in spec["sequence"]]
     else:
         names = class_names_of(read_manifest(manifest))
-        same = [ds for ds in spec["sequence"] if class_names_of(read_manifest(manifest_file(ds, "test"))) == names]
+        same = [ds for ds in spec["sequence"] if class_names_of(read_manifest(layout.manifest_file(ds, "test"))) == names]
         prompts = [{"template": config["datasets"][same[0]].get("template") if same else None}]
         tests, features = [manifest], [f"{tmp}/features.safetensors"]
         diki.frozen_features(diki.FrozenFeatures(backbone=backbone, dataset=prompts[0], weights=weights,

@@ -112,7 +112,7 @@ def track(items: Iterable, desc: str, total: int | None = None, epoch: int | Non
 
         bar = tqdm(total=total, desc=desc, leave=False)
     now = time.time()
-    if _job is not None and (epoch in (None, 0) or "training_started" not in _job):
+    if _job is not None and not epoch:  # a loop outside training, or the first epoch
         _job["training_started"] = now
     start, last_line, step, images = now, now, 0, 0
     try:

@@ -135,7 +135,7 @@ def dataset_content(wildcards):
 
 
 def manifest(dataset, split):
-    return f"data/prepared/{dataset}/{split}.csv"
+    return layout.manifest_file(dataset, split)
 
 
 def backbone_weights(name):
