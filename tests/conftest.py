@@ -1,7 +1,10 @@
+import contextlib
 import copy
 import hashlib
+import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -177,3 +180,34 @@ def tree(root: Path, *folders: str) -> dict[str, str]:
     """sha256 of every file under the given folders of root (default: all of it), by path relative to root."""
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
             for folder in folders or (".",) for p in sorted((root / folder).rglob("*")) if p.is_file()}
+
+
+def changed(config: dict, changes: dict) -> dict:
+    config = copy.deepcopy(config)
+    for path, value in changes.items():
+        *parents, last = path.split(".")
+        node = config
+        for part in parents:
+            node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
+        if isinstance(node, list):
+            node[int(last)] = value
+        else:
+            node[last] = copy.deepcopy(value)
+    return config
+
+
+def scheduled_rules(workdir, configfile) -> set[str]:
+    """The rules a dry run of `all` schedules in ``workdir`` (Snakemake run in this process: ~0.5 s each)."""
+    from snakemake.cli import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stderr(out), contextlib.redirect_stdout(out):
+        try:
+            main(["-s", str(REPO / "Snakefile"), "-d", str(workdir), "-n", "--quiet", "rules", "--nolock", "all",
+                  "--configfile", str(configfile)])
+            code = 0
+        except SystemExit as e:
+            code = e.code
+    text = out.getvalue()
+    assert code == 0, text[-3000:]
+    return set(re.findall(r"^(\w+)\s+\d+$", text, re.M)) - {"all", "total"}

@@ -3,22 +3,20 @@ experiment, a dataset or a backbone have.
 
 For each key, the tiny config with that key changed is dry-run in the session's finished tiny run: the rules it
 schedules must include every step that reads the key (``READERS``: the steps whose rule parameters or inputs hold
-it), and must not be empty. A key that cannot change a result, or that the tiny run cannot exercise, is on one of
+it), and must not be empty. The keys only the compared methods have (prompt.*, sdlora.*) are audited the same way
+in their own tiny run (tests/test_baselines_pipeline.py). A key that cannot change a result, or that the tiny run cannot exercise, is on one of
 the commented lists below, with the reason. A key the schema gains later that is on no list fails the test.
 
 No step reads the config itself (the second test): each is built from its rule's output, input, params and
 wildcards (ifcl.runtime.from_rule), so the rule's parameters are all a step can depend on.
 """
 import ast
-import contextlib
-import copy
-import io
-import re
 
 import pytest
 import yaml
 
-from conftest import REPO, TINY_CONFIG
+from conftest import REPO, TINY_CONFIG, changed, scheduled_rules
+from test_baselines_pipeline import READERS as BASELINE_READERS
 from ifcl.config import schema_keys as config_schema_keys
 
 pytestmark = pytest.mark.pipeline
@@ -184,43 +182,13 @@ NOT_EXERCISED = {
 }
 
 
-def changed(config: dict, changes: dict) -> dict:
-    config = copy.deepcopy(config)
-    for path, value in changes.items():
-        *parents, last = path.split(".")
-        node = config
-        for part in parents:
-            node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
-        if isinstance(node, list):
-            node[int(last)] = value
-        else:
-            node[last] = copy.deepcopy(value)
-    return config
-
-
-def scheduled_rules(workdir, configfile) -> set[str]:
-    """The rules a dry run of `all` schedules in ``workdir`` (Snakemake run in this process: ~0.5 s each)."""
-    from snakemake.cli import main
-
-    out = io.StringIO()
-    with contextlib.redirect_stderr(out), contextlib.redirect_stdout(out):
-        try:
-            main(["-s", str(REPO / "Snakefile"), "-d", str(workdir), "-n", "--quiet", "rules", "--nolock", "all",
-                  "--configfile", str(configfile)])
-            code = 0
-        except SystemExit as e:
-            code = e.code
-    text = out.getvalue()
-    assert code == 0, text[-3000:]
-    return set(re.findall(r"^(\w+)\s+\d+$", text, re.M)) - {"all", "total"}
-
-
 def test_every_schema_key_is_audited_or_listed_with_its_reason():
     keys = schema_keys()
-    assert not set(READERS) & set(NOT_EXERCISED)
-    missing = keys - set(READERS) - set(NOT_EXERCISED)
-    assert not missing, f"schema keys on neither list (add them to READERS or NOT_EXERCISED): {sorted(missing)}"
-    assert not (set(READERS) | set(NOT_EXERCISED)) - keys, "listed keys the schema no longer has"
+    audited = set(READERS) | set(BASELINE_READERS)  # the compared methods' keys: in their own tiny run
+    assert not set(READERS) & set(BASELINE_READERS) and not audited & set(NOT_EXERCISED)
+    missing = keys - audited - set(NOT_EXERCISED)
+    assert not missing, f"schema keys on no list (add them to READERS or NOT_EXERCISED): {sorted(missing)}"
+    assert not (audited | set(NOT_EXERCISED)) - keys, "listed keys the schema no longer has"
 
 
 def test_changing_any_setting_schedules_every_step_that_reads_it(tiny_run, tmp_path):

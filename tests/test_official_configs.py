@@ -60,10 +60,80 @@ TEMPLATES = {
 }
 
 
-def test_one_file_per_released_config_and_all_included_by_default():
-    assert [p.stem for p in EXPERIMENT_FILES] == sorted(RELEASED | RELEASED_DIKI)
+# The baselines of InfLoRA's tables on its benchmarks: name -> (method, dataset, tasks, epochs, prompt) as
+# GT-RIPL/CODA-Prompt experiments/*.sh and configs/*_prompt*.yaml run them (Adam 0.001, batch 128, cosine)
+L2P = {"pool_size": 30, "length": 20, "layers": [0], "top_k": 5, "key_loss": "official"}
+CODA = {"pool_size": 100, "length": 8, "layers": [0, 1, 2, 3, 4], "ortho_mu": 0.0}
+
+
+def dual(tasks):
+    return {"pool_size": tasks, "length": 20, "layers": [2, 3, 4], "g_length": 6, "g_layers": [0, 1]}
+
+
+BENCHMARKS = {"cifar100": ("cifar100", 10, 20), "mimg5": ("imagenet-r", 5, 50), "mimg10": ("imagenet-r", 10, 50),
+              "mimg20": ("imagenet-r", 20, 50), "domainnet": ("domainnet", 5, 5)}
+BASELINES = {f"{b}_{name}": (method, ds, tasks, epochs, prompt(tasks))
+             for b, (ds, tasks, epochs) in BENCHMARKS.items()
+             for name, method, prompt in (("l2p", "l2p", lambda t: L2P), ("dualprompt", "dualprompt", dual),
+                                          ("codaprompt", "coda-prompt", lambda t: CODA))}
+# SD-LoRA (WuYichen-97/SD-Lora-CL exps/sdlora_c100.json, sdlora_inr.json): name -> (dataset, tasks, lr, RR schedule)
+SDLORA = {f"{b}_sdlora": (ds, tasks, lr, None) for b, ds, tasks, lr in (
+    ("cifar100", "cifar100", 10, 8e-3), ("mimg5", "imagenet-r", 5, 1e-2), ("mimg10", "imagenet-r", 10, 1e-2),
+    ("mimg20", "imagenet-r", 20, 1e-2))}
+SDLORA |= {"cifar100_sdlorarr": ("cifar100", 10, 8e-3, ([10, 8, 6], [0, 4, 8])),
+           "mimg10_sdlorarr": ("imagenet-r", 10, 1e-2, ([10, 8, 6], [0, 4, 8]))}
+# the upper bounds: one task of every class, with the optimisation of an InfLoRA config of the benchmark
+JOINT = {"cifar100_joint": "cifar100_inflora", "mimg_joint": "mimg10_inflora", "domainnet_joint": "domainnet_inflora"}
+
+
+def test_one_file_per_released_config_and_the_papers_own_included_by_default():
+    assert [p.stem for p in EXPERIMENT_FILES] == sorted(RELEASED | RELEASED_DIKI | BASELINES | JOINT | SDLORA)
     default = load_yaml(REPO / "config" / "config.yaml")
     assert sorted(Path(p).stem for p in default["include"]) == sorted(RELEASED | RELEASED_DIKI)
+    tables = load_yaml(REPO / "config" / "comparisons" / "inflora_tables.yaml")
+    assert sorted(Path(p).stem for p in tables["include"]) == sorted(RELEASED | BASELINES | JOINT)
+
+
+@pytest.mark.parametrize("name", sorted(BASELINES))
+def test_baseline_config_is_codas_recipe_on_the_inflora_benchmark(name):
+    config = load(REPO / "config" / "experiments" / f"{name}.yaml")
+    (got, exp), = config["experiments"].items()
+    method, dataset, tasks, epochs, prompt = BASELINES[name]
+    assert got == name and (exp["method"], exp["dataset"], exp["num_tasks"]) == (method, dataset, tasks)
+    assert exp["prompt"] == prompt
+    assert exp["train"] == {"optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0, "epochs": epochs, "batch_size": 128,
+                            "schedule": "inflora-cosine"}
+    inflora = load(REPO / "config" / "experiments" / f"{name.split('_')[0]}_inflora.yaml")
+    (theirs,) = inflora["experiments"].values()
+    assert (exp["backbone"], exp["seeds"], exp["class_order"]) == (theirs["backbone"], theirs["seeds"], theirs["class_order"])
+    assert config["datasets"][dataset] == inflora["datasets"][dataset]
+
+
+@pytest.mark.parametrize("name", sorted(SDLORA))
+def test_sdlora_config_is_the_official_recipe_on_the_inflora_benchmark(name):
+    config = load(REPO / "config" / "experiments" / f"{name}.yaml")
+    (got, exp), = config["experiments"].items()
+    dataset, tasks, lr, rr = SDLORA[name]
+    assert got == name and (exp["method"], exp["dataset"], exp["num_tasks"]) == ("sd-lora", dataset, tasks)
+    assert (exp["rank"], exp["lora_blocks"]) == (10, "all")
+    assert exp["sdlora"] == {"init_magnitude": 0.8, "reset_magnitudes": True,
+                             **({"ranks": rr[0], "rank_starts": rr[1]} if rr else {})}
+    # models/sdlora.py _train: SGD(momentum 0.9), no weight decay, MultiStepLR that never steps down in 20 epochs
+    assert exp["train"] == {"optimizer": "sgd", "lr": lr, "momentum": 0.9, "weight_decay": 0.0, "epochs": 20,
+                            "batch_size": 128, "schedule": "constant"}
+    inflora = load(REPO / "config" / "experiments" / f"{name.split('_')[0]}_inflora.yaml")
+    (theirs,) = inflora["experiments"].values()
+    assert (exp["backbone"], exp["seeds"], exp["class_order"]) == (theirs["backbone"], theirs["seeds"], theirs["class_order"])
+
+
+@pytest.mark.parametrize("name", sorted(JOINT))
+def test_joint_config_is_one_task_with_the_inflora_optimisation(name):
+    config = load(REPO / "config" / "experiments" / f"{name}.yaml")
+    (exp,) = config["experiments"].values()
+    (theirs,) = load(REPO / "config" / "experiments" / f"{JOINT[name]}.yaml")["experiments"].values()
+    assert exp["method"] == "joint" and exp["num_tasks"] == 1
+    assert {k: exp[k] for k in ("dataset", "backbone", "seeds", "train", "rank", "lora_blocks")} == \
+        {k: theirs[k] for k in ("dataset", "backbone", "seeds", "train", "rank", "lora_blocks")}
 
 
 @pytest.mark.parametrize("path", [p for p in EXPERIMENT_FILES if p.stem in RELEASED_DIKI], ids=lambda p: p.stem)
@@ -190,7 +260,8 @@ def test_the_diki_ablations_are_the_official_order_i_config_but_for_the_ablated_
 
 @pytest.mark.parametrize("path", sorted((REPO / "config" / "comparisons").glob("*.yaml")), ids=lambda p: p.stem)
 def test_dry_run_of_each_comparison_config(path, tmp_path):
-    """`snakemake -n` over each comparison config: every task of every experiment in it is planned."""
+    """`snakemake -n` over each comparison config (inflora_tables: every baseline and upper-bound paper config):
+    every task of every experiment in it is planned, by its family's rules."""
     from ifcl.config import load_config
     from ifcl.layout import num_tasks
 
@@ -202,5 +273,8 @@ def test_dry_run_of_each_comparison_config(path, tmp_path):
     counts = {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", proc.stdout + proc.stderr, re.M)}
     experiments = load_config(path, REPO)["experiments"]
     tasks = sum(num_tasks(spec) * len(spec["seeds"]) for spec in experiments.values())
-    assert counts.get("evaluate_diki", 0) + counts.get("evaluate_task", 0) == tasks
+    assert counts.get("evaluate_diki", 0) + counts.get("evaluate_task", 0) + counts.get("evaluate_baseline", 0) == tasks
+    baseline_tasks = sum(num_tasks(spec) * len(spec["seeds"]) for spec in experiments.values()
+                         if spec["method"] in ("l2p", "dualprompt", "coda-prompt", "sd-lora"))
+    assert counts.get("train_baseline", 0) == counts.get("evaluate_baseline", 0) == baseline_tasks
     assert counts["aggregate_run"] == sum(len(spec["seeds"]) for spec in experiments.values())

@@ -111,6 +111,13 @@ def load_config(source: str | Path | dict, root: str | Path = ".") -> dict:
     return config
 
 
+def paper_configs(root: str | Path) -> dict:
+    """Every paper config (``config/experiments/*.yaml`` under ``root``) in one config: the protocols that
+    published numbers were measured under."""
+    files = sorted(str(p.relative_to(root)) for p in (Path(root) / "config" / "experiments").glob("*.yaml"))
+    return load_config({"include": files}, root)
+
+
 CLIP_BACKBONES = ("open_clip", "pretrain_clip")
 BENCHMARK_CLASSES = {"cifar100": 100, "imagenet-r": 200, "domainnet": 345}
 MTIL_CLASSES = {"aircraft": 100, "caltech101": 100, "cifar100": 100, "dtd": 47, "eurosat": 10, "flowers": 102,
@@ -209,11 +216,32 @@ def check(config: dict) -> None:
         for t in exp.get("task_overrides") or {}:
             if not isinstance(t, int) or not 0 <= t < exp["num_tasks"]:
                 raise ConfigError(f"{key}.task_overrides: key {t!r} is not a task index in 0..{exp['num_tasks'] - 1}")
-        if exp["lora_blocks"] != "all":
-            bb = backbones[exp["backbone"]]
-            depth = bb["arch"]["depth"] if bb["type"] == "pretrain" else None
-            if depth is not None and max(exp["lora_blocks"]) >= depth:
-                raise ConfigError(f"{key}.lora_blocks: block {max(exp['lora_blocks'])} does not exist (depth {depth})")
+        bb = backbones[exp["backbone"]]
+        depth = bb["arch"]["depth"] if bb["type"] == "pretrain" else None
+        blocks = {"lora_blocks": exp.get("lora_blocks")}
+        if exp.get("prompt"):
+            blocks.update({f"prompt.{k}": exp["prompt"].get(k) for k in ("layers", "g_layers")})
+        for where, listed in blocks.items():
+            if isinstance(listed, list) and listed and depth is not None and max(listed) >= depth:
+                raise ConfigError(f"{key}.{where}: block {max(listed)} does not exist (depth {depth})")
+        if exp["method"] == "joint" and exp["num_tasks"] != 1:
+            raise ConfigError(f"{key}.num_tasks: joint trains every class at once, so num_tasks must be 1, not "
+                              f"{exp['num_tasks']}")
+        if exp["method"] == "dualprompt" and exp["prompt"]["pool_size"] < exp["num_tasks"]:
+            raise ConfigError(f"{key}.prompt.pool_size: DualPrompt trains e-prompt t for task t, so the pool needs "
+                              f"at least num_tasks ({exp['num_tasks']}) prompts, not {exp['prompt']['pool_size']}")
+        if exp["method"] == "coda-prompt" and exp["prompt"]["pool_size"] < exp["num_tasks"]:
+            raise ConfigError(f"{key}.prompt.pool_size: CODA-Prompt gives each task pool_size // num_tasks "
+                              f"components, so the pool needs at least {exp['num_tasks']}, not {exp['prompt']['pool_size']}")
+        if exp["method"] == "sd-lora":
+            if exp["num_tasks"] > 21:
+                raise ConfigError(f"{key}.num_tasks: the official SD-LoRA keeps 20 previous magnitudes, so at most 21 "
+                                  f"tasks, not {exp['num_tasks']}")
+            starts = exp["sdlora"].get("rank_starts")
+            if starts is not None and (starts[0] != 0 or starts != sorted(set(starts))
+                                       or len(starts) != len(exp["sdlora"]["ranks"])):
+                raise ConfigError(f"{key}.sdlora.rank_starts: {starts} must increase from 0, one per entry of "
+                                  f"sdlora.ranks ({exp['sdlora']['ranks']})")
 
 
 def canonical(obj):
@@ -242,8 +270,8 @@ SCHEMA_GROUPS = ("dataset", "backbone", "vit_arch", "train", "cil_experiment", "
 GROUP_TITLES = {"dataset": "Datasets (`datasets.<name>`)", "backbone": "Backbones (`backbones.<name>`)",
                 "vit_arch": "A pretrained ViT's sizes (`backbones.<name>.arch`, type `pretrain`)",
                 "train": "Optimisation (`experiments.<name>.train`, and each entry of `task_overrides`)",
-                "cil_experiment": "Class-incremental experiments (`experiments.<name>`, methods seq-lora, inflora, "
-                                  "inflora-ca)",
+                "cil_experiment": "Class-incremental experiments (`experiments.<name>`, methods seq-lora, joint, inflora, "
+                                  "inflora-ca, l2p, dualprompt, coda-prompt, sd-lora)",
                 "diki_experiment": "DIKI experiments (`experiments.<name>`, method diki)"}
 
 

@@ -13,6 +13,8 @@ A run is ``results/runs/<experiment>/seed<k>/``:
     task<t>/align_log.csv              InfLoRA+CA (t >= 1): one row per alignment epoch
     task<t>/gaussian.safetensors       DIKI: mean and covariance of dataset t's frozen training features
     task<t>/prefix.safetensors         DIKI: the trained key/value prefixes of task t
+    task<t>/state.safetensors          L2P, DualPrompt, CODA-Prompt: the prompt pool after task t and head t;
+                                       SD-LoRA: task t's factors, head t and the magnitudes after task t
     task<t>/eval.json                  accuracy after task t (a row of the accuracy matrix)
     acc_matrix.csv, metrics.json       the run's matrix and metrics
 
@@ -46,6 +48,7 @@ ALIGNED_HEADS = "aligned_heads.safetensors"
 ALIGN_LOG = "align_log.csv"
 GAUSSIAN = "gaussian.safetensors"
 PREFIX = "prefix.safetensors"
+STATE = "state.safetensors"
 EVAL = "eval.json"
 BACKBONE = "backbone.safetensors"
 PRETRAIN_LOG = "pretrain_log.csv"
@@ -53,8 +56,29 @@ PRETRAIN_LOG = "pretrain_log.csv"
 
 # ---- what a run has, by method ----
 
+# The methods of each family: a family shares one steps module (ifcl.steps.<family>) and one rule file.
+FAMILIES = {
+    "inflora": ("seq-lora", "joint", "inflora", "inflora-ca"),  # a LoRA branch per task (ifcl.steps.inflora)
+    # one state file per task on a frozen ViT: prompt pools, SD-LoRA (ifcl.steps.baselines)
+    "baselines": ("l2p", "dualprompt", "coda-prompt", "sd-lora"),
+    "diki": ("diki",),  # CLIP with per-task prefixes (ifcl.steps.diki)
+}
+
+
+def family(experiment: dict) -> str:
+    """The family of an experiment's method: the name of its steps module under ``ifcl.steps``."""
+    for name, methods in FAMILIES.items():
+        if experiment["method"] in methods:
+            return name
+    raise ValueError(f"unknown method {experiment['method']!r}")
+
+
 def is_diki(experiment: dict) -> bool:
     return experiment["method"] == "diki"
+
+
+def is_baseline(experiment: dict) -> bool:
+    return family(experiment) == "baselines"
 
 
 def uses_memory(experiment: dict) -> bool:
@@ -72,10 +96,13 @@ def num_tasks(experiment: dict) -> int:
 
 
 def task_outputs(experiment: dict, t: int) -> tuple[str, ...]:
-    """The files of task t: DIKI's four; the InfLoRA family's four, with the memory for InfLoRA (not after the
-    last task: nothing would read it), the class statistics and, from task 1 on, the aligned heads for InfLoRA+CA."""
+    """The files of task t: DIKI's four; the compared methods' three (ifcl.steps.baselines); the InfLoRA family's four, with the memory for
+    InfLoRA (not after the last task: nothing would read it), the class statistics and, from task 1 on, the
+    aligned heads for InfLoRA+CA."""
     if is_diki(experiment):
         return GAUSSIAN, PREFIX, TRAIN_LOG, EVAL
+    if is_baseline(experiment):
+        return STATE, TRAIN_LOG, EVAL
     names = (REDUCTION, ADAPTER, TRAIN_LOG, EVAL)
     if uses_memory(experiment) and t < experiment["num_tasks"] - 1:
         names += (MEMORY,)

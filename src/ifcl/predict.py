@@ -269,20 +269,15 @@ def _task_files(run: Path, task: int, name: str) -> list[str]:
 
 def _class_incremental_evaluation(config: dict, spec: dict, run: Path, task: int, manifest: str | None,
                                   tmp: str) -> None:
-    """Rule evaluate_task's step on the run's files; its eval.json in ``tmp``."""
-    from .steps import inflora
+    """The evaluation rule's step of the experiment's family on the run's files; its eval.json in ``tmp``."""
+    from .steps import steps_of
 
-    tasks_file = str(run / layout.TASKS)
     if manifest is not None:
-        _check_class_names(manifest, read_json(tasks_file)["class_names"])
-    heads = str(layout.in_run(run, task, layout.ALIGNED_HEADS)) if layout.aligned_heads_task(spec, task) else None
+        _check_class_names(manifest, read_json(run / layout.TASKS)["class_names"])
     backbone = config["backbones"][spec["backbone"]]
-    inflora.evaluate(inflora.Evaluate(
-        t=task, model=spec, backbone=backbone, weights=backbone_weights_file(spec["backbone"], backbone),
-        tasks=tasks_file, manifest=manifest or layout.manifest_file(spec["dataset"], "test"),
-        reductions=_task_files(run, task, layout.REDUCTION), adapters=_task_files(run, task, layout.ADAPTER),
-        heads=heads, eval_batch_size=spec["eval_batch_size"], dataset=config["datasets"][spec["dataset"]],
-        precision=spec["gpu_precision"], out=f"{tmp}/{layout.EVAL}"))
+    steps_of(spec).evaluate_run(spec, backbone, backbone_weights_file(spec["backbone"], backbone),
+                                config["datasets"][spec["dataset"]], run, task,
+                                manifest or layout.manifest_file(spec["dataset"], "test"), f"{tmp}/{layout.EVAL}")
 
 
 def _diki_evaluation(config: dict, spec: dict, run: Path, task: int, manifest: str | None, tmp: str) -> None:

@@ -149,7 +149,7 @@ def experiment_protocol(config: dict, name: str) -> dict:
 
 def protocol_changes(config: dict, reference: dict, published: dict) -> dict[str, list[str]]:
     """For every configured experiment with published numbers: the settings in which it differs from the
-    experiment of the same name in ``reference`` (the paper configs, config/config.yaml), which the published
+    experiment of the same name in ``reference`` (the paper configs, config/experiments/*.yaml), which the published
     numbers were measured under. Empty lists are left out."""
     changes = {}
     for name in set(published) & set(config["experiments"]):

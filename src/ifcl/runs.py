@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .config import load_config
 from .files import DIGEST_SUFFIX, check_bytes, file_sha256
-from .layout import RUNS, SUMMARY, is_diki, run_dir, task_folders
+from .layout import RUNS, SUMMARY, run_dir, task_folders
 from .models.weights import backbone_weights_file
 from .state import load_state
 
@@ -58,11 +58,9 @@ def load_model(config: str | Path | dict, experiment: str, seed: int, task: int,
     tasks = [t for t, _ in task_folders(run)] if run.is_dir() else []
     if task not in tasks:
         raise FileNotFoundError(f"{run}: no task{task} folder (tasks present: {tasks or 'none'})")
-    if is_diki(spec):  # each method's steps are imported only when its model is asked for
-        from .steps.diki import model_after_task
-    else:
-        from .steps.inflora import model_after_task
-    return model_after_task(spec, backbone, weights, run, task)
+    from .steps import steps_of  # each family's steps are imported only when its model is asked for
+
+    return steps_of(spec).model_after_task(spec, backbone, weights, run, task)
 
 
 def compare_workdirs(a: str | Path, b: str | Path, runs: list[str] | None = None) -> list[tuple[str, str]]:

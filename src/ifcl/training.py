@@ -75,6 +75,7 @@ def train_classifier(
     precision: str = "bf16",
 ) -> list[dict]:
     """Minimise mean cross-entropy of ``logits_fn(x)`` against ``y - label_offset`` for ``cfg['epochs']`` epochs.
+    A ``logits_fn`` that returns ``(logits, extra_loss)`` has ``extra_loss`` added (the prompt methods' key loss).
 
     ``cfg``: optimizer, lr, weight_decay, (momentum, head_lr), epochs, schedule (milestones, gamma); ``precision``:
     see :func:`autocast`. Returns one
@@ -91,8 +92,9 @@ def train_classifier(
         for x, y in track(loader, f"{desc} epoch {epoch + 1}/{cfg['epochs']}", epoch=epoch, epochs=cfg["epochs"]):
             x, y = x.to(device, non_blocking=True), (y - label_offset).to(device, non_blocking=True)
             with autocast(device, precision):
-                logits = logits_fn(x)
-                loss = F.cross_entropy(logits, y)
+                out = logits_fn(x)
+                logits, extra = out if isinstance(out, tuple) else (out, None)
+                loss = F.cross_entropy(logits, y) if extra is None else F.cross_entropy(logits, y) + extra
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

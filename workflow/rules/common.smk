@@ -53,8 +53,8 @@ CONDA_ENV = "../../envs/ifcl.yaml"
 from ifcl import layout
 from ifcl.codeversion import code_version
 from ifcl.integrity import check_workdir
-from ifcl.config import ConfigError, canonical, check, load_config, merge_includes, task_train_params, validate_with_defaults
-from ifcl.layout import aligned_heads_task, is_diki, num_tasks, task_outputs, uses_alignment, uses_memory
+from ifcl.config import ConfigError, canonical, check, merge_includes, paper_configs, task_train_params, validate_with_defaults
+from ifcl.layout import aligned_heads_task, family, is_diki, num_tasks, task_outputs, uses_alignment, uses_memory
 from ifcl.data.benchmarks import sources_of
 from ifcl.data.folder import folder_fingerprint
 from ifcl.plots import experiment_colours, load_settings as figure_settings
@@ -113,7 +113,9 @@ def experiments_where(keep):
     return "|".join(re.escape(n) for n in names) if names else "(?!)"
 
 
-CIL_EXPERIMENTS = experiments_where(lambda spec: not is_diki(spec))
+# the experiments of each method family (ifcl.layout.FAMILIES): each family's rules are constrained to its own
+LORA_EXPERIMENTS = experiments_where(lambda spec: family(spec) == "inflora")
+BASELINE_EXPERIMENTS = experiments_where(lambda spec: family(spec) == "baselines")
 DIKI_EXPERIMENTS = experiments_where(is_diki)
 
 
@@ -353,8 +355,7 @@ def protocol_changes_of_runs(wildcards):
     of a second, which every start (a SLURM job's too) would otherwise pay."""
     if not set(PUBLISHED) & set(EXPERIMENTS):
         return {}
-    reference = load_config(os.path.join(workflow.basedir, "config", "config.yaml"), workflow.basedir)
-    return protocol_changes(config, reference, PUBLISHED)
+    return protocol_changes(config, paper_configs(workflow.basedir), PUBLISHED)
 
 
 # ---- figures ----

@@ -1,4 +1,4 @@
-# The per-task chain of one class-incremental run (ifcl.steps.inflora): split -> for each task t:
+# The per-task chain of one run of the InfLoRA family (ifcl.steps.inflora): split -> for each task t:
 # reduction_t -> train_t (-> memory_t) (-> class_stats_t -> align_t) -> evaluate_t.
 # A task's rules take the files of tasks < t as inputs, so the DAG is explicit and a changed parameter re-runs
 # exactly the tasks it affects and their dependants. Each step is built from its rule's output, input, params and
@@ -6,7 +6,7 @@
 
 
 rule split_tasks:
-    """Class order and the classes of each task (tasks.json)."""
+    """Class order and the classes of each task (tasks.json) of every class-incremental run."""
     input:
         train=exp_manifest("train"),
     output:
@@ -27,7 +27,7 @@ rule split_tasks:
 rule reduction:
     """Down-projections R_t of task t (seq-lora: LoRA's random init; InfLoRA: designed subspace)."""
     wildcard_constraints:
-        exp=CIL_EXPERIMENTS,
+        exp=LORA_EXPERIMENTS,
     input:
         unpack(reduction_inputs),
     output:
@@ -52,7 +52,7 @@ rule reduction:
 rule train_task:
     """Train the up-projections E_t and head t, every older task merged and frozen."""
     wildcard_constraints:
-        exp=CIL_EXPERIMENTS,
+        exp=LORA_EXPERIMENTS,
     input:
         tasks=layout.run_pattern(layout.TASKS),
         weights=exp_backbone_weights,
@@ -86,7 +86,7 @@ rule train_task:
 rule evaluate_task:
     """Accuracy on every seen task after task t (one row of the accuracy matrix)."""
     wildcard_constraints:
-        exp=CIL_EXPERIMENTS,
+        exp=LORA_EXPERIMENTS,
     input:
         tasks=layout.run_pattern(layout.TASKS),
         weights=exp_backbone_weights,
@@ -119,7 +119,7 @@ rule evaluate_task:
 rule memory:
     """InfLoRA: the (Dual)GPM memory after task t, from the task's inputs with its trained branch."""
     wildcard_constraints:
-        exp=CIL_EXPERIMENTS,
+        exp=LORA_EXPERIMENTS,
     input:
         tasks=layout.run_pattern(layout.TASKS),
         weights=exp_backbone_weights,
@@ -151,7 +151,7 @@ rule memory:
 rule class_stats:
     """InfLoRA+CA: mean and covariance of the features of task t's classes (all branches 0..t)."""
     wildcard_constraints:
-        exp=CIL_EXPERIMENTS,
+        exp=LORA_EXPERIMENTS,
     input:
         tasks=layout.run_pattern(layout.TASKS),
         weights=exp_backbone_weights,
@@ -182,7 +182,7 @@ rule class_stats:
 rule align:
     """InfLoRA+CA (task t >= 1): every head re-trained on features sampled from the class Gaussians."""
     wildcard_constraints:
-        exp=CIL_EXPERIMENTS,
+        exp=LORA_EXPERIMENTS,
     input:
         stats=tasks_through(layout.CLASS_STATS),
         adapters=tasks_through(layout.ADAPTER),

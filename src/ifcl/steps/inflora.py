@@ -8,15 +8,13 @@ backbone is never copied into a run: states name it and record its file's digest
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .. import layout
-from ..data.loader import image_batches
-from ..files import file_sha256, read_json, write_csv, write_json
+from ..files import file_sha256, read_json, write_csv
 from ..methods.classifier_alignment import align_heads, class_statistics
 from ..methods.inflora import LayerMemory, design_reduction, threshold, update_memory
 from ..models.vit_lora import (ViTLoRA, heads_state, load_backbone, load_heads, random_reduction, reduction_state,
@@ -24,7 +22,8 @@ from ..models.vit_lora import (ViTLoRA, heads_state, load_backbone, load_heads, 
 from ..progress import track
 from ..runtime import derive_seed, full_precision, start
 from ..state import load_state, save_state
-from ..training import per_task_accuracy, predict_logits, task_aware_predictions, task_of, train_classifier
+from ..training import predict_logits, train_classifier
+from .cil import evaluate_seen, task_loader
 
 CLASS_STATS_BATCH = 64  # the batch size of the CA feature pass (it changes nothing but speed)
 
@@ -65,15 +64,6 @@ def model_after_task(experiment: dict, backbone: dict, weights: str | Path, run:
     if layout.aligned_heads_task(experiment, t):
         load_heads(model.heads, load_state(layout.in_run(run, t, layout.ALIGNED_HEADS))[0])
     return model.eval()
-
-
-def _loader(manifest: str, classes, tasks: dict, dataset: dict, backbone: dict, train: bool, batch_size: int, device,
-            seed: int = 0, decoded: str | None = None, workers: int = 0):
-    """Batches on ``device`` of the manifest's images of ``classes``: ``train``: the training transform, shuffled;
-    else the test transform in manifest order. ``decoded``: read from that decoded-image cache."""
-    name = dataset["train_transform"] if train else dataset["test_transform"]
-    return image_batches(manifest, classes, tasks["class_order"], name, backbone, batch_size, shuffle=train,
-                         seed=seed, device=device, crop_scale=dataset["crop_scale"], decoded=decoded, workers=workers)
 
 
 # ---- InfLoRA's collection passes: designed subspaces and memories ----
@@ -138,7 +128,7 @@ def _collect(step: Collection, stage: str) -> tuple[list[int], list[torch.Tensor
     tasks = read_json(step.tasks)
     model = replay(build_model(step.model, step.backbone, step.weights), step.reductions, step.adapters, tasks)
     model = model.to(device).eval()
-    loader = _loader(step.manifest, tasks["tasks"][step.t], tasks, step.collect["dataset"], step.backbone, True,
+    loader = task_loader(step.manifest, tasks["tasks"][step.t], tasks, step.collect["dataset"], step.backbone, True,
                      step.collect["batch_size"], device, job_seed, step.decoded, step.loader_workers)
     return model.lora_blocks, collect_second_moments(model, loader, device)
 
@@ -238,7 +228,7 @@ def train(step: Train) -> None:
     model.set_trainable()
     model.to(device).eval()  # no dropout/BN; the official loop also runs in eval mode
     known = sum(len(c) for c in tasks["tasks"][: step.t])
-    loader = _loader(step.manifest, tasks["tasks"][step.t], tasks, step.dataset, step.backbone, True,
+    loader = task_loader(step.manifest, tasks["tasks"][step.t], tasks, step.dataset, step.backbone, True,
                      step.train["batch_size"], device, job_seed, step.decoded, step.loader_workers)
     n_trainable = sum(p.numel() for p in model.trainable_parameters())
     print(f"task {step.t}: {len(loader.dataset)} images, {n_trainable} trainable parameters")
@@ -265,30 +255,29 @@ class Evaluate(OnImages):
 
 
 def evaluate(step: Evaluate) -> None:
-    """Class-incremental evaluation after task t: arg-max over every seen head on the test images of all seen
-    classes (task-agnostic); one accuracy per seen task (a row of the accuracy matrix)."""
+    """Class-incremental evaluation after task t (:func:`ifcl.steps.cil.evaluate_seen`): the model after task t,
+    its heads the aligned ones for InfLoRA+CA."""
     device = start(step.threads)
     tasks = read_json(step.tasks)
     model = replay(build_model(step.model, step.backbone, step.weights), step.reductions, step.adapters, tasks)
     if step.heads is not None:
         load_heads(model.heads, load_state(step.heads)[0])
     model = model.eval().to(device)
-    seen = [c for t in tasks["tasks"][: step.t + 1] for c in t]
-    loader = _loader(step.manifest, seen, tasks, step.dataset, step.backbone, False, step.eval_batch_size, device,
-                     decoded=step.decoded, workers=step.loader_workers)
-    begin = time.perf_counter()
-    logits, targets = predict_logits(model, loader, device, step.precision)
-    sizes = [len(c) for c in tasks["tasks"][: step.t + 1]]
-    preds = logits.argmax(1)
-    accs, counts = per_task_accuracy(preds, targets, sizes)
-    til_accs, _ = per_task_accuracy(task_aware_predictions(logits, targets, sizes), targets, sizes)
-    total = 100.0 * float((preds == targets).float().mean())
-    task_id = 100.0 * float((task_of(preds, sizes) == task_of(targets, sizes)).float().mean())
-    print(f"after task {step.t}: accuracy {total:.2f}% on {len(targets)} images; per task "
-          f"{[round(a, 2) for a in accs]}; task-aware per task {[round(a, 2) for a in til_accs]}; task-id accuracy "
-          f"{task_id:.2f}% ({time.perf_counter() - begin:.1f} s)")
-    write_json(step.out, {"task": step.t, "accuracy": total, "per_task_accuracy": accs, "per_task_count": counts,
-                          "per_task_accuracy_task_aware": til_accs, "task_id_accuracy": task_id})
+    evaluate_seen(model, tasks, step.t, step.manifest, step.dataset, step.backbone, step.eval_batch_size, device,
+                  step.precision, step.out, step.decoded, step.loader_workers)
+
+
+def evaluate_run(spec: dict, backbone: dict, weights: str, dataset: dict, run: Path, t: int, manifest: str,
+                 out: str) -> None:
+    """Rule evaluate_task's step on a run folder's files (``ifcl run evaluate``)."""
+    def files(name):
+        return [str(layout.in_run(run, s, name)) for s in range(t + 1)]
+
+    heads = str(layout.in_run(run, t, layout.ALIGNED_HEADS)) if layout.aligned_heads_task(spec, t) else None
+    evaluate(Evaluate(t=t, model=spec, backbone=backbone, weights=weights, tasks=str(Path(run) / layout.TASKS),
+                      manifest=manifest, reductions=files(layout.REDUCTION), adapters=files(layout.ADAPTER),
+                      heads=heads, eval_batch_size=spec["eval_batch_size"], dataset=dataset,
+                      precision=spec["gpu_precision"], out=out))
 
 
 # ---- InfLoRA+CA: class statistics and classifier alignment ----
@@ -318,7 +307,7 @@ def class_stats(step: ClassStats) -> None:
     model = replay(build_model(step.model, step.backbone, step.weights), step.reductions, step.adapters, tasks)
     model = model.to(device).eval()
     classes = tasks["tasks"][step.t]
-    loader = _loader(step.manifest, classes, tasks, step.dataset, step.backbone, False, CLASS_STATS_BATCH, device,
+    loader = task_loader(step.manifest, classes, tasks, step.dataset, step.backbone, False, CLASS_STATS_BATCH, device,
                      decoded=step.decoded, workers=step.loader_workers)
     feats, targets = features(model, loader, device)
     known = sum(len(c) for c in tasks["tasks"][: step.t])

@@ -1,0 +1,73 @@
+# The per-task chain of a run of L2P, DualPrompt, CODA-Prompt or SD-LoRA (ifcl.steps.baselines): split (rule
+# split_tasks) -> for each task t: train_baseline_t (the files of tasks 0..t-1 in) -> evaluate_baseline_t (the files
+# of tasks 0..t in).
+
+
+def baseline_model_params(wildcards):
+    """The experiment settings that shape the model (a change re-runs every task of the experiment)."""
+    from ifcl.steps.baselines import model_settings
+
+    return canonical(model_settings(EXPERIMENTS[wildcards.exp]))
+
+
+rule train_baseline:
+    """Train what task t adds (prompts, or SD-LoRA's factors and magnitudes) and head t on task t's classes."""
+    wildcard_constraints:
+        exp=BASELINE_EXPERIMENTS,
+    input:
+        tasks=layout.run_pattern(layout.TASKS),
+        weights=exp_backbone_weights,
+        manifest=exp_manifest("train"),
+        previous=tasks_before(layout.STATE),
+        decoded=exp_decoded("train", "train_transform"),
+    output:
+        out=layout.task_pattern(layout.STATE),
+        log_csv=layout.task_pattern(layout.TRAIN_LOG),
+    params:
+        code=code("train_baseline"),
+        model=baseline_model_params,
+        train=train_params,
+        backbone=exp_backbone,
+        dataset=exp_dataset,
+        precision=exp_setting("gpu_precision"),
+        loader_workers=exp_setting("loader_workers"),
+    threads: 1
+    resources:
+        gpu=1,
+    conda:
+        CONDA_ENV
+    log:
+        "logs/train_baseline/{exp}/seed{seed}/task{t}.log",
+    script:
+        "../../scripts/train_baseline.py"
+
+
+rule evaluate_baseline:
+    """Accuracy on every seen task after task t (one row of the accuracy matrix)."""
+    wildcard_constraints:
+        exp=BASELINE_EXPERIMENTS,
+    input:
+        tasks=layout.run_pattern(layout.TASKS),
+        weights=exp_backbone_weights,
+        manifest=exp_manifest("test"),
+        states=tasks_through(layout.STATE),
+        decoded=exp_decoded("test", "test_transform"),
+    output:
+        out=layout.task_pattern(layout.EVAL),
+    params:
+        code=code("evaluate_baseline"),
+        model=baseline_model_params,
+        eval_batch_size=exp_setting("eval_batch_size"),
+        backbone=exp_backbone,
+        dataset=exp_dataset,
+        precision=exp_setting("gpu_precision"),
+        loader_workers=exp_setting("loader_workers"),
+    threads: 1
+    resources:
+        gpu=1,
+    conda:
+        CONDA_ENV
+    log:
+        "logs/evaluate_baseline/{exp}/seed{seed}/task{t}.log",
+    script:
+        "../../scripts/evaluate_baseline.py"
