@@ -258,16 +258,17 @@ def test_the_diki_ablations_are_the_official_order_i_config_but_for_the_ablated_
         assert ablations[name] == {**official, key: {**official[key], **value}}, name
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "config" / "comparisons").glob("*.yaml")), ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", [*sorted((REPO / "config" / "comparisons").glob("*.yaml")),
+                                  REPO / "config" / "demo_comparison.yaml"], ids=lambda p: p.stem)
 def test_dry_run_of_each_comparison_config(path, tmp_path):
-    """`snakemake -n` over each comparison config (inflora_tables: every baseline and upper-bound paper config):
-    every task of every experiment in it is planned, by its family's rules."""
+    """`snakemake -n` over each comparison config (inflora_tables, sdlora_tables: every baseline and upper-bound
+    paper config) and the comparison demo: every task of every experiment in it is planned, by its family's rules."""
     from ifcl.config import load_config
     from ifcl.layout import num_tasks
 
     shutil.copytree(REPO / "config", tmp_path / "config")
     cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path), "-n", "--quiet",
-           "rules", "--configfile", str(tmp_path / "config" / "comparisons" / path.name)]
+           "rules", "--configfile", str(tmp_path / path.relative_to(REPO))]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     counts = {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", proc.stdout + proc.stderr, re.M)}

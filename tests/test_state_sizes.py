@@ -40,3 +40,26 @@ def test_memory_file_size_follows_its_columns(tmp_path):
     full = [LayerMemory(torch.eye(768), "remove") for _ in range(12)]  # GPM, every direction kept
     save_memory(tmp_path / "full.safetensors", list(range(12)), full, {"task": 9})
     assert 28.3 * MB < (tmp_path / "full.safetensors").stat().st_size < 28.3 * MB + 20_000
+
+
+def test_compared_methods_task_files_at_vit_b16(tmp_path):
+    """docs/methods.md's per-task sizes (10 classes per task, the paper configs' pools): L2P 1.97 MB, DualPrompt
+    2.0 MB, CODA-Prompt 15.4 MB (the whole pool is in each task's file), SD-LoRA 1.5 MB."""
+    from ifcl.methods.prompts import build_pool
+    from ifcl.models.vit_sdlora import ViTSDLoRA
+
+    head = {"head.weight": torch.zeros(10, 768), "head.bias": torch.zeros(10)}
+    pools = {"l2p": {"pool_size": 30, "length": 20, "layers": [0], "top_k": 5, "key_loss": "official"},
+             "dualprompt": {"pool_size": 10, "length": 20, "layers": [2, 3, 4], "g_length": 6, "g_layers": [0, 1]},
+             "coda-prompt": {"pool_size": 100, "length": 8, "layers": [0, 1, 2, 3, 4], "ortho_mu": 0.0}}
+    sizes = {}
+    for method, settings in pools.items():
+        pool = build_pool(method, settings, 768, 10, torch.Generator().manual_seed(0))
+        save_state(tmp_path / f"{method}.safetensors", {**{f"pool.{k}": v for k, v in pool.state().items()}, **head},
+                   {"kind": "task_state"})
+    vit = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0)
+    model = ViTSDLoRA(vit, rank=10)
+    model.begin_task(10, 0, torch.Generator().manual_seed(0))
+    save_state(tmp_path / "sd-lora.safetensors", model.task_state(), {"kind": "task_state"})
+    sizes = {p.stem: round(p.stat().st_size / MB, 2) for p in tmp_path.iterdir()}
+    assert sizes == {"l2p": 1.97, "dualprompt": 2.0, "coda-prompt": 15.39, "sd-lora": 1.51}

@@ -81,6 +81,15 @@ def is_baseline(experiment: dict) -> bool:
     return family(experiment) == "baselines"
 
 
+BASELINE_MODEL_KEYS = ("method", "backbone", "num_tasks", "prompt", "sdlora", "rank", "lora_blocks")
+
+
+def baseline_model_settings(experiment: dict) -> dict:
+    """What shapes the model of a compared method's experiment (ifcl.steps.baselines; the rules' ``model``
+    param): the method, backbone, number of tasks and the method's own settings."""
+    return {k: experiment[k] for k in BASELINE_MODEL_KEYS if k in experiment}
+
+
 def uses_memory(experiment: dict) -> bool:
     """InfLoRA and its variants design R_t and keep a (Dual)GPM memory; seq-lora does neither."""
     return experiment["method"] in ("inflora", "inflora-ca")

@@ -3,13 +3,6 @@
 # of tasks 0..t in).
 
 
-def baseline_model_params(wildcards):
-    """The experiment settings that shape the model (a change re-runs every task of the experiment)."""
-    from ifcl.steps.baselines import model_settings
-
-    return canonical(model_settings(EXPERIMENTS[wildcards.exp]))
-
-
 rule train_baseline:
     """Train what task t adds (prompts, or SD-LoRA's factors and magnitudes) and head t on task t's classes."""
     wildcard_constraints:

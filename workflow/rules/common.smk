@@ -54,7 +54,7 @@ from ifcl import layout
 from ifcl.codeversion import code_version
 from ifcl.integrity import check_workdir
 from ifcl.config import ConfigError, canonical, check, merge_includes, paper_configs, task_train_params, validate_with_defaults
-from ifcl.layout import aligned_heads_task, family, is_diki, num_tasks, task_outputs, uses_alignment, uses_memory
+from ifcl.layout import aligned_heads_task, baseline_model_settings, family, is_diki, num_tasks, task_outputs, uses_alignment, uses_memory
 from ifcl.data.benchmarks import sources_of
 from ifcl.data.folder import folder_fingerprint
 from ifcl.plots import experiment_colours, load_settings as figure_settings
@@ -208,6 +208,11 @@ def exp_decoded(split, transform_key):
 def run_file(wildcards, t, name):
     """File ``name`` of task t of the wildcards' run."""
     return layout.task_file(wildcards.exp, wildcards.seed, t, name)
+
+
+def baseline_model_params(wildcards):
+    """The experiment settings that shape the model (a change re-runs every task of the experiment)."""
+    return canonical(baseline_model_settings(EXPERIMENTS[wildcards.exp]))
 
 
 def tasks_before(name):

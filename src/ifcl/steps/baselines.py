@@ -26,6 +26,7 @@ import torch.nn as nn
 
 from .. import layout
 from ..files import file_sha256, read_json, write_csv
+from ..layout import baseline_model_settings as model_settings
 from ..methods.prompts import build_pool
 from ..models.vit_lora import load_backbone
 from ..models.vit_prompt import PromptedViT
@@ -36,13 +37,6 @@ from ..training import train_classifier
 from .cil import evaluate_seen, task_loader
 
 PROMPT_METHODS = ("l2p", "dualprompt", "coda-prompt")
-MODEL_KEYS = ("method", "backbone", "num_tasks", "prompt", "sdlora", "rank", "lora_blocks")
-
-
-def model_settings(spec: dict) -> dict:
-    """What shapes the model of an experiment (the rules' ``model`` param): the method, backbone, number of tasks
-    and the method's own settings."""
-    return {k: spec[k] for k in MODEL_KEYS if k in spec}
 
 
 def build_model(model: dict, backbone: dict, weights: str | Path, seed: int = 0) -> nn.Module:
