@@ -211,7 +211,7 @@ def test_a_users_class_folder_tree_goes_through_the_same_manifest_and_split_rule
 def test_the_model_after_task_k_loads_and_reproduces_its_evaluation(workdir, monkeypatch, tmp_path):
     """ifcl.runs.load_model: "the model after task 1" from the run's files gives the accuracy its eval.json records;
     `ifcl run show` lists every file with its sha256 and refuses a tampered state, naming it."""
-    from ifcl.steps.inflora import _loader
+    from ifcl.steps.cil import task_loader
     from ifcl.config import load_config
     from ifcl.runs import load_model
     from ifcl.training import predict_logits
@@ -224,7 +224,7 @@ def test_the_model_after_task_k_loads_and_reproduces_its_evaluation(workdir, mon
     seen = tasks["tasks"][0] + tasks["tasks"][1]
     model = load_model(TINY_CONFIG, exp, 0, 1, root=workdir)
     monkeypatch.chdir(workdir)  # manifests list paths relative to the pipeline's working directory
-    loader = _loader(f"data/prepared/{spec['dataset']}/test.csv", seen, tasks, config["datasets"][spec["dataset"]],
+    loader = task_loader(f"data/prepared/{spec['dataset']}/test.csv", seen, tasks, config["datasets"][spec["dataset"]],
                      config["backbones"][spec["backbone"]], False, 64, "cpu")
     logits, targets = predict_logits(model, loader)
     assert logits.shape[1] == len(seen)

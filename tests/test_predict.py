@@ -90,7 +90,7 @@ def test_evaluate_on_a_users_manifest(in_tiny_run, tmp_path, capsys):
 def evaluation_logits_of_inflora(experiment: str, seed: int, task: int) -> dict[str, torch.Tensor]:
     """Image path -> the logits the class-incremental evaluation computes for it (the step's loader and forward)."""
     from ifcl.runs import load_model
-    from ifcl.steps.inflora import _loader
+    from ifcl.steps.cil import task_loader
     from ifcl.training import predict_logits
 
     config = load_config(TINY_CONFIG)
@@ -98,7 +98,7 @@ def evaluation_logits_of_inflora(experiment: str, seed: int, task: int) -> dict[
     tasks = read_json(f"results/runs/{experiment}/seed{seed}/tasks.json")
     seen = [c for t in tasks["tasks"][: task + 1] for c in t]
     manifest = f"data/prepared/{spec['dataset']}/test.csv"
-    loader = _loader(manifest, seen, tasks, config["datasets"][spec["dataset"]], config["backbones"][spec["backbone"]],
+    loader = task_loader(manifest, seen, tasks, config["datasets"][spec["dataset"]], config["backbones"][spec["backbone"]],
                      False, spec["eval_batch_size"], "cpu")
     logits, _ = predict_logits(load_model(config, experiment, seed, task), loader)
     paths = [p for p, label, _ in read_manifest(manifest) if label in seen]
