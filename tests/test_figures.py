@@ -154,7 +154,9 @@ def test_the_summary_puts_the_published_numbers_and_the_difference_next_to_ours(
 
 def test_the_repository_published_numbers_fit_the_paper_experiments():
     published = load_published(PUBLISHED)
-    experiments = load_config(REPO / "config" / "config.yaml", root=REPO)["experiments"]
+    from ifcl.config import paper_configs
+
+    experiments = paper_configs(REPO)["experiments"]  # every config/experiments/*.yaml
     assert set(published) <= set(experiments)
     check_published(published, experiments)  # metrics of the right protocol, datasets of the sequence
     assert all(entry["source"].strip() for entry in published.values())
