@@ -109,6 +109,15 @@ def cls_through_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return y + block.drop_path2(block.ls2(block.mlp(block.norm2(y))))
 
 
+def cls_features(vit: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """timm's ``forward_head(forward_features(x), pre_logits=True)`` for a CLS-pooled ViT, with the last block run
+    for the CLS token alone (:func:`cls_through_block`)."""
+    x = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(x))))
+    for block in vit.blocks[:-1]:
+        x = block(x)
+    return vit.forward_head(vit.norm(cls_through_block(vit.blocks[-1], x)), pre_logits=True)
+
+
 class ViTLoRA(nn.Module):
     """Frozen timm ViT + per-task LoRA on k/v of the chosen blocks + one linear head per task.
 
@@ -174,11 +183,7 @@ class ViTLoRA(nn.Module):
         ``forward_head(forward_features(x), pre_logits=True)``. Only the CLS token of the last block's output is
         read, so that block runs its attention output, MLP and the final norm for that token alone
         (:func:`cls_through_block`); the official code computes them for all 197 tokens and keeps one."""
-        vit = self.vit
-        x = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(x))))
-        for block in vit.blocks[:-1]:
-            x = block(x)
-        return vit.forward_head(vit.norm(cls_through_block(vit.blocks[-1], x)), pre_logits=True)
+        return cls_features(self.vit, x)
 
     def forward_current(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of the current task's head only (training, local labels)."""

@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils import skip_init
 
-from .vit_lora import cls_through_block
+from .vit_lora import cls_features, cls_through_block
 
 
 def prefixed_block(block: nn.Module, x: torch.Tensor, prefix: tuple[torch.Tensor, torch.Tensor] | None,
@@ -100,10 +100,7 @@ class PromptedViT(nn.Module):
     @torch.no_grad()
     def query(self, x: torch.Tensor) -> torch.Tensor:
         """The frozen ViT's CLS token after the final norm, without prompts and without gradients [B, D]."""
-        x = self._tokens(x)
-        for block in self.vit.blocks[:-1]:
-            x = block(x)
-        return self._pool_cls(cls_through_block(self.vit.blocks[-1], x))
+        return cls_features(self.vit, x)
 
     def features(self, x: torch.Tensor, train: bool = False, task: int | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:

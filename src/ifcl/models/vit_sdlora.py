@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..methods.sdlora import INIT_MAGNITUDE, component_scales, next_magnitudes, orthogonality_loss, rr_rank
-from .vit_lora import cls_through_block
+from .vit_lora import cls_features
 
 FACTORS = ("a_q", "b_q", "a_v", "b_v")
 
@@ -222,12 +222,8 @@ class ViTSDLoRA(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The CLS token after the final norm (timm ``forward_head(..., pre_logits=True)``, the official backbone
-        output with ``head = Identity``); the last block runs for the CLS token alone (:func:`cls_through_block`)."""
-        vit = self.vit
-        x = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(x))))
-        for block in vit.blocks[:-1]:
-            x = block(x)
-        return vit.forward_head(vit.norm(cls_through_block(vit.blocks[-1], x)), pre_logits=True)
+        output with ``head = Identity``); the last block runs for the CLS token alone (:func:`ifcl.models.vit_lora.cls_features`)."""
+        return cls_features(self.vit, x)
 
     def forward_current(self, x: torch.Tensor, task: int | None = None) -> torch.Tensor:
         """Logits of the current task's head only (training, local labels). The official loss is their
