@@ -311,6 +311,30 @@ def test_the_overview_compares_the_experiments_per_benchmark(results, tmp_path):
     assert mtil_curve == pytest.approx([80.0, (78 + 90) / 2, (77 + 85 + 70) / 3])  # mean over the datasets learnt
 
 
+def test_joint_training_joins_every_benchmark_of_its_dataset_as_a_dashed_line(tmp_path):
+    """A one-task class-incremental experiment (joint training, the upper bound) is drawn with each benchmark of its
+    dataset, after the methods, as a horizontal line across the tasks; on a dataset of its own it has its panel."""
+    def entry(dataset, tasks, final):
+        return {"protocol": "cil", "dataset": dataset, "tasks": tasks, "final_mean": final, "final_std": 1.0,
+                "average_mean": final, "average_std": 1.0, "forgetting_mean": 0.0, "forgetting_std": 0.0}
+    summary = {"a5": entry("imr", 5, 60.0), "a10": entry("imr", 10, 55.0), "joint": entry("imr", 1, 80.0),
+               "alone": entry("other", 1, 70.0), "b5": entry("imr", 5, 50.0)}
+    groups = benchmark_groups(summary)
+    assert groups == {"imr, 5 tasks (class-incremental)": ["a5", "b5", "joint"],
+                      "imr, 10 tasks (class-incremental)": ["a10", "joint"],
+                      "other, all classes at once (class-incremental)": ["alone"]}
+    curves = {"a5": [np.linspace(90, 60, 5)] * 2, "b5": [np.linspace(90, 50, 5)], "a10": [np.linspace(90, 55, 10)],
+              "joint": [np.array([79.0]), np.array([81.0])], "alone": [np.array([70.0])]}
+    fig = plot_overview(overview_benchmarks(summary, curves), {n: "cil" for n in summary},
+                        {n: f"C{k}" for k, n in enumerate(summary)}, SETTINGS, outputs(tmp_path / "joint"))
+    for row, tasks in ((0, 5), (1, 10)):
+        line = [ln for ln in fig.axes[2 * row].lines if ln.get_label().startswith("joint")][0]
+        assert line.get_linestyle() == "--" and list(line.get_xdata()) == [1, tasks]
+        assert list(line.get_ydata()) == [80.0, 80.0]
+        assert line.get_label() == "joint (all classes at once, 2 seeds)"
+    assert fig.axes[4].lines[0].get_marker() == "o"  # alone: the one point of its own panel
+
+
 def test_the_accuracy_curves_as_a_figure_and_as_data(results, tmp_path):
     _, runs = results
     curves = {CIL: {seed: accuracy_curve(f["matrix"], f["metrics"], "cil") for seed, f in runs[CIL].items()}}

@@ -190,7 +190,7 @@ def test_begin_task_draws_the_official_init_and_resets_every_magnitude():
     torch.testing.assert_close(keep.magnitudes.detach(), torch.tensor([1.5, 0.8]))
     a0, b0 = m.lora_layers[1].a_q[0], m.lora_layers[1].b_q[0]
     # task 0's component is now 0.8 · B_0 A_0 / (‖B_0‖‖A_0‖), no longer 1.5 · B_0 A_0 (the official switch)
-    assert float(m.lora_layers[1].scales()[0][0]) == pytest.approx(0.8 / (fro(b0) * fro(a0)), rel=1e-5)
+    assert float(m.lora_layers[1].scales()[0][0].detach()) == pytest.approx(0.8 / (fro(b0) * fro(a0)), rel=1e-5)
     with torch.no_grad():
         assert (m(x)[:, :5] - before).abs().max() > 1e-3
     with pytest.raises(RuntimeError):

@@ -180,27 +180,33 @@ def bench_check(args) -> dict:
     return report
 
 
-README_BEGIN = "<!-- demo summary: written by `ifcl readme-tables`, from results/summary/summary.md -->"
-README_END = "<!-- end of demo summary -->"
+README_SECTIONS = ("demo", "comparison")  # config/demo.yaml; config/demo_comparison.yaml run after it
+
+
+def readme_markers(section: str) -> tuple[str, str]:
+    """The README lines between which a section's tables stand."""
+    return (f"<!-- {section} summary: written by `ifcl readme-tables`, from results/summary/summary.md -->",
+            f"<!-- end of {section} summary -->")
 
 
 def readme_tables(args) -> None:
-    """Copy the tables of a summary.md between the README's demo-summary markers; with --check, only say whether
-    the README already holds them."""
+    """Copy the tables of a summary.md between the README's markers of a section (the demo's, or the comparison
+    demo's); with --check, only say whether the README already holds them."""
+    begin, end = readme_markers(args.section)
     body = read_text(args.summary).split("\n\n", 1)[1].strip()  # without the introduction line
     readme = Path(args.readme).read_text()
-    if readme.count(README_BEGIN) != 1 or readme.count(README_END) != 1:
-        sys.exit(f"ifcl readme-tables: {args.readme} needs one line {README_BEGIN!r} and one {README_END!r}")
-    before, rest = readme.split(README_BEGIN)
-    after = rest.split(README_END)[1]
-    new = f"{before}{README_BEGIN}\n\n{body}\n\n{README_END}{after}"
+    if readme.count(begin) != 1 or readme.count(end) != 1:
+        sys.exit(f"ifcl readme-tables: {args.readme} needs one line {begin!r} and one {end!r}")
+    before, rest = readme.split(begin)
+    after = rest.split(end)[1]
+    new = f"{before}{begin}\n\n{body}\n\n{end}{after}"
     if args.check:
         if new != readme:
-            sys.exit(f"ifcl readme-tables: the tables in {args.readme} differ from {args.summary}")
-        print(f"{args.readme} holds the tables of {args.summary}")
+            sys.exit(f"ifcl readme-tables: the {args.section} tables in {args.readme} differ from {args.summary}")
+        print(f"{args.readme} holds the {args.section} tables of {args.summary}")
     elif new != readme:
         Path(args.readme).write_text(new)
-        print(f"written the tables of {args.summary} into {args.readme}")
+        print(f"written the tables of {args.summary} into the {args.section} section of {args.readme}")
 
 
 def run_show(args) -> None:
@@ -304,8 +310,10 @@ def main(argv: list[str] | None = None) -> None:
     cdocs = sub.add_parser("config-docs", help="write config/README.md, every config key, from the schema")
     cdocs.add_argument("--out", default="config/README.md")
     cdocs.add_argument("--check", action="store_true", help="only check (exit status 1 if it differs)")
-    tables = sub.add_parser("readme-tables", help="copy a summary's tables into the README's demo section")
+    tables = sub.add_parser("readme-tables", help="copy a summary's tables into a section of the README")
     tables.add_argument("summary", nargs="?", default="results/summary/summary.md")
+    tables.add_argument("--section", choices=README_SECTIONS, default="demo",
+                        help="the demo's tables (default) or the comparison demo's")
     tables.add_argument("--readme", default="README.md")
     tables.add_argument("--check", action="store_true", help="only check (exit status 1 if they differ)")
     status = sub.add_parser("status", help="runs, tasks done, running jobs with epoch and ETA, the last failure")

@@ -193,14 +193,22 @@ def _headroom(ax, fraction: float) -> None:
 
 def _draw_curves(ax, curves: dict[str, list[np.ndarray]], protocol: str, colours: dict[str, str], band: str) -> None:
     """One line per experiment (mean over its seeds' curves, in the experiment's colour) with a band over seeds,
-    against the tasks learnt; the axis labels of the protocol, and a legend."""
+    against the tasks learnt; the axis labels of the protocol, and a legend. A one-task experiment among longer
+    ones (joint training on every class at once, the upper bound) is a dashed horizontal line at its accuracy."""
     from matplotlib.ticker import MaxNLocator
 
+    longest = max(len(runs[0]) for runs in curves.values())
     for name, runs in curves.items():
         runs = np.stack(runs)
-        x = np.arange(1, runs.shape[1] + 1)
-        ax.plot(x, runs.mean(axis=0), marker="o", markersize=3, color=colours[name],
-                label=f"{name} ({_seeds(len(runs))})")
+        if runs.shape[1] == 1 < longest:
+            x = np.array([1, longest])
+            runs = np.repeat(runs, 2, axis=1)
+            ax.plot(x, runs.mean(axis=0), linestyle="--", color=colours[name],
+                    label=f"{name} (all classes at once, {_seeds(len(runs))})")
+        else:
+            x = np.arange(1, runs.shape[1] + 1)
+            ax.plot(x, runs.mean(axis=0), marker="o", markersize=3, color=colours[name],
+                    label=f"{name} ({_seeds(len(runs))})")
         _band(ax, x, runs, band, colours[name])
     _, xlabel, ylabel = CURVE_AXES[protocol]
     _min_span(ax, 10)
@@ -383,7 +391,8 @@ def plot_overview(benchmarks: list[dict], protocols: dict[str, str], colours: di
                 bar_ax.bar(x, v["mean"], width, yerr=v["std"] if v["std"] else None, capsize=2, color=colours[name],
                            gid=name)
                 bar_ax.annotate(f"{v['mean']:.1f}", (x, v["mean"] + (v["std"] or 0)), xytext=(0, 2),
-                                textcoords="offset points", ha="center", fontsize=6)
+                                textcoords="offset points", ha="center", va="bottom", fontsize=6,
+                                rotation=90 if len(names) > 4 else 0)  # side by side, the labels would overlap
                 if "paper" in v:
                     bar_ax.plot([x - width / 2, x + width / 2], [v["paper"]] * 2, color="black", linewidth=2,
                                 gid="published")

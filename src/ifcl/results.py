@@ -61,7 +61,7 @@ METRICS = {
 # the metrics a paper reports (config/published.yaml may give them), and MTIL's per-dataset ones
 PUBLISHED_METRICS = {"cil": ("final", "average", "forgetting"), "mtil": ("transfer", "average", "last")}
 PER_DATASET = ("transfer", "average", "last")
-TITLES = {"cil": "Class-incremental learning (InfLoRA and its variants)",
+TITLES = {"cil": "Class-incremental learning",
           "mtil": "Multi-domain task-incremental learning (MTIL, DIKI)"}
 INTRO = ("Mean ± sample standard deviation over seeds (one seed: its value). paper: the published number (its "
          "source is listed under the table); Δ = ours − paper, in points; —: no published number.")
@@ -362,17 +362,30 @@ def summarize(runs: dict[str, dict[int, dict]], experiments: dict, published: di
 
 def benchmark_groups(summary: dict) -> dict[str, list[str]]:
     """The experiments of summary.json grouped by benchmark (same dataset or sequence and number of tasks), each
-    group named for a figure title; class-incremental benchmarks first."""
+    group named for a figure title; class-incremental benchmarks first. A one-task class-incremental experiment
+    (joint training on every class, the upper bound) joins every benchmark of its dataset, after its methods; with
+    none, it has its own."""
     groups: dict[str, list[str]] = {}
+    joint = []
     for name, s in sorted(summary.items(), key=lambda item: item[1]["protocol"] != "cil"):
         if s["protocol"] == "mtil":
             sequence = s["dataset"].split(" > ")
             shown = " > ".join(sequence) if len(sequence) <= 3 else f"{sequence[0]} > … > {sequence[-1]}"
             key = f"MTIL, {s['tasks']} datasets: {shown}"
+        elif s["tasks"] == 1:
+            joint.append(name)
+            continue
         else:
             key = f"{s['dataset']}, {s['tasks']} tasks (class-incremental)"
         groups.setdefault(key, []).append(name)
-    return groups
+    for name in joint:
+        dataset = summary[name]["dataset"]
+        keys = [k for k, names in groups.items() if summary[names[0]]["protocol"] == "cil"
+                and summary[names[0]]["dataset"] == dataset]
+        for key in keys or [f"{dataset}, all classes at once (class-incremental)"]:
+            groups.setdefault(key, []).append(name)
+    cil = [k for k in groups if summary[groups[k][0]]["protocol"] == "cil"]
+    return {k: groups[k] for k in cil + [k for k in groups if k not in cil]}
 
 
 def overview_benchmarks(summary: dict, curves: dict[str, list[np.ndarray]]) -> list[dict]:
