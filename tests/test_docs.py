@@ -77,3 +77,33 @@ def test_nothing_points_outside_the_repository():
     found = [f"{p.relative_to(REPO)}:{i}" for p in files for i, line in enumerate(p.read_text().splitlines(), 1)
              if re.search(r"reference/|\bDESIGN\b|§", line)]
     assert not found, found
+
+
+def test_readme_tables_copies_a_sections_tables_and_check_says_when_they_differ(tmp_path):
+    """`ifcl readme-tables`: the demo section takes every table of the summary, the comparison section its
+    class-incremental table alone; with --check a README that differs from the summary is refused."""
+    from argparse import Namespace
+
+    from ifcl.cli import readme_markers, readme_tables
+    from ifcl.files import write_text
+
+    summary = tmp_path / "summary.md"  # a step's file, with its recorded digest
+    write_text(summary, "Intro line.\n\n### Class-incremental learning\n\n| a |\n|---|\n| 1 |\n\n"
+                       "### Multi-domain task-incremental learning (MTIL, DIKI)\n\n| b |\n|---|\n| 2 |\n")
+    readme = tmp_path / "README.md"
+    readme.write_text("\n".join(["# x", *readme_markers("demo"), "between", *readme_markers("comparison"), ""]))
+
+    def run(section, check=False):
+        readme_tables(Namespace(summary=str(summary), readme=str(readme), section=section, check=check))
+
+    run("demo")
+    run("comparison")
+    text = readme.read_text()
+    demo, comparison = (text.split(readme_markers(s)[0])[1].split(readme_markers(s)[1])[0] for s in
+                        ("demo", "comparison"))
+    assert "| 1 |" in demo and "| 2 |" in demo and "Intro" not in demo
+    assert comparison.strip() == "### Class-incremental learning\n\n| a |\n|---|\n| 1 |"
+    run("comparison", check=True)
+    write_text(summary, summary.read_text().replace("| 1 |", "| 3 |"))
+    with pytest.raises(SystemExit, match="comparison tables"):
+        run("comparison", check=True)

@@ -180,7 +180,9 @@ def bench_check(args) -> dict:
     return report
 
 
-README_SECTIONS = ("demo", "comparison")  # config/demo.yaml; config/demo_comparison.yaml run after it
+# the README's sections of tables: the demo's (config/demo.yaml), every table; the comparison demo's
+# (config/demo_comparison.yaml, run after it), the class-incremental table alone
+README_SECTIONS = {"demo": None, "comparison": "cil"}
 
 
 def readme_markers(section: str) -> tuple[str, str]:
@@ -194,6 +196,15 @@ def readme_tables(args) -> None:
     demo's); with --check, only say whether the README already holds them."""
     begin, end = readme_markers(args.section)
     body = read_text(args.summary).split("\n\n", 1)[1].strip()  # without the introduction line
+    protocol = README_SECTIONS[args.section]
+    if protocol is not None:  # from that protocol's heading to the next table's
+        from .results import TITLES
+
+        heading = f"### {TITLES[protocol]}\n"
+        if heading not in body:
+            sys.exit(f"ifcl readme-tables: {args.summary} has no table {heading.strip()!r}")
+        body = body.split(heading, 1)[1].split("\n### ", 1)[0]
+        body = (heading + body).strip()
     readme = Path(args.readme).read_text()
     if readme.count(begin) != 1 or readme.count(end) != 1:
         sys.exit(f"ifcl readme-tables: {args.readme} needs one line {begin!r} and one {end!r}")
