@@ -5,7 +5,7 @@ import pytest
 import yaml
 
 from conftest import REPO, TINY_CONFIG, only, snakemake
-from ifcl.config import ConfigError, check, merge_includes, task_train_params
+from ifcl.config import ConfigError, check, load_yaml, merge_includes, task_train_params
 from ifcl.runtime import derive_seed
 
 
@@ -67,6 +67,17 @@ def test_includes_merge_by_name_and_reject_conflicts(tmp_path):
         merge_includes({"include": ["a.yaml", "c.yaml"]}, tmp_path)
     with pytest.raises(ConfigError, match="missing.yaml does not exist"):
         merge_includes({"include": ["missing.yaml"]}, tmp_path)
+
+
+def test_an_include_missing_from_the_working_directory_is_read_from_the_repository(tmp_path):
+    """config/demo_comparison.yaml includes config/demo.yaml: from another working directory (snakemake -d) the
+    repository's file is merged; a file of that name in the working directory comes first."""
+    merged = merge_includes(load_yaml(REPO / "config/demo_comparison.yaml"), tmp_path)
+    assert {"demo_inflora", "demo_diki", "demo_l2p"} <= set(merged["experiments"])
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config/demo.yaml").write_text(yaml.safe_dump({"datasets": {"mine": {"x": 1}}}))
+    merged = merge_includes(load_yaml(REPO / "config/demo_comparison.yaml"), tmp_path)
+    assert "mine" in merged["datasets"] and "demo_inflora" not in merged["experiments"]
 
 
 def test_task_overrides_and_seeds():

@@ -31,8 +31,13 @@ def load_yaml(path: str | Path) -> dict:
     return data
 
 
+REPOSITORY = Path(__file__).resolve().parents[2]  # the checkout the package is installed from (pip install -e)
+
+
 def merge_includes(config: dict, root: str | Path = ".") -> dict:
-    """Return ``config`` with the files listed under ``include`` (relative to ``root``) merged in.
+    """Return ``config`` with the files listed under ``include`` merged in. An include is a path relative to
+    ``root`` (the working directory) or, when no such file is there, to the repository (:data:`REPOSITORY`), so the
+    repository's configs work from any working directory (``snakemake -d``).
 
     Registries (datasets, backbones, experiments) are merged by name; the same name defined differently in two
     files is an error naming both. Included files may include further files.
@@ -43,9 +48,10 @@ def merge_includes(config: dict, root: str | Path = ".") -> dict:
         for name in merged.get(reg) or {}:
             sources[(reg, name)] = "the main config"
     for rel in config.get("include") or []:
-        path = Path(root) / rel
-        if not path.is_file():
-            raise ConfigError(f"include: {rel} does not exist (paths are relative to {Path(root).resolve()})")
+        path = next((p for p in (Path(root) / rel, REPOSITORY / rel) if p.is_file()), None)
+        if path is None:
+            raise ConfigError(f"include: {rel} does not exist (paths are relative to the working directory "
+                              f"{Path(root).resolve()} or to the repository {REPOSITORY})")
         other = merge_includes(load_yaml(path), root)
         for key, value in other.items():
             if key not in ("datasets", "backbones", "experiments"):
@@ -59,7 +65,7 @@ def merge_includes(config: dict, root: str | Path = ".") -> dict:
     return merged
 
 
-SCHEMA = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
+SCHEMA = REPOSITORY / "workflow" / "schemas" / "config.schema.yaml"
 
 
 def validate_with_defaults(config: dict, schema_path: str | Path = SCHEMA) -> None:
@@ -104,7 +110,7 @@ def _did_you_mean(error) -> str:
 
 def load_config(source: str | Path | dict, root: str | Path = ".") -> dict:
     """A config (a file, or a mapping as Snakemake's ``--configfile`` would read it) as the workflow sees it:
-    includes merged (relative to ``root``), schema-validated with defaults, cross-checked. ``source`` is not changed."""
+    includes merged (relative to ``root``, else to the repository), schema-validated with defaults, cross-checked. ``source`` is not changed."""
     config = merge_includes(source if isinstance(source, dict) else load_yaml(source), root)
     validate_with_defaults(config)
     check(config)
