@@ -30,9 +30,11 @@ pytestmark = pytest.mark.pipeline
 TARGETS = ["all"]
 # The test cluster has no accounting database: the plugin must poll with squeue (docs/running.md).
 # After a poll that finds a job finished, the next comes after --slurm-init-seconds-before-status-checks; after one
-# that finds none, 10 s later than the last interval. 8 s is a little longer than one of these tiny jobs takes.
-CLUSTER_FLAGS = ["--slurm-status-command", "squeue", "--seconds-between-status-checks", "8",
-                 "--slurm-init-seconds-before-status-checks", "8"]
+# that finds none, 10 s later than the last interval. A job of the tiny run takes 9 to 14 s on its node (2 cores,
+# the local run beside it: slurmctld.log, allocation to completion), so a first poll after 15 s finds it done; one
+# after 8 s found none and the next came 18 s later.
+CLUSTER_FLAGS = ["--slurm-status-command", "squeue", "--seconds-between-status-checks", "15",
+                 "--slurm-init-seconds-before-status-checks", "15"]
 
 
 def tiny_slurm_config() -> dict:
