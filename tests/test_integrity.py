@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from conftest import TINY_CONFIG, snakemake, tree
+from ifcl.cli import job_stats
 from ifcl.files import read_csv
 from ifcl.integrity import state_problem
 from ifcl.state import StateError, load_state, save_state
@@ -122,7 +123,9 @@ def test_a_users_folder_is_followed_image_by_image(tmp_path, tiny_config):
     train = wd / "data/prepared/mine/train.csv"
 
     def run_and_plan():
-        return snakemake(wd, tiny_config, target, "-n").stdout, snakemake(wd, tiny_config, target)
+        """Run the target; the rules of the jobs it ran (Snakemake's job stats)."""
+        proc = snakemake(wd, tiny_config, target)
+        return job_stats(proc.stdout + proc.stderr), proc
 
     snakemake(wd, tiny_config, target)
     assert len(read_csv(train)) == 12
