@@ -233,12 +233,11 @@ def check(config: dict) -> None:
         if exp["method"] == "joint" and exp["num_tasks"] != 1:
             raise ConfigError(f"{key}.num_tasks: joint trains every class at once, so num_tasks must be 1, not "
                               f"{exp['num_tasks']}")
-        if exp["method"] == "dualprompt" and exp["prompt"]["pool_size"] < exp["num_tasks"]:
-            raise ConfigError(f"{key}.prompt.pool_size: DualPrompt trains e-prompt t for task t, so the pool needs "
-                              f"at least num_tasks ({exp['num_tasks']}) prompts, not {exp['prompt']['pool_size']}")
-        if exp["method"] == "coda-prompt" and exp["prompt"]["pool_size"] < exp["num_tasks"]:
-            raise ConfigError(f"{key}.prompt.pool_size: CODA-Prompt gives each task pool_size // num_tasks "
-                              f"components, so the pool needs at least {exp['num_tasks']}, not {exp['prompt']['pool_size']}")
+        per_task = {"dualprompt": "DualPrompt trains e-prompt t for task t",
+                    "coda-prompt": "CODA-Prompt gives each task pool_size // num_tasks components"}
+        if exp["method"] in per_task and exp["prompt"]["pool_size"] < exp["num_tasks"]:
+            raise ConfigError(f"{key}.prompt.pool_size: {per_task[exp['method']]}, so the pool needs at least "
+                              f"num_tasks ({exp['num_tasks']}) prompts, not {exp['prompt']['pool_size']}")
         if exp["method"] == "sd-lora":
             if exp["num_tasks"] > 21:
                 raise ConfigError(f"{key}.num_tasks: the official SD-LoRA keeps 20 previous magnitudes, so at most 21 "

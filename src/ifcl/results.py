@@ -366,26 +366,21 @@ def benchmark_groups(summary: dict) -> dict[str, list[str]]:
     (joint training on every class, the upper bound) joins every benchmark of its dataset, after its methods; with
     none, it has its own."""
     groups: dict[str, list[str]] = {}
-    joint = []
-    for name, s in sorted(summary.items(), key=lambda item: item[1]["protocol"] != "cil"):
+    cil = {n: s for n, s in summary.items() if s["protocol"] == "cil"}
+    for name, s in cil.items():
+        if s["tasks"] > 1:
+            groups.setdefault(f"{s['dataset']}, {s['tasks']} tasks (class-incremental)", []).append(name)
+    for name, s in cil.items():
+        if s["tasks"] == 1:
+            keys = [k for k, names in groups.items() if cil[names[0]]["dataset"] == s["dataset"]]
+            for key in keys or [f"{s['dataset']}, all classes at once (class-incremental)"]:
+                groups.setdefault(key, []).append(name)
+    for name, s in summary.items():
         if s["protocol"] == "mtil":
             sequence = s["dataset"].split(" > ")
             shown = " > ".join(sequence) if len(sequence) <= 3 else f"{sequence[0]} > … > {sequence[-1]}"
-            key = f"MTIL, {s['tasks']} datasets: {shown}"
-        elif s["tasks"] == 1:
-            joint.append(name)
-            continue
-        else:
-            key = f"{s['dataset']}, {s['tasks']} tasks (class-incremental)"
-        groups.setdefault(key, []).append(name)
-    for name in joint:
-        dataset = summary[name]["dataset"]
-        keys = [k for k, names in groups.items() if summary[names[0]]["protocol"] == "cil"
-                and summary[names[0]]["dataset"] == dataset]
-        for key in keys or [f"{dataset}, all classes at once (class-incremental)"]:
-            groups.setdefault(key, []).append(name)
-    cil = [k for k in groups if summary[groups[k][0]]["protocol"] == "cil"]
-    return {k: groups[k] for k in cil + [k for k in groups if k not in cil]}
+            groups.setdefault(f"MTIL, {s['tasks']} datasets: {shown}", []).append(name)
+    return groups
 
 
 def overview_benchmarks(summary: dict, curves: dict[str, list[np.ndarray]]) -> list[dict]:

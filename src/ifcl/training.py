@@ -94,7 +94,9 @@ def train_classifier(
             with autocast(device, precision):
                 out = logits_fn(x)
                 logits, extra = out if isinstance(out, tuple) else (out, None)
-                loss = F.cross_entropy(logits, y) if extra is None else F.cross_entropy(logits, y) + extra
+                loss = F.cross_entropy(logits, y)
+                if extra is not None:
+                    loss = loss + extra
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -129,7 +129,7 @@ def _collect(step: Collection, stage: str) -> tuple[list[int], list[torch.Tensor
     model = replay(build_model(step.model, step.backbone, step.weights), step.reductions, step.adapters, tasks)
     model = model.to(device).eval()
     loader = task_loader(step.manifest, tasks["tasks"][step.t], tasks, step.collect["dataset"], step.backbone, True,
-                     step.collect["batch_size"], device, job_seed, step.decoded, step.loader_workers)
+                         step.collect["batch_size"], device, job_seed, step.decoded, step.loader_workers)
     return model.lora_blocks, collect_second_moments(model, loader, device)
 
 
@@ -229,7 +229,7 @@ def train(step: Train) -> None:
     model.to(device).eval()  # no dropout/BN; the official loop also runs in eval mode
     known = sum(len(c) for c in tasks["tasks"][: step.t])
     loader = task_loader(step.manifest, tasks["tasks"][step.t], tasks, step.dataset, step.backbone, True,
-                     step.train["batch_size"], device, job_seed, step.decoded, step.loader_workers)
+                         step.train["batch_size"], device, job_seed, step.decoded, step.loader_workers)
     n_trainable = sum(p.numel() for p in model.trainable_parameters())
     print(f"task {step.t}: {len(loader.dataset)} images, {n_trainable} trainable parameters")
     rows = train_classifier(model.trainable_parameters(), model.forward_current, loader, step.train,
@@ -307,8 +307,8 @@ def class_stats(step: ClassStats) -> None:
     model = replay(build_model(step.model, step.backbone, step.weights), step.reductions, step.adapters, tasks)
     model = model.to(device).eval()
     classes = tasks["tasks"][step.t]
-    loader = task_loader(step.manifest, classes, tasks, step.dataset, step.backbone, False, CLASS_STATS_BATCH, device,
-                     decoded=step.decoded, workers=step.loader_workers)
+    loader = task_loader(step.manifest, classes, tasks, step.dataset, step.backbone, False, CLASS_STATS_BATCH,
+                         device, decoded=step.decoded, workers=step.loader_workers)
     feats, targets = features(model, loader, device)
     known = sum(len(c) for c in tasks["tasks"][: step.t])
     stats = [class_statistics(feats[targets == known + i], step.covariance_eps) for i in range(len(classes))]
