@@ -15,6 +15,8 @@ report: "workflow/report/workflow.rst"
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
+include: "workflow/rules/cil.smk"
+include: "workflow/rules/mtil.smk"
 include: "workflow/rules/tasks.smk"
 include: "workflow/rules/baselines.smk"
 include: "workflow/rules/diki.smk"

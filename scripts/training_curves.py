@@ -7,5 +7,5 @@ with job(snakemake):
     from ifcl.plots import plot_training, training_log
 
     w, p = snakemake.wildcards, snakemake.params
-    log = training_log([read_csv(path) for path in snakemake.input])
+    log = training_log([read_csv(path) for path in snakemake.input], p.columns)
     plot_training(log, p.labels, f"{w.exp}, seed {w.seed}: training", p.colour, p.settings, list(snakemake.output))

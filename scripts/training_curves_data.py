@@ -6,6 +6,7 @@ with job(snakemake):
     from ifcl.files import read_csv, write_json
     from ifcl.plots import training_log, training_records
 
-    logs = {exp: {int(seed): training_log([read_csv(path) for path in paths]) for seed, paths in by_seed.items()}
-            for exp, by_seed in snakemake.params.logs.items()}
+    p = snakemake.params
+    logs = {exp: {int(seed): training_log([read_csv(path) for path in paths], p.columns[exp])
+                  for seed, paths in by_seed.items()} for exp, by_seed in p.logs.items()}
     write_json(snakemake.output[0], training_records(logs))

@@ -53,7 +53,7 @@ def test_diki_experiments_need_clip_backbones_and_known_datasets(tiny_config):
         check(both)
     both["experiments"]["tiny_diki"]["prefix"]["depth_vision"] = 1
     both["experiments"]["tiny_seq-lora"]["backbone"] = "tiny_clip"
-    with pytest.raises(ConfigError, match="tiny_seq-lora.backbone: seq-lora needs a ViT backbone"):
+    with pytest.raises(ConfigError, match="tiny_seq-lora.backbone: seq-LoRA needs a ViT backbone"):
         check(both)
 
 

@@ -12,6 +12,7 @@ from matplotlib.image import imread
 from conftest import REPO
 from ifcl.steps.inflora import save_memory
 from ifcl.config import load_config
+from ifcl.registry import LOG_COLUMNS
 from ifcl.files import read_json, write_json
 from ifcl.methods.inflora import LayerMemory
 from ifcl.metrics import forgetting_per_task
@@ -384,7 +385,8 @@ def train_logs(tmp_path_factory):
         for t, n in enumerate(epochs):
             paths.append(root / exp / f"task{t}" / "train_log.csv")
             write_csv(paths[-1], fake_log(exp, t, n))
-        logs[exp] = {0: training_log([read_csv(path) for path in paths])}
+        columns = {**LOG_COLUMNS, "accuracy": "train_accuracy"} if exp == MTIL else LOG_COLUMNS
+        logs[exp] = {0: training_log([read_csv(path) for path in paths], columns)}
     return logs
 
 
@@ -557,7 +559,7 @@ def test_every_figure_rule_that_colours_by_experiment_gets_the_workflow_colour_t
 def test_the_tiny_run_has_a_training_figure_and_the_training_data_of_every_run(tiny_run):
     from conftest import TINY_CONFIG
     from ifcl.files import read_csv
-    from ifcl.layout import num_tasks
+    from ifcl.registry import num_tasks
 
     figures = tiny_run / "results" / "figures"
     records = read_json(figures / "training_curves.json")

@@ -264,7 +264,7 @@ def test_dry_run_of_each_comparison_config(path, tmp_path):
     """`snakemake -n` over each comparison config (inflora_tables, sdlora_tables: every baseline and upper-bound
     paper config) and the comparison demo: every task of every experiment in it is planned, by its family's rules."""
     from ifcl.config import load_config
-    from ifcl.layout import num_tasks
+    from ifcl.registry import num_tasks
 
     shutil.copytree(REPO / "config", tmp_path / "config")
     cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path), "-n", "--quiet",

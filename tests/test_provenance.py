@@ -81,7 +81,7 @@ def used(script: str) -> set[str]:
 
 def test_no_diki_step_runs_inflora_code_and_no_inflora_step_runs_diki_code():
     """An edit to one method's code re-runs that method's steps only (and the task split none of them)."""
-    diki = rule_scripts("diki.smk")
+    diki = rule_scripts("diki.smk") | rule_scripts("mtil.smk") | {"pretrain_clip"}
     inflora = rule_scripts("tasks.smk") | {"pretrain_backbone"}
     assert {"train_prefix", "gaussian", "evaluate_diki", "frozen_features", "pretrain_clip"} <= diki
     assert {"reduction", "train_task", "memory", "class_stats", "align", "evaluate_task"} <= inflora
@@ -94,6 +94,28 @@ def test_no_diki_step_runs_inflora_code_and_no_inflora_step_runs_diki_code():
     assert not used("split_tasks") & (INFLORA_MODULES | DIKI_MODULES | DATA_BY_TYPE)
 
 
+def test_the_state_chain_digest_of_a_job_is_its_scripts_and_its_own_methods():
+    """The state chain's rules run any registered method: their script imports no method's modules, and each job's
+    code parameter adds the digest of its own method's implementation (ifcl.registry.method_code), so an edit to
+    the prompt methods' modules re-runs their jobs and not SD-LoRA's, and the other way round."""
+    from ifcl.registry import method, method_code
+
+    prompt_files = {"methods/prompts.py", "models/vit_prompt.py"}
+    sdlora_files = {"methods/sdlora.py", "models/vit_sdlora.py"}
+    for script in ("train_baseline", "evaluate_baseline"):
+        assert not used(script) & (prompt_files | sdlora_files | DIKI_MODULES), script
+    src = REPO / "src"
+
+    def modules_of(name):
+        m = method(name)
+        files = {REPO / "src" / (m.steps.replace(".", "/") + ".py"), REPO / "src" / (m.model.split(":")[0].replace(".", "/") + ".py")}
+        return {p.relative_to(src / "ifcl").as_posix() for f in files for p in [f, *modules_used(f, src)]}
+
+    assert prompt_files <= modules_of("l2p") and not modules_of("l2p") & sdlora_files
+    assert sdlora_files <= modules_of("sd-lora") and not modules_of("sd-lora") & prompt_files
+    assert method_code(method("l2p"), src) == method_code(method("coda-prompt"), src) != method_code(method("sd-lora"), src)
+
+
 def test_every_rule_passes_the_digest_of_its_own_script():
     rules = "".join(p.read_text() for p in sorted((REPO / "workflow/rules").glob("*.smk")))
     scripts = sorted(p.stem for p in (REPO / "scripts").glob("*.py"))
@@ -101,7 +123,8 @@ def test_every_rule_passes_the_digest_of_its_own_script():
     for block in blocks:
         if 'script:\n        "../../scripts/' in block:
             name = block.split('"../../scripts/')[1].split(".py")[0]
-            assert f'code=code("{name}")' in block, block.split(":")[0]
+            # the state chain's rules run a method's modules named by the registry: method_code adds their digest
+            assert f'code=code("{name}")' in block or f'code=method_code("{name}")' in block, block.split(":")[0]
     used = {block.split('"../../scripts/')[1].split(".py")[0] for block in blocks if '"../../scripts/' in block}
     assert used == set(scripts)
 

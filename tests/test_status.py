@@ -13,7 +13,9 @@ import pytest
 import yaml
 
 from conftest import TINY_CONFIG
-from ifcl import layout, progress
+from ifcl import layout
+from ifcl import progress
+from ifcl.registry import task_files
 from ifcl.config import load_config
 from ifcl.status import console_line, status_report
 
@@ -68,11 +70,11 @@ def test_status_of_a_half_finished_tree(tmp_path):
     config = load_config(TINY_CONFIG)
     spec = config["experiments"]["tiny_inflora"]
     for t in range(2):  # tasks 0 and 1 of tiny_inflora seed 0 done
-        for name in layout.task_outputs(spec, t):
+        for name in task_files(spec, t):
             path = tmp_path / layout.task_file("tiny_inflora", 0, t, name)
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text("x")
-    for name in layout.task_outputs(spec, 2)[:1]:  # task 2 begun: not done
+    for name in task_files(spec, 2)[:1]:  # task 2 begun: not done
         (tmp_path / layout.task_file("tiny_inflora", 0, 2, name)).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / layout.task_file("tiny_inflora", 0, 2, name)).write_text("x")
     now = 1_000_000.0

@@ -102,30 +102,37 @@ def code_text(path: str | Path, src: str | Path | None = None) -> str:
     return _analysed(path.read_bytes(), str(path), _package(Path(src) if src is not None else None, path))[1]
 
 
-def modules_used(script: str | Path, src: str | Path) -> list[Path]:
-    """The files of the ``ifcl`` modules ``script`` imports, transitively, with the packages that contain them."""
-    src = Path(src)
-    seen: dict[Path, None] = {}
+def modules_used(script: str | Path, src: str | Path, roots: tuple[tuple[str, str], ...] = ()) -> list[Path]:
+    """The files of the ``ifcl`` modules ``script`` imports, transitively, with the packages that contain them;
+    ``roots``: further (package, folder holding it) pairs whose modules are followed too (a method's own package)."""
+    bases = {PACKAGE: Path(src), **{package: Path(root) for package, root in roots}}
+    seen: dict[Path, Path] = {}
     todo = [Path(script)]
     while todo:
         path = todo.pop()
-        for name in imported_names(path, src):
-            if name.split(".")[0] != PACKAGE:
-                continue
+        for name in imported_names(path, seen.get(path, Path(src))):
             parts = name.split(".")
+            base = bases.get(parts[0])
+            if base is None:
+                continue
             for depth in range(1, len(parts) + 1):  # importing a.b.c runs a/__init__, a/b/__init__, then c
-                found = _module_file(src, ".".join(parts[:depth]))
+                found = _module_file(base, ".".join(parts[:depth]))
                 if found is not None and found not in seen:
-                    seen[found] = None
+                    seen[found] = base
                     todo.append(found)
     return sorted(seen)
 
 
 @lru_cache(maxsize=None)
-def code_version(script: str | Path, src: str | Path) -> str:
-    """sha256 over the script and the modules it uses (their paths relative to ``src`` and their code)."""
+def code_version(script: str | Path, src: str | Path, roots: tuple[tuple[str, str], ...] = ()) -> str:
+    """sha256 over the script and the modules it uses (their paths relative to their package's folder and their
+    code); ``roots`` as for :func:`modules_used`."""
     src = Path(src)
-    h = hashlib.sha256(code_text(script, src).encode())
-    for path in modules_used(script, src):
-        h.update(b"\0" + path.relative_to(src).as_posix().encode() + b"\0" + code_text(path, src).encode())
+    bases = [src] + [Path(root) for _, root in roots]
+    script = Path(script)
+    home = next((b for b in bases if script.is_relative_to(b)), src)
+    h = hashlib.sha256(code_text(script, home).encode())
+    for path in modules_used(script, src, roots):
+        base = next(b for b in bases if path.is_relative_to(b))
+        h.update(b"\0" + path.relative_to(base).as_posix().encode() + b"\0" + code_text(path, base).encode())
     return h.hexdigest()

@@ -68,14 +68,43 @@ def merge_includes(config: dict, root: str | Path = ".") -> dict:
 SCHEMA = REPOSITORY / "workflow" / "schemas" / "config.schema.yaml"
 
 
+def method_schema(m, defs: dict) -> dict:
+    """The schema of an experiment of method ``m`` (:class:`ifcl.registry.Method`): its protocol's keys (``defs``:
+    the schema's definitions) and the method's own settings, with its required keys."""
+    from .protocols import PROTOCOLS
+
+    node = copy.deepcopy(defs[PROTOCOLS[m.protocol].schema])
+    node["properties"] = {**node["properties"], **copy.deepcopy(m.settings), "method": {"const": m.name}}
+    node["required"] = node["required"] + [k for k in m.required if k not in node["required"]]
+    return node
+
+
+def schema(path: str | Path = SCHEMA) -> dict:
+    """The config schema: workflow/schemas/config.schema.yaml with its ``experiment`` definition made from the
+    registered methods (:func:`ifcl.registry.methods`): ``method`` one of their names, and for each the schema
+    of :func:`method_schema`."""
+    from .registry import methods
+
+    out = load_yaml(path)
+    defs = out["$defs"]
+    known = methods()
+    defs["experiment"] = {
+        "description": defs["experiment"].get("description", ""), "type": "object", "required": ["method"],
+        "properties": {"method": {"enum": sorted(known)}},
+        "allOf": [{"if": {"properties": {"method": {"const": name}}, "required": ["method"]},
+                   "then": method_schema(m, defs)} for name, m in sorted(known.items())]}
+    return out
+
+
 def validate_with_defaults(config: dict, schema_path: str | Path = SCHEMA) -> None:
-    """Validate ``config`` against the JSON schema, filling in its defaults (as Snakemake's ``validate`` does for
-    the workflow), so that code reading a config outside Snakemake sees the same values as the rules."""
+    """Validate ``config`` against the JSON schema (:func:`schema`), filling in its defaults (as Snakemake's
+    ``validate`` does for the workflow), so that code reading a config outside Snakemake sees the same values as
+    the rules."""
     import jsonschema
     from referencing import Registry, Resource
 
-    schema = load_yaml(schema_path)
-    base = jsonschema.validators.validator_for(schema)
+    schema_ = schema(schema_path)
+    base = jsonschema.validators.validator_for(schema_)
 
     def set_defaults(validator, properties, instance, schema):
         if isinstance(instance, dict):
@@ -85,7 +114,7 @@ def validate_with_defaults(config: dict, schema_path: str | Path = SCHEMA) -> No
         yield from base.VALIDATORS["properties"](validator, properties, instance, schema)
 
     validator = jsonschema.validators.extend(base, {"properties": set_defaults})(
-        schema, registry=Registry().with_resource("", Resource.from_contents(schema)))
+        schema_, registry=Registry().with_resource("", Resource.from_contents(schema_)))
     error = jsonschema.exceptions.best_match(validator.iter_errors(config))
     if error is not None:
         where = ".".join(str(p) for p in error.absolute_path) or "(top level)"
@@ -153,7 +182,7 @@ def _needs_transforms(datasets: dict, name: str, user: str) -> None:
     missing = [k for k in ("train_transform", "test_transform") if k not in datasets[name]]
     if missing:
         raise ConfigError(f"datasets.{name}: {user} trains on it with its own augmentation, so it needs "
-                          f"{' and '.join(missing)} (only DIKI ignores them and uses CLIP's preprocessing)")
+                          f"{' and '.join(missing)} (the MTIL protocol ignores them and uses CLIP's preprocessing)")
 
 
 def check(config: dict) -> None:
@@ -185,68 +214,68 @@ def check(config: dict) -> None:
                 raise ConfigError(f"backbones.{name}.arch.patch_size: {arch['patch_size']} does not divide image_size {bb['image_size']}")
             if arch["embed_dim"] % arch["num_heads"]:
                 raise ConfigError(f"backbones.{name}.arch.num_heads: {arch['num_heads']} does not divide embed_dim {arch['embed_dim']}")
+    from .registry import method_of
+
     for name, exp in config["experiments"].items():
         key = f"experiments.{name}"
         if "/" in name or name.startswith("."):
             raise ConfigError(f"{key}: experiment names are folder names; no '/' or leading '.'")
         if exp["backbone"] not in backbones:
             raise ConfigError(f"{key}.backbone: unknown backbone '{exp['backbone']}' (defined: {', '.join(sorted(backbones))})")
-        kind = backbones[exp["backbone"]]["type"]
-        if exp["method"] == "diki":
-            for i, ds in enumerate(exp["sequence"]):
-                if ds not in datasets:
-                    raise ConfigError(f"{key}.sequence[{i}]: unknown dataset '{ds}' (defined: {', '.join(sorted(datasets))})")
-            if len(set(exp["sequence"])) != len(exp["sequence"]):
-                raise ConfigError(f"{key}.sequence: a dataset appears twice")
-            if kind not in CLIP_BACKBONES:
-                raise ConfigError(f"{key}.backbone: DIKI needs a CLIP backbone (type open_clip or pretrain_clip), not {kind}")
-            if kind == "pretrain_clip":
-                arch = backbones[exp["backbone"]]["arch"]
-                for tower, layers in (("vision", arch["vision"]["layers"]), ("text", arch["text"]["layers"])):
-                    if exp["prefix"][f"depth_{tower}"] > layers:
-                        raise ConfigError(f"{key}.prefix.depth_{tower}: {exp['prefix'][f'depth_{tower}']} blocks, but "
-                                          f"the {tower} tower of '{exp['backbone']}' has {layers}")
-            continue
-        if kind in CLIP_BACKBONES:
-            raise ConfigError(f"{key}.backbone: {exp['method']} needs a ViT backbone (type timm or pretrain), not {kind}")
-        if exp["dataset"] not in datasets:
-            raise ConfigError(f"{key}.dataset: unknown dataset '{exp['dataset']}' (defined: {', '.join(sorted(datasets))})")
-        _needs_transforms(datasets, exp["dataset"], key)
-        n = num_classes(datasets[exp["dataset"]])
-        if n is not None and n % exp["num_tasks"]:
-            raise ConfigError(
-                f"{key}.num_tasks: {exp['num_tasks']} tasks do not divide the {n} classes of dataset '{exp['dataset']}'"
-                + (f" (the class folders of {folder_classes(datasets[exp['dataset']])})"
-                   if datasets[exp["dataset"]]["type"] == "folder" else "")
-            )
-        for t in exp.get("task_overrides") or {}:
-            if not isinstance(t, int) or not 0 <= t < exp["num_tasks"]:
-                raise ConfigError(f"{key}.task_overrides: key {t!r} is not a task index in 0..{exp['num_tasks'] - 1}")
-        bb = backbones[exp["backbone"]]
-        depth = bb["arch"]["depth"] if bb["type"] == "pretrain" else None
-        blocks = {"lora_blocks": exp.get("lora_blocks")}
-        if exp.get("prompt"):
-            blocks.update({f"prompt.{k}": exp["prompt"].get(k) for k in ("layers", "g_layers")})
-        for where, listed in blocks.items():
-            if isinstance(listed, list) and listed and depth is not None and max(listed) >= depth:
-                raise ConfigError(f"{key}.{where}: block {max(listed)} does not exist (depth {depth})")
-        if exp["method"] == "joint" and exp["num_tasks"] != 1:
-            raise ConfigError(f"{key}.num_tasks: joint trains every class at once, so num_tasks must be 1, not "
-                              f"{exp['num_tasks']}")
-        per_task = {"dualprompt": "DualPrompt trains e-prompt t for task t",
-                    "coda-prompt": "CODA-Prompt gives each task pool_size // num_tasks components"}
-        if exp["method"] in per_task and exp["prompt"]["pool_size"] < exp["num_tasks"]:
-            raise ConfigError(f"{key}.prompt.pool_size: {per_task[exp['method']]}, so the pool needs at least "
-                              f"num_tasks ({exp['num_tasks']}) prompts, not {exp['prompt']['pool_size']}")
-        if exp["method"] == "sd-lora":
-            if exp["num_tasks"] > 21:
-                raise ConfigError(f"{key}.num_tasks: the official SD-LoRA keeps 20 previous magnitudes, so at most 21 "
-                                  f"tasks, not {exp['num_tasks']}")
-            starts = exp["sdlora"].get("rank_starts")
-            if starts is not None and (starts[0] != 0 or starts != sorted(set(starts))
-                                       or len(starts) != len(exp["sdlora"]["ranks"])):
-                raise ConfigError(f"{key}.sdlora.rank_starts: {starts} must increase from 0, one per entry of "
-                                  f"sdlora.ranks ({exp['sdlora']['ranks']})")
+        method = method_of(exp)
+        (_check_mtil if method.protocol == "mtil" else _check_cil)(key, exp, config)
+        if method.check is not None:
+            method.check(key, exp, config)
+
+
+def _title(exp: dict) -> str:
+    from .registry import method_of
+
+    return method_of(exp).title
+
+
+def _check_mtil(key: str, exp: dict, config: dict) -> None:
+    """An MTIL experiment: known datasets, each once, and a CLIP backbone."""
+    datasets, kind = config["datasets"], config["backbones"][exp["backbone"]]["type"]
+    for i, ds in enumerate(exp["sequence"]):
+        if ds not in datasets:
+            raise ConfigError(f"{key}.sequence[{i}]: unknown dataset '{ds}' (defined: {', '.join(sorted(datasets))})")
+    if len(set(exp["sequence"])) != len(exp["sequence"]):
+        raise ConfigError(f"{key}.sequence: a dataset appears twice")
+    if kind not in CLIP_BACKBONES:
+        raise ConfigError(f"{key}.backbone: {_title(exp)} needs a CLIP backbone (type open_clip or pretrain_clip), "
+                          f"not {kind}")
+
+
+def _check_cil(key: str, exp: dict, config: dict) -> None:
+    """A class-incremental experiment: a ViT backbone, a known dataset whose classes the tasks divide, task
+    overrides of existing tasks."""
+    datasets, kind = config["datasets"], config["backbones"][exp["backbone"]]["type"]
+    if kind in CLIP_BACKBONES:
+        raise ConfigError(f"{key}.backbone: {_title(exp)} needs a ViT backbone (type timm or pretrain), not {kind}")
+    if exp["dataset"] not in datasets:
+        raise ConfigError(f"{key}.dataset: unknown dataset '{exp['dataset']}' (defined: {', '.join(sorted(datasets))})")
+    _needs_transforms(datasets, exp["dataset"], key)
+    n = num_classes(datasets[exp["dataset"]])
+    if n is not None and n % exp["num_tasks"]:
+        raise ConfigError(
+            f"{key}.num_tasks: {exp['num_tasks']} tasks do not divide the {n} classes of dataset '{exp['dataset']}'"
+            + (f" (the class folders of {folder_classes(datasets[exp['dataset']])})"
+               if datasets[exp["dataset"]]["type"] == "folder" else "")
+        )
+    for t in exp.get("task_overrides") or {}:
+        if not isinstance(t, int) or not 0 <= t < exp["num_tasks"]:
+            raise ConfigError(f"{key}.task_overrides: key {t!r} is not a task index in 0..{exp['num_tasks'] - 1}")
+
+
+def check_blocks(key: str, exp: dict, config: dict, listed: dict) -> None:
+    """Every block index of ``listed`` ({key under the experiment: a list of block indices, or anything else})
+    exists in the experiment's backbone, where its depth is known before it is built (a backbone pretrained here)."""
+    bb = config["backbones"][exp["backbone"]]
+    depth = bb["arch"]["depth"] if bb["type"] == "pretrain" else None
+    for where, blocks in listed.items():
+        if isinstance(blocks, list) and blocks and depth is not None and max(blocks) >= depth:
+            raise ConfigError(f"{key}.{where}: block {max(blocks)} does not exist (depth {depth})")
 
 
 def canonical(obj):
@@ -271,20 +300,32 @@ def task_train_params(experiment: dict, task: int) -> dict:
 
 # ---- the schema's keys, for people (config/README.md) and for the audit of what reads them ----
 
-SCHEMA_GROUPS = ("dataset", "backbone", "vit_arch", "train", "cil_experiment", "diki_experiment")
+PROTOCOL_GROUPS = ("dataset", "backbone", "vit_arch", "train", "cil_experiment", "mtil_experiment")
 GROUP_TITLES = {"dataset": "Datasets (`datasets.<name>`)", "backbone": "Backbones (`backbones.<name>`)",
                 "vit_arch": "A pretrained ViT's sizes (`backbones.<name>.arch`, type `pretrain`)",
                 "train": "Optimisation (`experiments.<name>.train`, and each entry of `task_overrides`)",
-                "cil_experiment": "Class-incremental experiments (`experiments.<name>`, methods seq-lora, joint, inflora, "
-                                  "inflora-ca, l2p, dualprompt, coda-prompt, sd-lora)",
-                "diki_experiment": "DIKI experiments (`experiments.<name>`, method diki)"}
+                "cil_experiment": "Class-incremental experiments (`experiments.<name>`, every class-incremental method)",
+                "mtil_experiment": "MTIL experiments (`experiments.<name>`, every MTIL method)"}
 
 
-def schema_keys(schema: dict | None = None) -> list[dict]:
+def method_groups() -> dict[str, list]:
+    """The registered methods by settings group (:attr:`ifcl.registry.Method.group`, default its name), in name
+    order: one section of config/README.md each."""
+    from .registry import methods
+
+    groups: dict[str, list] = {}
+    for name, m in sorted(methods().items()):
+        groups.setdefault(m.group or name, []).append(m)
+    return dict(sorted(groups.items()))
+
+
+def schema_keys(schema_: dict | None = None) -> list[dict]:
     """Every key of the schema's groups, in the schema's order: ``key`` as ``group[type].key.subkey`` (``[type]``
     for keys of one dataset or backbone type; ``[]`` for the keys of a list's items), with its ``node``. A key
-    whose value is another group (an experiment's ``train``) is that group's keys, listed under that group."""
-    schema = schema or load_yaml(SCHEMA)
+    whose value is another group (an experiment's ``train``) is that group's keys, listed under that group. The
+    methods' own settings follow, one group per :func:`method_groups` entry (a key given by several methods of a
+    group is listed once)."""
+    schema_ = schema_ or schema()
     rows = []
 
     def walk(node, prefix):
@@ -297,7 +338,8 @@ def schema_keys(schema: dict | None = None) -> list[dict]:
                 walk(sub, path)
             elif "properties" in items:
                 walk(items, path + "[]")
-            else:
+            elif path not in seen:
+                seen.add(path)
                 rows.append({"key": path, "node": sub})
         for sub in node.get("allOf", []):
             kind = sub.get("if", {}).get("properties", {}).get("type", {})
@@ -305,8 +347,12 @@ def schema_keys(schema: dict | None = None) -> list[dict]:
             if kind and "then" in sub:
                 walk(sub["then"], f"{prefix}[{kind}]")
 
-    for group in SCHEMA_GROUPS:
-        walk(schema["$defs"][group], group)
+    seen: set[str] = set()
+    for group in PROTOCOL_GROUPS:
+        walk(schema_["$defs"][group], group)
+    for group, members in method_groups().items():
+        for m in members:
+            walk({"properties": m.settings}, group)
     return rows
 
 
@@ -314,20 +360,32 @@ def _cell(text: str) -> str:
     return " ".join(str(text).split()).replace("|", "\\|")
 
 
-def config_reference(schema: dict | None = None) -> str:
-    """config/README.md: every key of the schema with its type or values, its default and its description."""
-    schema = schema or load_yaml(SCHEMA)
+def config_reference(schema_: dict | None = None) -> str:
+    """config/README.md: every key of the schema with its type or values, its default and its description; the
+    registered methods and their own settings."""
+    schema_ = schema_ or schema()
     out = ["# Configuration keys", "",
-           "Every key a config file may hold, read from `workflow/schemas/config.schema.yaml` (this file is written "
+           "Every key a config file may hold, read from `workflow/schemas/config.schema.yaml` and from the methods' "
+           "declarations (this file is written "
            "by `ifcl config-docs`; `tests/test_config.py` checks that it matches the schema). A config holds three "
            "registries, `datasets`, `backbones` and `experiments`, each mapping names to specs; `include:` lists "
            "further files merged in, and `downloads.mirror` a mirror for the fetch rules. Which files are configs: "
            "`config/demo.yaml` (the offline demo), `config/experiments/*.yaml` (one per paper config) and "
            "`config/config.yaml` (all of them). Errors name the key; see the README, \"Configuration errors\".", ""]
-    rows = schema_keys(schema)
-    for group in SCHEMA_GROUPS:
+    rows = schema_keys(schema_)
+    groups = method_groups()
+    out += ["## Methods (`experiments.<name>.method`)", "", "| method | protocol | meaning | settings |",
+            "|---|---|---|---|"]
+    for group, members in groups.items():
+        for m in members:
+            keys = ", ".join(f"`{k}`" for k in m.required) or "none"
+            out.append(f"| `{m.name}` | {m.protocol} | {_cell(m.description)} | {keys} |")
+    out.append("")
+    titles = {**GROUP_TITLES, **{g: f"Settings of {', '.join(m.name for m in members)} (`experiments.<name>`)"
+                                 for g, members in groups.items()}}
+    for group in PROTOCOL_GROUPS + tuple(groups):
         mine = [r for r in rows if r["key"].split(".")[0].split("[")[0] == group]
-        out += [f"## {GROUP_TITLES[group]}", "", "| key | values | default | meaning |", "|---|---|---|---|"]
+        out += [f"## {titles[group]}", "", "| key | values | default | meaning |", "|---|---|---|---|"]
         for r in mine:
             node = r["node"]
             key = r["key"].split(".", 1)[1]

@@ -1,7 +1,8 @@
 """Where the pipeline's files live: the one place that names them (rules, steps, ``ifcl.runs`` and the figures
 all ask here).
 
-A run is ``results/runs/<experiment>/seed<k>/``:
+A run is ``results/runs/<experiment>/seed<k>/`` (which files a task of a method has: its declaration's
+``task_files``, :mod:`ifcl.registry`):
 
     tasks.json                         class-incremental runs: class order and the classes of each task
     task<t>/reduction.safetensors      InfLoRA family: down-projections R_t of every adapted block (k and v)
@@ -52,77 +53,6 @@ STATE = "state.safetensors"
 EVAL = "eval.json"
 BACKBONE = "backbone.safetensors"
 PRETRAIN_LOG = "pretrain_log.csv"
-
-
-# ---- what a run has, by method ----
-
-# The methods of each family: a family shares one steps module (ifcl.steps.<family>) and one rule file.
-FAMILIES = {
-    "inflora": ("seq-lora", "joint", "inflora", "inflora-ca"),  # a LoRA branch per task (ifcl.steps.inflora)
-    # one state file per task on a frozen ViT: prompt pools, SD-LoRA (ifcl.steps.baselines)
-    "baselines": ("l2p", "dualprompt", "coda-prompt", "sd-lora"),
-    "diki": ("diki",),  # CLIP with per-task prefixes (ifcl.steps.diki)
-}
-
-
-def family(experiment: dict) -> str:
-    """The family of an experiment's method: the name of its steps module under ``ifcl.steps``."""
-    for name, methods in FAMILIES.items():
-        if experiment["method"] in methods:
-            return name
-    raise ValueError(f"unknown method {experiment['method']!r}")
-
-
-def is_diki(experiment: dict) -> bool:
-    return experiment["method"] == "diki"
-
-
-def is_baseline(experiment: dict) -> bool:
-    return family(experiment) == "baselines"
-
-
-BASELINE_MODEL_KEYS = ("method", "backbone", "num_tasks", "prompt", "sdlora", "rank", "lora_blocks")
-
-
-def baseline_model_settings(experiment: dict) -> dict:
-    """What shapes the model of a compared method's experiment (ifcl.steps.baselines; the rules' ``model``
-    param): the method, backbone, number of tasks and the method's own settings."""
-    return {k: experiment[k] for k in BASELINE_MODEL_KEYS if k in experiment}
-
-
-def uses_memory(experiment: dict) -> bool:
-    """InfLoRA and its variants design R_t and keep a (Dual)GPM memory; seq-lora does neither."""
-    return experiment["method"] in ("inflora", "inflora-ca")
-
-
-def uses_alignment(experiment: dict) -> bool:
-    """InfLoRA+CA aligns the classifier after every task from the second on."""
-    return experiment["method"] == "inflora-ca"
-
-
-def num_tasks(experiment: dict) -> int:
-    return len(experiment["sequence"]) if is_diki(experiment) else experiment["num_tasks"]
-
-
-def task_outputs(experiment: dict, t: int) -> tuple[str, ...]:
-    """The files of task t: DIKI's four; the compared methods' three (ifcl.steps.baselines); the InfLoRA family's four, with the memory for
-    InfLoRA (not after the last task: nothing would read it), the class statistics and, from task 1 on, the
-    aligned heads for InfLoRA+CA."""
-    if is_diki(experiment):
-        return GAUSSIAN, PREFIX, TRAIN_LOG, EVAL
-    if is_baseline(experiment):
-        return STATE, TRAIN_LOG, EVAL
-    names = (REDUCTION, ADAPTER, TRAIN_LOG, EVAL)
-    if uses_memory(experiment) and t < experiment["num_tasks"] - 1:
-        names += (MEMORY,)
-    if uses_alignment(experiment):
-        names += (CLASS_STATS,) + ((ALIGNED_HEADS, ALIGN_LOG) if t >= 1 else ())
-    return names
-
-
-def aligned_heads_task(experiment: dict, t: int) -> bool:
-    """Whether the heads after task t are the aligned ones (InfLoRA+CA, t >= 1)."""
-    return uses_alignment(experiment) and t >= 1
 
 
 # ---- paths ----

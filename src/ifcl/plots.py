@@ -102,16 +102,16 @@ def curve_records(curves: dict[str, dict[int, np.ndarray]]) -> list[dict]:
             for exp, by_seed in curves.items() for seed, curve in by_seed.items() for t, a in enumerate(curve)]
 
 
-def training_log(task_logs: list[list[dict]]) -> list[dict]:
-    """One run's training, one record per epoch of its tasks in order, from each task's train_log.csv rows (the
-    InfLoRA family logs ``train_acc``, DIKI ``train_accuracy`` and ``val_accuracy``): task, epoch (within the
-    task, from 0), global_epoch (running over the whole task sequence, from 0), loss, accuracy (training, %) and,
-    where the log has it, val_accuracy."""
+def training_log(task_logs: list[list[dict]], columns: dict) -> list[dict]:
+    """One run's training, one record per epoch of its tasks in order, from each task's train_log.csv rows
+    (``columns``: the log's column of epoch, loss and accuracy, :meth:`ifcl.registry.Method.log_column`): task,
+    epoch (within the task, from 0), global_epoch (running over the whole task sequence, from 0), loss, accuracy
+    (training, %) and, where the log has it, val_accuracy."""
     records, global_epoch = [], 0
     for t, rows in enumerate(task_logs):
         for row in rows:
-            record = {"task": t, "epoch": int(row["epoch"]), "global_epoch": global_epoch, "loss": float(row["loss"]),
-                      "accuracy": float(row["train_acc"] if "train_acc" in row else row["train_accuracy"])}
+            record = {"task": t, "epoch": int(row[columns["epoch"]]), "global_epoch": global_epoch,
+                      "loss": float(row[columns["loss"]]), "accuracy": float(row[columns["accuracy"]])}
             if "val_accuracy" in row:
                 record["val_accuracy"] = float(row["val_accuracy"])
             records.append(record)

@@ -34,6 +34,7 @@ from .data.manifest import IMAGE_SUFFIXES, DatasetError, class_names_of, read_ma
 from .data.transforms import make_transform, read_image
 from .files import read_json, recorded_digest
 from .models.weights import backbone_weights_file
+from .registry import protocol_of
 from .runtime import autocast, full_precision, pick_device
 
 PREDICTION_COLUMNS = ("path", "predicted_class", "score")
@@ -176,7 +177,7 @@ def predict(config: str | Path | dict, experiment: str, seed: int, task: int, so
     model = load_model(config, experiment, seed, task)
     device = pick_device()
     model = model.to(device)
-    if layout.is_diki(spec):
+    if protocol_of(spec).name == "mtil":
         from .steps.diki import _prompt_tokens
 
         sequence = spec["sequence"]
@@ -252,13 +253,13 @@ def evaluate(config: str | Path | dict, experiment: str, seed: int, task: int,
     try:
         with tempfile.TemporaryDirectory(prefix="ifcl-evaluate-") as tmp:
             readable = None if manifest is None else _manifest_to_read(manifest, tmp)
-            step = _diki_evaluation if layout.is_diki(spec) else _class_incremental_evaluation
+            step = _mtil_evaluation if protocol_of(spec).name == "mtil" else _class_incremental_evaluation
             step(config, spec, run, task, readable, tmp)
             result = read_json(f"{tmp}/{layout.EVAL}")
     finally:
         torch.set_num_threads(threads)
     recorded = read_json(layout.in_run(run, task, layout.EVAL)) if manifest is None else None
-    evaluated = [manifest] if manifest is not None else spec["sequence"] if layout.is_diki(spec) else [spec["dataset"]]
+    evaluated = [manifest] if manifest is not None else protocol_of(spec).datasets(spec)
     return result, recorded, evaluated
 
 
@@ -270,17 +271,17 @@ def _task_files(run: Path, task: int, name: str) -> list[str]:
 def _class_incremental_evaluation(config: dict, spec: dict, run: Path, task: int, manifest: str | None,
                                   tmp: str) -> None:
     """The evaluation rule's step of the experiment's family on the run's files; its eval.json in ``tmp``."""
-    from .steps import steps_of
+    from .registry import implementation
 
     if manifest is not None:
         _check_class_names(manifest, read_json(run / layout.TASKS)["class_names"])
     backbone = config["backbones"][spec["backbone"]]
-    steps_of(spec).evaluate_run(spec, backbone, backbone_weights_file(spec["backbone"], backbone),
+    implementation(spec).evaluate_run(spec, backbone, backbone_weights_file(spec["backbone"], backbone),
                                 config["datasets"][spec["dataset"]], run, task,
                                 manifest or layout.manifest_file(spec["dataset"], "test"), f"{tmp}/{layout.EVAL}")
 
 
-def _diki_evaluation(config: dict, spec: dict, run: Path, task: int, manifest: str | None, tmp: str) -> None:
+def _mtil_evaluation(config: dict, spec: dict, run: Path, task: int, manifest: str | None, tmp: str) -> None:
     """Rule evaluate_diki's step on the run's files (a manifest's frozen features computed by rule
     frozen_features' step first); its eval.json in ``tmp``."""
     from .steps import diki

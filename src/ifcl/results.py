@@ -10,6 +10,8 @@ import yaml
 
 from .files import read_json, write_csv, write_json, write_text
 from .metrics import cil_metrics, mtil_metrics
+from .protocols import PROTOCOLS
+from .registry import protocol_of
 
 
 def aggregate_run(eval_files: list[str], matrix_out: str, metrics_out: str, protocol: str = "cil",
@@ -61,14 +63,9 @@ METRICS = {
 # the metrics a paper reports (config/published.yaml may give them), and MTIL's per-dataset ones
 PUBLISHED_METRICS = {"cil": ("final", "average", "forgetting"), "mtil": ("transfer", "average", "last")}
 PER_DATASET = ("transfer", "average", "last")
-TITLES = {"cil": "Class-incremental learning",
-          "mtil": "Multi-domain task-incremental learning (MTIL, DIKI)"}
+TITLES = {name: p.title for name, p in PROTOCOLS.items()}
 INTRO = ("Mean ± sample standard deviation over seeds (one seed: its value). paper: the published number (its "
          "source is listed under the table); Δ = ours − paper, in points; —: no published number.")
-
-
-def protocol_of(spec: dict) -> str:
-    return "mtil" if spec["method"] == "diki" else "cil"
 
 
 def _is_number(x) -> bool:
@@ -111,7 +108,7 @@ def check_published(published: dict, experiments: dict) -> None:
     per-dataset names are in its sequence. (Entries of experiments not configured are simply not used.)"""
     for exp in set(published) & set(experiments):
         spec, entry = experiments[exp], published[exp]
-        protocol = protocol_of(spec)
+        protocol = protocol_of(spec).name
         extra = set(entry) - {"source", "per_dataset"} - set(PUBLISHED_METRICS[protocol])
         if extra:
             raise ValueError(f"published numbers of {exp}: {protocol} experiments have no metric {sorted(extra)}")
@@ -139,7 +136,7 @@ def experiment_protocol(config: dict, name: str) -> dict:
     """What an experiment computes: its settings (without the execution ones) and those of its datasets and backbone,
     as dotted keys (``seeds``, ``train.epochs``, ``dataset.cifar100.type``, ``backbone.name``)."""
     spec = config["experiments"][name]
-    datasets = spec["sequence"] if spec["method"] == "diki" else [spec["dataset"]]
+    datasets = protocol_of(spec).datasets(spec)
     flat = _flatten({k: v for k, v in spec.items() if k not in EXECUTION_KEYS}, "")
     for ds in datasets:
         flat.update(_flatten(config["datasets"][ds], f".dataset.{ds}"))
@@ -184,12 +181,11 @@ def experiment_summary(spec: dict, metrics: list[dict], published: dict | None =
     with the published number and the difference where ``published`` (its config/published.yaml entry) has one;
     MTIL adds the per-dataset Transfer / Average / Last (``per_dataset``). ``differs``: the settings in which the
     experiment differs from the protocol the published numbers were measured under (``protocol_differs``)."""
-    protocol = protocol_of(spec)
+    protocol = protocol_of(spec).name
     published = published or {}
     mtil = protocol == "mtil"
-    summary = {"method": spec["method"], "protocol": protocol,
-               "dataset": " > ".join(spec["sequence"]) if mtil else spec["dataset"],
-               "tasks": len(spec["sequence"]) if mtil else spec["num_tasks"], "seeds": len(metrics),
+    summary = {"method": spec["method"], "protocol": protocol, "dataset": protocol_of(spec).dataset_label(spec),
+               "tasks": protocol_of(spec).num_tasks(spec), "seeds": len(metrics),
                "metrics": {k: _compare(_stats([m[k] for m in metrics]), published.get(k))
                            for k, _ in METRICS[protocol]}}
     if "source" in published:

@@ -58,9 +58,9 @@ def load_model(config: str | Path | dict, experiment: str, seed: int, task: int,
     tasks = [t for t, _ in task_folders(run)] if run.is_dir() else []
     if task not in tasks:
         raise FileNotFoundError(f"{run}: no task{task} folder (tasks present: {tasks or 'none'})")
-    from .steps import steps_of  # each family's steps are imported only when its model is asked for
+    from .registry import implementation  # a method's steps are imported only when its model is asked for
 
-    return steps_of(spec).model_after_task(spec, backbone, weights, run, task)
+    return implementation(spec).model_after_task(spec, backbone, weights, run, task)
 
 
 def compare_workdirs(a: str | Path, b: str | Path, runs: list[str] | None = None) -> list[tuple[str, str]]:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from . import layout
 from .progress import STALE_SECONDS, STATUS_DIR, duration
+from .registry import num_tasks, task_files
 
 
 def run_progress(config: dict, workdir: str | Path = ".") -> list[dict]:
@@ -21,9 +22,9 @@ def run_progress(config: dict, workdir: str | Path = ".") -> list[dict]:
     rows = []
     for exp, spec in config["experiments"].items():
         for seed in spec["seeds"]:
-            total = layout.num_tasks(spec)
+            total = num_tasks(spec)
             done = sum(all((workdir / layout.task_file(exp, seed, t, name)).is_file()
-                           for name in layout.task_outputs(spec, t)) for t in range(total))
+                           for name in task_files(spec, t)) for t in range(total))
             finished = all((workdir / layout.run_file(exp, seed, name)).is_file()
                            for name in (layout.ACC_MATRIX, layout.METRICS))
             rows.append({"experiment": exp, "seed": seed, "done": done, "tasks": total, "finished": finished})
@@ -53,7 +54,7 @@ def describe_job(job: dict, now: float) -> str:
         parts.append(f"batch {job['step']}/{job['steps']}")
     last = job.get("last_epoch") or {}
     if last.get("loss") is not None:
-        accuracy = last.get("accuracy", last.get("train_accuracy"))
+        accuracy = last.get("accuracy")
         parts.append(f"(epoch {last['epoch']}: loss {last['loss']:.4f}"
                      + ("" if accuracy is None else f", acc {accuracy:.1f}%") + ")")
     if job.get("images_per_s"):

@@ -1,12 +1,15 @@
-# The per-task chain of a run of L2P, DualPrompt, CODA-Prompt or SD-LoRA (ifcl.steps.baselines): split (rule
-# split_tasks) -> for each task t: train_baseline_t (the files of tasks 0..t-1 in) -> evaluate_baseline_t (the files
-# of tasks 0..t in).
+# The class-incremental protocol's generic rule chain ("state"; ifcl.steps.baselines), for every method whose
+# declaration names a model with the task-state interface (L2P, DualPrompt, CODA-Prompt, SD-LoRA, a researcher's own
+# method): after the split (cil.smk), for each task t: train_baseline_t (the state files of tasks 0..t-1 in) ->
+# evaluate_baseline_t (the state files of tasks 0..t in). Each job's `code` is its script's digest and its method's.
+
+STATE_EXPERIMENTS = chain_experiments("cil", "state")
 
 
 rule train_baseline:
     """Train what task t adds (prompts, or SD-LoRA's factors and magnitudes) and head t on task t's classes."""
     wildcard_constraints:
-        exp=BASELINE_EXPERIMENTS,
+        exp=STATE_EXPERIMENTS,
     input:
         tasks=layout.run_pattern(layout.TASKS),
         weights=exp_backbone_weights,
@@ -17,8 +20,8 @@ rule train_baseline:
         out=layout.task_pattern(layout.STATE),
         log_csv=layout.task_pattern(layout.TRAIN_LOG),
     params:
-        code=code("train_baseline"),
-        model=baseline_model_params,
+        code=method_code("train_baseline"),
+        model=model_params,
         train=train_params,
         backbone=exp_backbone,
         dataset=exp_dataset,
@@ -38,7 +41,7 @@ rule train_baseline:
 rule evaluate_baseline:
     """Accuracy on every seen task after task t (one row of the accuracy matrix)."""
     wildcard_constraints:
-        exp=BASELINE_EXPERIMENTS,
+        exp=STATE_EXPERIMENTS,
     input:
         tasks=layout.run_pattern(layout.TASKS),
         weights=exp_backbone_weights,
@@ -48,8 +51,8 @@ rule evaluate_baseline:
     output:
         out=layout.task_pattern(layout.EVAL),
     params:
-        code=code("evaluate_baseline"),
-        model=baseline_model_params,
+        code=method_code("evaluate_baseline"),
+        model=model_params,
         eval_batch_size=exp_setting("eval_batch_size"),
         backbone=exp_backbone,
         dataset=exp_dataset,

@@ -54,11 +54,11 @@ from ifcl import layout
 from ifcl.codeversion import code_version
 from ifcl.integrity import check_workdir
 from ifcl.config import ConfigError, canonical, check, merge_includes, paper_configs, task_train_params, validate_with_defaults
-from ifcl.layout import aligned_heads_task, baseline_model_settings, family, is_diki, num_tasks, task_outputs, uses_alignment, uses_memory
+from ifcl.registry import method_code as _method_code, method_of, model_settings, num_tasks, protocol_of, task_files
 from ifcl.data.benchmarks import sources_of
 from ifcl.data.folder import folder_fingerprint
 from ifcl.plots import experiment_colours, load_settings as figure_settings
-from ifcl.results import check_published, load_published, protocol_changes, protocol_of
+from ifcl.results import check_published, load_published, protocol_changes
 from ifcl.data.transforms import DETERMINISTIC, decoded_file
 from ifcl.data.sources import MARKER as SOURCE_MARKER, SOURCES
 from ifcl.models.weights import backbone_weights_file, weights_name
@@ -99,6 +99,24 @@ def code(script):
     return code_version(os.path.join(workflow.basedir, "scripts", f"{script}.py"), SRC)
 
 
+_METHOD_CODE = {}
+
+
+def method_code(script):
+    """Params function of a rule that runs the steps of the wildcard's method through the registry (the state
+    chain): the digest of the script and that of the method's own implementation modules (ifcl.registry), so an
+    edit to one method's modules re-runs its jobs and no other method's."""
+    base = code(script)
+
+    def value(wildcards):
+        name = EXPERIMENTS[wildcards.exp]["method"]
+        if name not in _METHOD_CODE:
+            _METHOD_CODE[name] = _method_code(method_of(EXPERIMENTS[wildcards.exp]), SRC)
+        return f"{base}+{_METHOD_CODE[name]}"
+
+    return value
+
+
 wildcard_constraints:
     exp="[^/]+",
     seed=r"\d+",
@@ -113,10 +131,13 @@ def experiments_where(keep):
     return "|".join(re.escape(n) for n in names) if names else "(?!)"
 
 
-# the experiments of each method family (ifcl.layout.FAMILIES): each family's rules are constrained to its own
-LORA_EXPERIMENTS = experiments_where(lambda spec: family(spec) == "inflora")
-BASELINE_EXPERIMENTS = experiments_where(lambda spec: family(spec) == "baselines")
-DIKI_EXPERIMENTS = experiments_where(is_diki)
+def chain_experiments(protocol, chain):
+    """Regex of the experiments whose method runs the chain ``chain`` of ``protocol``'s rules (ifcl.registry.CHAINS):
+    the rules of a chain are constrained to its experiments, so they never match another chain's runs."""
+    return experiments_where(lambda spec: method_of(spec).protocol == protocol and method_of(spec).chain == chain)
+
+
+MTIL_EXPERIMENTS = experiments_where(lambda spec: protocol_of(spec).name == "mtil")
 
 
 def names_of_type(registry, kind):
@@ -210,9 +231,10 @@ def run_file(wildcards, t, name):
     return layout.task_file(wildcards.exp, wildcards.seed, t, name)
 
 
-def baseline_model_params(wildcards):
-    """The experiment settings that shape the model (a change re-runs every task of the experiment)."""
-    return canonical(baseline_model_settings(EXPERIMENTS[wildcards.exp]))
+def model_params(wildcards):
+    """The experiment settings that shape the model: the method, backbone and the method's model keys (a change
+    re-runs every task of the experiment; ifcl.registry.model_settings)."""
+    return canonical(model_settings(EXPERIMENTS[wildcards.exp]))
 
 
 def tasks_before(name):
@@ -232,12 +254,17 @@ def tasks_through(name):
 
 
 def run_evals(wildcards):
-    """The run's per-task evaluations, and for DIKI the frozen test features (they hold the zero-shot accuracy)."""
+    """The run's per-task evaluations, and for MTIL the frozen test features (they hold the zero-shot accuracy)."""
     spec = EXPERIMENTS[wildcards.exp]
-    inputs = {"evals": [run_file(wildcards, t, layout.EVAL) for t in range(num_tasks(spec))]}
-    if is_diki(spec):
-        inputs["zero_shot"] = [features(spec["backbone"], ds, "test") for ds in spec["sequence"]]
+    inputs = {"evals": evals(wildcards)}
+    if protocol_of(spec).name == "mtil":
+        inputs["zero_shot"] = [features(spec["backbone"], ds, "test") for ds in protocol_of(spec).datasets(spec)]
     return inputs
+
+
+def evals(wildcards):
+    """The run's eval.json of every task, in task order."""
+    return [run_file(wildcards, t, layout.EVAL) for t in range(num_tasks(EXPERIMENTS[wildcards.exp]))]
 
 
 def features(backbone, dataset, split):
@@ -249,6 +276,169 @@ def pretrain_manifest(split):
         return manifest(BACKBONES[wildcards.backbone]["pretrain"]["dataset"], split)
 
     return files
+
+
+def train_params(wildcards):
+    return canonical(task_train_params(EXPERIMENTS[wildcards.exp], int(wildcards.t)))
+
+
+def run_targets():
+    """Every file of every run, per-task files included: a deleted task file is regenerated (with what depends
+    on it), never silently skipped because the run's final results still exist."""
+    targets = []
+    for exp, spec in EXPERIMENTS.items():
+        for seed in spec["seeds"]:
+            names = [layout.ACC_MATRIX, layout.METRICS, *protocol_of(spec).run_files]
+            targets += [layout.run_file(exp, seed, name) for name in names]
+            targets += [layout.task_file(exp, seed, t, name) for t in range(num_tasks(spec))
+                        for name in task_files(spec, t)]
+    return targets
+
+
+def data_targets():
+    """Every file under data/ that the configured runs read: the manifests of each dataset an experiment or a
+    pretrained backbone uses (with the images and raw sources they are made from) and the fetched weights. The
+    target `snakemake data`, which `dvc add data` then tracks as data.dvc."""
+    used = {EXPERIMENTS[exp]["backbone"] for exp in EXPERIMENTS}
+    datasets = {ds for spec in EXPERIMENTS.values() for ds in protocol_of(spec).datasets(spec)}
+    datasets |= {BACKBONES[b]["pretrain"]["dataset"] for b in used if "pretrain" in BACKBONES[b]}
+    manifests = [manifest(ds, split) for ds in sorted(datasets)
+                 for split in DATASET_SPLITS.get(DATASETS[ds]["type"], ("train", "test"))]
+    weights = sorted({backbone_weights(b) for b in used} & {layout.FETCHED.format(model=m) for m in fetched_weights()})
+    return manifests + weights
+
+
+def run_results():
+    """acc_matrix.csv and metrics.json of every run, by experiment and seed."""
+    return {exp: {s: {"matrix": layout.run_file(exp, s, layout.ACC_MATRIX),
+                      "metrics": layout.run_file(exp, s, layout.METRICS)} for s in EXPERIMENTS[exp]["seeds"]}
+            for exp in EXPERIMENTS}
+
+
+def protocols():
+    return {exp: protocol_of(spec).name for exp, spec in EXPERIMENTS.items()}
+
+
+# Plot settings: the figures section of DVC's parameter file next to the Snakefile (defaults where it is absent).
+try:
+    FIGURE_SETTINGS = figure_settings(os.path.join(workflow.basedir, "params.yaml"))
+except ValueError as e:
+    raise WorkflowError(f"Invalid figure settings: {e}")
+
+# The published numbers the summary compares with (a parameter of the summarize rule, so an edit re-runs it).
+try:
+    PUBLISHED = canonical(load_published(os.path.join(workflow.basedir, "config", "published.yaml")))
+    check_published(PUBLISHED, EXPERIMENTS)
+except ValueError as e:
+    raise WorkflowError(f"Invalid published numbers: {e}")
+
+def protocol_changes_of_runs(wildcards):
+    """Params function of the summarize rule: where a configured experiment with published numbers differs from the
+    paper config of the same name (the protocol those numbers were measured under), so that the summary marks the
+    comparison and names the settings. Computed only for that job: reading the paper configs takes a few tenths
+    of a second, which every start (a SLURM job's too) would otherwise pay."""
+    if not set(PUBLISHED) & set(EXPERIMENTS):
+        return {}
+    return protocol_changes(config, paper_configs(workflow.basedir), PUBLISHED)
+
+
+# ---- figures ----
+
+FIGURES = layout.FIGURES
+RUN_FIGURES = layout.RUN_FIGURES
+
+
+def has_forgetting(spec):
+    """Class-incremental experiments with old tasks to forget."""
+    return protocol_of(spec).has_forgetting(spec)
+
+
+FORGETTING_EXPERIMENTS = experiments_where(has_forgetting)
+# the experiments with a method's own per-run figure (ifcl.registry.Method.run_figures)
+MEMORY_EXPERIMENTS = experiments_where(lambda spec: "memory" in method_of(spec).figures(spec))
+LAMBDA_EXPERIMENTS = experiments_where(lambda spec: "lambda" in method_of(spec).figures(spec))
+
+# One colour per experiment in every figure: the palette of ifcl.plots in the order of the configured experiments
+# (the config's order, keys sorted), so a figure that shows some of them gives each the same colour as the others.
+EXPERIMENT_COLOURS = canonical(experiment_colours(list(EXPERIMENTS)))
+
+
+def experiment_colour(wildcards):
+    """Params function: the colour of the wildcard's experiment (a figure of one experiment re-runs only when its
+    own colour changes)."""
+    return EXPERIMENT_COLOURS[wildcards.exp]
+
+
+def figure_targets():
+    """Every figure (PNG and PDF) and the accuracy and training curves as data."""
+    targets = [f"{FIGURES}/accuracy_curves.{ext}" for ext in ("png", "pdf", "json")]
+    targets += [f"{FIGURES}/overview.{ext}" for ext in ("png", "pdf")]
+    targets.append(f"{FIGURES}/training_curves.json")
+    for exp, spec in EXPERIMENTS.items():
+        names = ["acc_matrix", "training", *method_of(spec).figures(spec)]
+        for seed in spec["seeds"]:
+            run = RUN_FIGURES.format(exp=exp, seed=seed)
+            targets += [f"{run}/{name}.{ext}" for name in names for ext in ("png", "pdf")]
+        if has_forgetting(spec):
+            targets += [f"{FIGURES}/{exp}/forgetting.{ext}" for ext in ("png", "pdf")]
+    return targets
+
+
+def matrix_labels(wildcards):
+    """Names of the rows and columns of a run's accuracy matrix: MTIL's datasets (class-incremental: none, the
+    script numbers the tasks)."""
+    spec = EXPERIMENTS[wildcards.exp]
+    return protocol_of(spec).matrix_labels(spec)
+
+
+def seed_matrices(wildcards):
+    return [layout.run_file(wildcards.exp, s, layout.ACC_MATRIX) for s in EXPERIMENTS[wildcards.exp]["seeds"]]
+
+
+def memory_files(wildcards):
+    """An InfLoRA run's memory after each task but the last."""
+    return [run_file(wildcards, t, layout.MEMORY) for t in range(EXPERIMENTS[wildcards.exp]["num_tasks"] - 1)]
+
+
+def train_logs(wildcards):
+    """The run's train_log.csv of every task, in task order."""
+    return [run_file(wildcards, t, layout.TRAIN_LOG) for t in range(num_tasks(EXPERIMENTS[wildcards.exp]))]
+
+
+def all_train_logs():
+    """train_log.csv of every task of every run, by experiment and seed."""
+    return {exp: {s: [layout.task_file(exp, s, t, layout.TRAIN_LOG) for t in range(num_tasks(spec))]
+                  for s in spec["seeds"]} for exp, spec in EXPERIMENTS.items()}
+
+
+def task_labels(wildcards):
+    """The names of a run's tasks in the figures: MTIL's datasets, class-incremental "task 0", "task 1", ..."""
+    spec = EXPERIMENTS[wildcards.exp]
+    return protocol_of(spec).task_labels(spec)
+
+
+def log_columns(wildcards_or_exp):
+    """The train_log.csv columns of the experiment's epoch, loss and accuracy (ifcl.registry.Method.log_column)."""
+    exp = getattr(wildcards_or_exp, "exp", wildcards_or_exp)
+    m = method_of(EXPERIMENTS[exp])
+    return {name: m.log_column(name) for name in ("epoch", "loss", "accuracy")}
+
+
+# ---- the MTIL protocol (mtil.smk) ----
+
+def sequence_dataset(wildcards):
+    """Dataset t of the wildcard's experiment's sequence (its task t)."""
+    return EXPERIMENTS[wildcards.exp]["sequence"][int(wildcards.t)]
+
+
+def prompt_spec(dataset):
+    """What of a dataset a CLIP step uses besides its images: the prompt template (CLIP preprocessing is fixed)."""
+    return {"template": DATASETS[dataset].get("template")}
+
+
+# ---- InfLoRA's chain (tasks.smk; ifcl.catalog.inflora) ----
+
+from ifcl.catalog.inflora import aligned_heads_task, uses_memory
 
 
 def aligned_heads(wildcards):
@@ -293,171 +483,11 @@ def memory_params(wildcards):
     return canonical({k: exp[k] for k in ("lamb", "lame", "memory", "num_tasks")})
 
 
-def train_params(wildcards):
-    return canonical(task_train_params(EXPERIMENTS[wildcards.exp], int(wildcards.t)))
-
-
-def model_params(wildcards):
-    """The experiment settings that shape the model (a change re-runs every task of the experiment)."""
-    exp = EXPERIMENTS[wildcards.exp]
-    return canonical({k: exp[k] for k in ("method", "rank", "lora_blocks", "backbone", "final_norm")})
-
-
-def run_targets():
-    """Every file of every run, per-task files included: a deleted task file is regenerated (with what depends
-    on it), never silently skipped because the run's final results still exist."""
-    targets = []
-    for exp, spec in EXPERIMENTS.items():
-        for seed in spec["seeds"]:
-            names = [layout.ACC_MATRIX, layout.METRICS] + ([] if is_diki(spec) else [layout.TASKS])
-            targets += [layout.run_file(exp, seed, name) for name in names]
-            targets += [layout.task_file(exp, seed, t, name) for t in range(num_tasks(spec))
-                        for name in task_outputs(spec, t)]
-    return targets
-
-
-def data_targets():
-    """Every file under data/ that the configured runs read: the manifests of each dataset an experiment or a
-    pretrained backbone uses (with the images and raw sources they are made from) and the fetched weights. The
-    target `snakemake data`, which `dvc add data` then tracks as data.dvc."""
-    used = {EXPERIMENTS[exp]["backbone"] for exp in EXPERIMENTS}
-    datasets = {ds for spec in EXPERIMENTS.values() for ds in (spec["sequence"] if is_diki(spec) else [spec["dataset"]])}
-    datasets |= {BACKBONES[b]["pretrain"]["dataset"] for b in used if "pretrain" in BACKBONES[b]}
-    manifests = [manifest(ds, split) for ds in sorted(datasets)
-                 for split in DATASET_SPLITS.get(DATASETS[ds]["type"], ("train", "test"))]
-    weights = sorted({backbone_weights(b) for b in used} & {layout.FETCHED.format(model=m) for m in fetched_weights()})
-    return manifests + weights
-
-
-def run_results():
-    """acc_matrix.csv and metrics.json of every run, by experiment and seed."""
-    return {exp: {s: {"matrix": layout.run_file(exp, s, layout.ACC_MATRIX),
-                      "metrics": layout.run_file(exp, s, layout.METRICS)} for s in EXPERIMENTS[exp]["seeds"]}
-            for exp in EXPERIMENTS}
-
-
-def protocols():
-    return {exp: protocol_of(spec) for exp, spec in EXPERIMENTS.items()}
-
-
-# Plot settings: the figures section of DVC's parameter file next to the Snakefile (defaults where it is absent).
-try:
-    FIGURE_SETTINGS = figure_settings(os.path.join(workflow.basedir, "params.yaml"))
-except ValueError as e:
-    raise WorkflowError(f"Invalid figure settings: {e}")
-
-# The published numbers the summary compares with (a parameter of the summarize rule, so an edit re-runs it).
-try:
-    PUBLISHED = canonical(load_published(os.path.join(workflow.basedir, "config", "published.yaml")))
-    check_published(PUBLISHED, EXPERIMENTS)
-except ValueError as e:
-    raise WorkflowError(f"Invalid published numbers: {e}")
-
-def protocol_changes_of_runs(wildcards):
-    """Params function of the summarize rule: where a configured experiment with published numbers differs from the
-    paper config of the same name (the protocol those numbers were measured under), so that the summary marks the
-    comparison and names the settings. Computed only for that job: reading the paper configs takes a few tenths
-    of a second, which every start (a SLURM job's too) would otherwise pay."""
-    if not set(PUBLISHED) & set(EXPERIMENTS):
-        return {}
-    return protocol_changes(config, paper_configs(workflow.basedir), PUBLISHED)
-
-
-# ---- figures ----
-
-FIGURES = layout.FIGURES
-RUN_FIGURES = layout.RUN_FIGURES
-
-
-def has_forgetting(spec):
-    """Class-incremental experiments with old tasks to forget."""
-    return not is_diki(spec) and spec["num_tasks"] > 1
-
-
-def has_memory_files(spec):
-    """InfLoRA experiments with a memory file (written after every task but the last)."""
-    return uses_memory(spec) and spec["num_tasks"] > 1
-
-
-FORGETTING_EXPERIMENTS = experiments_where(has_forgetting)
-MEMORY_EXPERIMENTS = experiments_where(has_memory_files)
-
-# One colour per experiment in every figure: the palette of ifcl.plots in the order of the configured experiments
-# (the config's order, keys sorted), so a figure that shows some of them gives each the same colour as the others.
-EXPERIMENT_COLOURS = canonical(experiment_colours(list(EXPERIMENTS)))
-
-
-def experiment_colour(wildcards):
-    """Params function: the colour of the wildcard's experiment (a figure of one experiment re-runs only when its
-    own colour changes)."""
-    return EXPERIMENT_COLOURS[wildcards.exp]
-
-
-def figure_targets():
-    """Every figure (PNG and PDF) and the accuracy and training curves as data."""
-    targets = [f"{FIGURES}/accuracy_curves.{ext}" for ext in ("png", "pdf", "json")]
-    targets += [f"{FIGURES}/overview.{ext}" for ext in ("png", "pdf")]
-    targets.append(f"{FIGURES}/training_curves.json")
-    for exp, spec in EXPERIMENTS.items():
-        names = ["acc_matrix", "training"]
-        if has_memory_files(spec):
-            names.append("memory")
-        if is_diki(spec):
-            names.append("lambda")
-        for seed in spec["seeds"]:
-            run = RUN_FIGURES.format(exp=exp, seed=seed)
-            targets += [f"{run}/{name}.{ext}" for name in names for ext in ("png", "pdf")]
-        if has_forgetting(spec):
-            targets += [f"{FIGURES}/{exp}/forgetting.{ext}" for ext in ("png", "pdf")]
-    return targets
-
-
-def matrix_labels(wildcards):
-    """Names of the rows and columns of a run's accuracy matrix: MTIL's datasets (class-incremental: none, the
-    script numbers the tasks)."""
-    spec = EXPERIMENTS[wildcards.exp]
-    return spec["sequence"] if is_diki(spec) else None
-
-
-def seed_matrices(wildcards):
-    return [layout.run_file(wildcards.exp, s, layout.ACC_MATRIX) for s in EXPERIMENTS[wildcards.exp]["seeds"]]
-
-
-def memory_files(wildcards):
-    """An InfLoRA run's memory after each task but the last."""
-    return [run_file(wildcards, t, layout.MEMORY) for t in range(EXPERIMENTS[wildcards.exp]["num_tasks"] - 1)]
-
-
-def diki_evals(wildcards):
-    return run_evals(wildcards)["evals"]
-
-
-def train_logs(wildcards):
-    """The run's train_log.csv of every task, in task order."""
-    return [run_file(wildcards, t, layout.TRAIN_LOG) for t in range(num_tasks(EXPERIMENTS[wildcards.exp]))]
-
-
-def all_train_logs():
-    """train_log.csv of every task of every run, by experiment and seed."""
-    return {exp: {s: [layout.task_file(exp, s, t, layout.TRAIN_LOG) for t in range(num_tasks(spec))]
-                  for s in spec["seeds"]} for exp, spec in EXPERIMENTS.items()}
-
-
-def task_labels(wildcards):
-    """The names of a run's tasks in the figures: MTIL's datasets, class-incremental "task 0", "task 1", ..."""
-    spec = EXPERIMENTS[wildcards.exp]
-    return spec["sequence"] if is_diki(spec) else [f"task {t}" for t in range(spec["num_tasks"])]
-
-
-# ---- DIKI ----
-
-def diki_dataset(wildcards):
-    return EXPERIMENTS[wildcards.exp]["sequence"][int(wildcards.t)]
-
+# ---- DIKI's chain (diki.smk; ifcl.catalog.diki) ----
 
 def diki_train_inputs(wildcards):
     spec = EXPERIMENTS[wildcards.exp]
-    ds = diki_dataset(wildcards)
+    ds = sequence_dataset(wildcards)
     inputs = {"weights": backbone_weights(spec["backbone"]), "manifest": manifest(ds, "train")}
     if DATASETS[ds]["type"] == "mtil" or DATASETS[ds].get("val_per_class"):
         inputs["val"] = manifest(ds, "val")
@@ -482,13 +512,3 @@ def diki_eval_inputs(wildcards):
         "decoded": [decoded_images(wildcards.exp, ds, "test", "clip") for ds in spec["sequence"]]
         if spec["image_cache"] != "none" else [],
     }
-
-
-def prompt_spec(dataset):
-    """What of a dataset a CLIP step uses besides its images: the prompt template (CLIP preprocessing is fixed)."""
-    return {"template": DATASETS[dataset].get("template")}
-
-
-def diki_model_params(wildcards):
-    spec = EXPERIMENTS[wildcards.exp]
-    return canonical({"backbone": spec["backbone"], "prefix": spec["prefix"]})

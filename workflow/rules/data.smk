@@ -190,3 +190,28 @@ rule pretrain_backbone:
         "logs/pretrain_backbone/{backbone}.log",
     script:
         "../../scripts/pretrain_backbone.py"
+
+
+rule pretrain_clip:
+    """Contrastively pretrain a small CLIP on captioned generated classes disjoint from the sequence (demo)."""
+    input:
+        train=pretrain_manifest("train"),
+        test=pretrain_manifest("test"),
+    output:
+        weights=f"{layout.PRETRAINED}/{layout.BACKBONE}",
+        log_csv=f"{layout.PRETRAINED}/{layout.PRETRAIN_LOG}",
+    params:
+        code=code("pretrain_clip"),
+        spec=lambda wildcards: BACKBONES[wildcards.backbone],
+        dataset=lambda wildcards: DATASETS[BACKBONES[wildcards.backbone]["pretrain"]["dataset"]],
+    wildcard_constraints:
+        backbone=names_of_type(BACKBONES, "pretrain_clip"),
+    threads: 2
+    resources:
+        gpu=1,
+    conda:
+        CONDA_ENV
+    log:
+        "logs/pretrain_clip/{backbone}.log",
+    script:
+        "../../scripts/pretrain_clip.py"

@@ -1,65 +1,18 @@
-# DIKI (ifcl.steps.diki): a frozen CLIP learns a sequence of datasets, one task each.
-# Frozen features once per (backbone, dataset, split) -> per task t: gaussian_t and train_prefix_t (independent of
-# the other tasks unless rng: sequential) -> evaluate_t (every dataset of the sequence, seen and unseen).
+# DIKI's rule chain ("prefix", ifcl.catalog.diki; steps in ifcl.steps.diki): beside the MTIL protocol's frozen
+# features (mtil.smk), per task t: gaussian_t and train_prefix_t (independent of the other tasks unless
+# rng: sequential) -> evaluate_t (every dataset of the sequence, seen and unseen).
 
-
-rule pretrain_clip:
-    """Contrastively pretrain a small CLIP on captioned generated classes disjoint from the sequence (demo)."""
-    input:
-        train=pretrain_manifest("train"),
-        test=pretrain_manifest("test"),
-    output:
-        weights=f"{layout.PRETRAINED}/{layout.BACKBONE}",
-        log_csv=f"{layout.PRETRAINED}/{layout.PRETRAIN_LOG}",
-    params:
-        code=code("pretrain_clip"),
-        spec=lambda wildcards: BACKBONES[wildcards.backbone],
-        dataset=lambda wildcards: DATASETS[BACKBONES[wildcards.backbone]["pretrain"]["dataset"]],
-    wildcard_constraints:
-        backbone=names_of_type(BACKBONES, "pretrain_clip"),
-    threads: 2
-    resources:
-        gpu=1,
-    conda:
-        CONDA_ENV
-    log:
-        "logs/pretrain_clip/{backbone}.log",
-    script:
-        "../../scripts/pretrain_clip.py"
-
-
-rule frozen_features:
-    """The frozen CLIP's L2-normalised image features of one dataset split (and its zero-shot accuracy)."""
-    input:
-        weights=lambda wildcards: backbone_weights(wildcards.backbone),
-        manifest=lambda wildcards: manifest(wildcards.dataset, wildcards.split),
-    output:
-        out=layout.FEATURES,
-    params:
-        code=code("frozen_features"),
-        backbone=lambda wildcards: BACKBONES[wildcards.backbone],
-        dataset=lambda wildcards: prompt_spec(wildcards.dataset),
-    wildcard_constraints:
-        split="train|test",
-    threads: 1
-    resources:
-        gpu=1,
-    conda:
-        CONDA_ENV
-    log:
-        "logs/frozen_features/{backbone}/{dataset}/{split}.log",
-    script:
-        "../../scripts/frozen_features.py"
+PREFIX_EXPERIMENTS = chain_experiments("mtil", "prefix")
 
 
 rule gaussian:
     """DIKI task t: mean and covariance of the frozen training features of dataset t."""
     input:
-        features=lambda wildcards: features(EXPERIMENTS[wildcards.exp]["backbone"], diki_dataset(wildcards), "train"),
+        features=lambda wildcards: features(EXPERIMENTS[wildcards.exp]["backbone"], sequence_dataset(wildcards), "train"),
     output:
         out=layout.task_pattern(layout.GAUSSIAN),
     wildcard_constraints:
-        exp=DIKI_EXPERIMENTS,
+        exp=PREFIX_EXPERIMENTS,
     params:
         code=code("gaussian"),
     conda:
@@ -79,16 +32,16 @@ rule train_prefix:
         log_csv=layout.task_pattern(layout.TRAIN_LOG),
     params:
         code=code("train_prefix"),
-        model=diki_model_params,
+        model=model_params,
         train=exp_setting("train"),
         rng=exp_setting("rng"),
         eval_batch_size=exp_setting("eval_batch_size"),
         backbone=exp_backbone,
-        dataset=lambda wildcards: prompt_spec(diki_dataset(wildcards)),
+        dataset=lambda wildcards: prompt_spec(sequence_dataset(wildcards)),
         precision=exp_setting("gpu_precision"),
         loader_workers=exp_setting("loader_workers"),
     wildcard_constraints:
-        exp=DIKI_EXPERIMENTS,
+        exp=PREFIX_EXPERIMENTS,
     threads: 1
     resources:
         gpu=1,
@@ -108,7 +61,7 @@ rule evaluate_diki:
         out=layout.task_pattern(layout.EVAL),
     params:
         code=code("evaluate_diki"),
-        model=diki_model_params,
+        model=model_params,
         calibration=exp_setting("calibration"),
         eval_batch_size=exp_setting("eval_batch_size"),
         backbone=exp_backbone,
@@ -116,7 +69,7 @@ rule evaluate_diki:
         precision=exp_setting("gpu_precision"),
         loader_workers=exp_setting("loader_workers"),
     wildcard_constraints:
-        exp=DIKI_EXPERIMENTS,
+        exp=PREFIX_EXPERIMENTS,
     threads: 1
     resources:
         gpu=1,

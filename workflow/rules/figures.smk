@@ -100,7 +100,8 @@ rule forgetting:
 
 
 rule memory_sizes:
-    """InfLoRA: the dimension of the old tasks' space kept in each adapted block's memory, after each task."""
+    """InfLoRA (the methods whose runs have the figure "memory"): the dimension of the old tasks' space kept in each
+    adapted block's memory, after each task."""
     input:
         memory_files,
     output:
@@ -123,15 +124,16 @@ rule memory_sizes:
 
 
 rule lambda_histograms:
-    """DIKI: the distribution of λ over the test images of the learnt and the unseen datasets, after each task."""
+    """DIKI (the methods whose runs have the figure "lambda"): the distribution of λ over the test images of the
+    learnt and the unseen datasets, after each task."""
     input:
-        diki_evals,
+        evals,
     output:
         png=report(f"{RUN_FIGURES}/lambda.png", caption="../report/lambda_histograms.rst", category="DIKI λ",
                    subcategory="{exp}", labels={"experiment": "{exp}", "seed": "{seed}"}),
         pdf=f"{RUN_FIGURES}/lambda.pdf",
     wildcard_constraints:
-        exp=DIKI_EXPERIMENTS,
+        exp=LAMBDA_EXPERIMENTS,
     params:
         code=code("lambda_histograms"),
         sequence=lambda wildcards: EXPERIMENTS[wildcards.exp]["sequence"],
@@ -155,6 +157,7 @@ rule training_curves:
         pdf=f"{RUN_FIGURES}/training.pdf",
     params:
         code=code("training_curves"),
+        columns=log_columns,
         labels=task_labels,
         colour=experiment_colour,
         settings=FIGURE_SETTINGS,
@@ -176,6 +179,7 @@ rule training_curves_data:
     params:
         code=code("training_curves_data"),
         logs=all_train_logs(),
+        columns={exp: log_columns(exp) for exp in EXPERIMENTS},
     localrule: True
     conda:
         CONDA_ENV

@@ -1,27 +1,10 @@
-# The per-task chain of one run of the InfLoRA family (ifcl.steps.inflora): split -> for each task t:
+# InfLoRA's rule chain ("lora", ifcl.catalog.inflora; steps in ifcl.steps.inflora) for seq-lora, joint, inflora
+# and inflora-ca: after the class-incremental protocol's split (cil.smk), for each task t:
 # reduction_t -> train_t (-> memory_t) (-> class_stats_t -> align_t) -> evaluate_t.
 # A task's rules take the files of tasks < t as inputs, so the DAG is explicit and a changed parameter re-runs
 # exactly the tasks it affects and their dependants. Each step is built from its rule's output, input, params and
 # wildcards alone (ifcl.runtime.from_rule): whatever can change a result is named here.
-
-
-rule split_tasks:
-    """Class order and the classes of each task (tasks.json) of every class-incremental run."""
-    input:
-        train=exp_manifest("train"),
-    output:
-        layout.run_pattern(layout.TASKS),
-    params:
-        code=code("split_tasks"),
-        num_tasks=exp_setting("num_tasks"),
-        class_order=exp_setting("class_order"),
-    localrule: True
-    conda:
-        CONDA_ENV
-    log:
-        "logs/split_tasks/{exp}/seed{seed}.log",
-    script:
-        "../../scripts/split_tasks.py"
+LORA_EXPERIMENTS = chain_experiments("cil", "lora")
 
 
 rule reduction:

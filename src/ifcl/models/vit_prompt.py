@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils import skip_init
 
+from ..methods.prompts import build_pool
 from .vit_lora import cls_features, cls_through_block
 
 
@@ -170,3 +171,12 @@ class PromptedViT(nn.Module):
             head.weight.copy_(w)
             head.bias.copy_(b)
         self.heads.append(head.requires_grad_(False))
+
+
+def build(settings: dict, vit: nn.Module, seed: int) -> PromptedViT:
+    """The model of an L2P, DualPrompt or CODA-Prompt experiment before task 0 (the ``state`` chain's factory,
+    :mod:`ifcl.catalog.prompts`): ``settings`` its method, ``num_tasks`` and ``prompt``; the pool's initial values
+    drawn from ``seed``."""
+    pool = build_pool(settings["method"], settings["prompt"], vit.embed_dim, settings["num_tasks"],
+                      torch.Generator().manual_seed(seed))
+    return PromptedViT(vit, pool)

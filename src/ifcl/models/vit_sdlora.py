@@ -272,3 +272,12 @@ class ViTSDLoRA(nn.Module):
         self._set_magnitudes(magnitudes)
         self.in_task = True
         self.end_task()
+
+
+def build(settings: dict, vit: nn.Module, seed: int) -> ViTSDLoRA:
+    """The model of an SD-LoRA experiment before task 0 (the ``state`` chain's factory, :mod:`ifcl.catalog.sdlora`):
+    ``settings`` its ``rank``, ``lora_blocks`` and ``sdlora``; nothing is drawn before task 0 (``seed`` unused)."""
+    s = settings["sdlora"]
+    return ViTSDLoRA(vit, rank=settings["rank"], lora_blocks=settings["lora_blocks"],
+                     init_magnitude=s["init_magnitude"], reset_magnitudes=s["reset_magnitudes"],
+                     ranks=s.get("ranks"), rank_starts=s.get("rank_starts", (0,)))

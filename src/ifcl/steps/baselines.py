@@ -1,20 +1,20 @@
-"""The steps of a class-incremental run of the compared methods whose task adds one state file to a frozen ViT
-(L2P, DualPrompt, CODA-Prompt, SD-LoRA), one Snakemake rule each, and "the model after task t" rebuilt from a
-run's files (file layout: :mod:`ifcl.layout`).
+"""The class-incremental protocol's generic rule chain ("state"): the steps of a run of any method whose task adds
+one state file to a frozen ViT (L2P, DualPrompt, CODA-Prompt, SD-LoRA, a researcher's own method), one Snakemake
+rule each, and "the model after task t" rebuilt from a run's files (file layout: :mod:`ifcl.layout`).
 
 Per task t: :func:`train` (from the files of tasks 0..t-1) -> :func:`evaluate` (the files of tasks 0..t). Task t's
-file ``state.safetensors`` is the model's ``task_state()``:
+file ``state.safetensors`` is the model's ``task_state()``. The model comes from the method's declaration
+(:attr:`ifcl.registry.Method.model`, "module:function" called with the model settings, the frozen ViT and a seed):
 
-* the prompt methods (:class:`ifcl.models.vit_prompt.PromptedViT`): the whole pool after task t (keys, prompts
-  and, for CODA-Prompt, the attention vectors; the pool is shared by the tasks) and head t
-  (``GT-RIPL/CODA-Prompt models/zoo.py``);
-* SD-LoRA (:class:`ifcl.models.vit_sdlora.ViTSDLoRA`): task t's LoRA factors on q and v of every adapted block,
-  head t and the magnitudes α_0..α_t after task t (``WuYichen-97/SD-Lora-CL backbone/lora.py``).
+* the prompt methods (:func:`ifcl.models.vit_prompt.build`): the whole pool after task t (keys, prompts and, for
+  CODA-Prompt, the attention vectors; the pool is shared by the tasks) and head t;
+* SD-LoRA (:func:`ifcl.models.vit_sdlora.build`): task t's LoRA factors on q and v of every adapted block, head t
+  and the magnitudes α_0..α_t after task t.
 
-A model of this family has ``begin_task(num_classes, task, generator)``, ``trainable_parameters()``,
+A model of this chain has ``begin_task(num_classes, task, generator)``, ``trainable_parameters()``,
 ``forward_current(x, task)`` (logits of the new head, or ``(logits, extra_loss)``), ``forward(x)`` (logits of every
-seen class), ``task_state()`` and ``load_task_state(state)`` (append a finished task): the model after task t is
-the frozen backbone with the states of tasks 0..t loaded in order.
+seen class), ``heads`` (one module per task), ``task_state()`` and ``load_task_state(state)`` (append a finished
+task): the model after task t is the frozen backbone with the states of tasks 0..t loaded in order.
 """
 from __future__ import annotations
 
@@ -26,33 +26,17 @@ import torch.nn as nn
 
 from .. import layout
 from ..files import file_sha256, read_json, write_csv
-from ..layout import baseline_model_settings as model_settings
-from ..methods.prompts import build_pool
 from ..models.vit_lora import load_backbone
-from ..models.vit_prompt import PromptedViT
-from ..models.vit_sdlora import ViTSDLoRA
+from ..registry import load_object, method, model_settings
 from ..runtime import derive_seed, start
 from ..state import load_state, save_state
 from ..training import train_classifier
 from .cil import evaluate_seen, task_loader
 
-PROMPT_METHODS = ("l2p", "dualprompt", "coda-prompt")
-
-
 def build_model(model: dict, backbone: dict, weights: str | Path, seed: int = 0) -> nn.Module:
-    """The frozen backbone with the method's parts before any task (``model``: :func:`model_settings`); the
-    prompt pool's initial values are drawn from ``seed``."""
-    vit = load_backbone(backbone, weights)
-    if model["method"] in PROMPT_METHODS:
-        pool = build_pool(model["method"], model["prompt"], vit.embed_dim, model["num_tasks"],
-                          torch.Generator().manual_seed(seed))
-        return PromptedViT(vit, pool)
-    if model["method"] == "sd-lora":
-        s = model["sdlora"]
-        return ViTSDLoRA(vit, rank=model["rank"], lora_blocks=model["lora_blocks"],
-                         init_magnitude=s["init_magnitude"], reset_magnitudes=s["reset_magnitudes"],
-                         ranks=s.get("ranks"), rank_starts=s.get("rank_starts", (0,)))
-    raise ValueError(f"{model['method']!r} is not a method of ifcl.steps.baselines")
+    """The frozen backbone with the method's parts before any task (``model``: :func:`ifcl.registry.model_settings`),
+    built by the function its declaration names; what it draws comes from ``seed``."""
+    return load_object(method(model["method"]).model)(model, load_backbone(backbone, weights), seed)
 
 
 def replay(model: nn.Module, states: list[str]) -> nn.Module:
@@ -94,9 +78,9 @@ class Train:
 def train(step: Train) -> None:
     """Train task t: what the method adds for it and its head, on task t's classes, with a fresh optimiser over
     the model's ``trainable_parameters()``. The loss is the cross-entropy of head t (the official losses mask the
-    old classes' logits: the same thing) plus the model's extra loss (the prompt methods' key or orthogonality
-    loss, ``GT-RIPL/CODA-Prompt learners/prompt.py``; none for SD-LoRA, ``WuYichen-97/SD-Lora-CL
-    models/sdlora.py``)."""
+    old classes' logits: the same thing) plus the model's extra loss, if its ``forward_current`` returns one (the
+    prompt methods' key or orthogonality loss, ``GT-RIPL/CODA-Prompt learners/prompt.py``; none for SD-LoRA,
+    ``WuYichen-97/SD-Lora-CL models/sdlora.py``)."""
     job_seed = derive_seed(step.exp, step.seed, step.t, "train")
     device = start(step.threads, job_seed)
     tasks = read_json(step.tasks)

@@ -210,7 +210,7 @@ def train(step: Train) -> None:
         rows.append({"epoch": epoch, "loss": loss_sum / seen, "train_accuracy": 100.0 * correct / seen,
                      "val_accuracy": val_acc, "lr_last": lrs[n_step - 1]})
         epoch_done(f"task {step.t}", epoch, cfg["epochs"], time.perf_counter() - began, seen, loss=loss_sum / seen,
-                   train_accuracy=100.0 * correct / seen, val_accuracy=val_acc, lr=lrs[n_step - 1])
+                   accuracy=100.0 * correct / seen, val_accuracy=val_acc, lr=lrs[n_step - 1])
         if val is None or val_acc > best_acc:  # strictly better; without validation the last epoch
             best_acc, best = val_acc, {"epoch": epoch, "prefix": {k: v.detach().cpu().clone() for k, v in prefix.items()}}
     write_csv(step.log_csv, rows)

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from .. import layout
+from ..catalog.inflora import aligned_heads_task
 from ..files import file_sha256, read_json, write_csv
 from ..methods.classifier_alignment import align_heads, class_statistics
 from ..methods.inflora import LayerMemory, design_reduction, threshold, update_memory
@@ -61,7 +62,7 @@ def model_after_task(experiment: dict, backbone: dict, weights: str | Path, run:
     tasks = read_json(Path(run) / layout.TASKS)
     files = [(layout.in_run(run, s, layout.REDUCTION), layout.in_run(run, s, layout.ADAPTER)) for s in range(t + 1)]
     model = replay(build_model(experiment, backbone, weights), [r for r, _ in files], [a for _, a in files], tasks)
-    if layout.aligned_heads_task(experiment, t):
+    if aligned_heads_task(experiment, t):
         load_heads(model.heads, load_state(layout.in_run(run, t, layout.ALIGNED_HEADS))[0])
     return model.eval()
 
@@ -273,7 +274,7 @@ def evaluate_run(spec: dict, backbone: dict, weights: str, dataset: dict, run: P
     def files(name):
         return [str(layout.in_run(run, s, name)) for s in range(t + 1)]
 
-    heads = str(layout.in_run(run, t, layout.ALIGNED_HEADS)) if layout.aligned_heads_task(spec, t) else None
+    heads = str(layout.in_run(run, t, layout.ALIGNED_HEADS)) if aligned_heads_task(spec, t) else None
     evaluate(Evaluate(t=t, model=spec, backbone=backbone, weights=weights, tasks=str(Path(run) / layout.TASKS),
                       manifest=manifest, reductions=files(layout.REDUCTION), adapters=files(layout.ADAPTER),
                       heads=heads, eval_batch_size=spec["eval_batch_size"], dataset=dataset,
