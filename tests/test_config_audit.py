@@ -4,7 +4,7 @@ experiment, a dataset or a backbone have.
 For each key, the tiny config with that key changed is dry-run in the session's finished tiny run: the rules it
 schedules must include every step that reads the key (``READERS``: the steps whose rule parameters or inputs hold
 it), and must not be empty. The keys only the compared methods have (prompt.*, sdlora.*) are audited the same way
-in their own tiny run (tests/test_baselines_pipeline.py). A key that cannot change a result, or that the tiny run cannot exercise, is on one of
+in their own tiny run (tests/test_state_pipeline.py). A key that cannot change a result, or that the tiny run cannot exercise, is on one of
 the commented lists below, with the reason. A key the schema gains later that is on no list fails the test.
 
 No step reads the config itself (the second test): each is built from its rule's output, input, params and
@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from conftest import REPO, TINY_CONFIG, changed, scheduled_rules
-from test_baselines_pipeline import READERS as BASELINE_READERS
+from test_state_pipeline import READERS as BASELINE_READERS
 from ifcl.config import schema_keys as config_schema_keys
 
 pytestmark = pytest.mark.pipeline
@@ -46,24 +46,24 @@ READERS = {
     "cil_experiment.seeds": ({f"{IL}.seeds": [0, 3]}, {"split_tasks"} | INFLORA),
     "cil_experiment.num_tasks": ({f"{SEQ}.num_tasks": 2}, {"split_tasks"}),
     "cil_experiment.class_order": ({f"{IL}.class_order": "shuffled"}, {"split_tasks"}),
-    "cil_experiment.rank": ({f"{IL}.rank": 1}, INFLORA),
-    "cil_experiment.lora_blocks": ({f"{IL}.lora_blocks": [0]}, INFLORA),
+    "inflora.rank": ({f"{IL}.rank": 1}, INFLORA),
+    "inflora.lora_blocks": ({f"{IL}.lora_blocks": [0]}, INFLORA),
     "cil_experiment.task_overrides": ({f"{IL}.task_overrides": {1: {"epochs": 2}}}, {"train_task"}),
     "cil_experiment.eval_batch_size": ({f"{IL}.eval_batch_size": 5}, {"evaluate_task"}),
     "cil_experiment.gpu_precision": ({f"{IL}.gpu_precision": "fp32"}, {"train_task", "evaluate_task"}),
     "cil_experiment.image_cache": ({f"{IL}.image_cache": "all"}, {"decode_images"} | INFLORA),
     "cil_experiment.loader_workers": ({f"{CA}.loader_workers": 1}, INFLORA | {"class_stats"}),
-    "cil_experiment.lamb": ({f"{IL}.lamb": 0.8}, {"memory"}),
-    "cil_experiment.lame": ({f"{IL}.lame": 0.95}, {"memory"}),
-    "cil_experiment.memory": ({f"{IL}.memory": "gpm"}, {"memory"}),
-    "cil_experiment.final_norm": ({f"{IL}.final_norm": "reset"}, INFLORA),
-    "cil_experiment.ca.samples_per_class": ({f"{CA}.ca.samples_per_class": 8}, {"align"}),
-    "cil_experiment.ca.epochs": ({f"{CA}.ca.epochs": 1}, {"align"}),
-    "cil_experiment.ca.lr": ({f"{CA}.ca.lr": 0.02}, {"align"}),
-    "cil_experiment.ca.momentum": ({f"{CA}.ca.momentum": 0.5}, {"align"}),
-    "cil_experiment.ca.weight_decay": ({f"{CA}.ca.weight_decay": 0.0}, {"align"}),
-    "cil_experiment.ca.logit_norm": ({f"{CA}.ca.logit_norm": None}, {"align"}),
-    "cil_experiment.ca.covariance_eps": ({f"{CA}.ca.covariance_eps": 1e-3}, {"class_stats"}),
+    "inflora.lamb": ({f"{IL}.lamb": 0.8}, {"memory"}),
+    "inflora.lame": ({f"{IL}.lame": 0.95}, {"memory"}),
+    "inflora.memory": ({f"{IL}.memory": "gpm"}, {"memory"}),
+    "inflora.final_norm": ({f"{IL}.final_norm": "reset"}, INFLORA),
+    "inflora.ca.samples_per_class": ({f"{CA}.ca.samples_per_class": 8}, {"align"}),
+    "inflora.ca.epochs": ({f"{CA}.ca.epochs": 1}, {"align"}),
+    "inflora.ca.lr": ({f"{CA}.ca.lr": 0.02}, {"align"}),
+    "inflora.ca.momentum": ({f"{CA}.ca.momentum": 0.5}, {"align"}),
+    "inflora.ca.weight_decay": ({f"{CA}.ca.weight_decay": 0.0}, {"align"}),
+    "inflora.ca.logit_norm": ({f"{CA}.ca.logit_norm": None}, {"align"}),
+    "inflora.ca.covariance_eps": ({f"{CA}.ca.covariance_eps": 1e-3}, {"class_stats"}),
     "train.optimizer": ({f"{CA}.train.optimizer": "adam"}, {"train_task"}),
     "train.lr": ({f"{CA}.train.lr": 0.02}, {"train_task"}),
     "train.weight_decay": ({f"{CA}.train.weight_decay": 1e-4}, {"train_task"}),
@@ -74,27 +74,27 @@ READERS = {
     "train.milestones": ({f"{CA}.train.schedule": "multistep", f"{CA}.train.milestones": [1]}, {"train_task"}),
     "train.gamma": ({f"{CA}.train.gamma": 0.5}, {"train_task"}),
     "train.head_lr": ({f"{CA}.train.head_lr": 0.05}, {"train_task"}),
-    "diki_experiment.sequence": ({f"{DK}.sequence": ["tc_textures", "tc_shapes"]}, {"gaussian"} | DIKI),
-    "diki_experiment.backbone": ({**SECOND_CLIP, f"{DK}.backbone": "tiny_clip2"},
+    "mtil_experiment.sequence": ({f"{DK}.sequence": ["tc_textures", "tc_shapes"]}, {"gaussian"} | DIKI),
+    "mtil_experiment.backbone": ({**SECOND_CLIP, f"{DK}.backbone": "tiny_clip2"},
                                  {"pretrain_clip", "frozen_features", "gaussian"} | DIKI),
-    "diki_experiment.seeds": ({f"{DK}.seeds": [0, 3]}, {"gaussian"} | DIKI),
-    "diki_experiment.prefix.depth_vision": ({f"{DK}.prefix.depth_vision": 2}, DIKI),
-    "diki_experiment.prefix.depth_text": ({f"{DK}.prefix.depth_text": 2}, DIKI),
-    "diki_experiment.prefix.length": ({f"{DK}.prefix.length": 2}, DIKI),
-    "diki_experiment.prefix.attention": ({f"{DK}.prefix.attention": "softmax"}, DIKI),
-    "diki_experiment.train.lr": ({f"{DK}.train.lr": 2.0}, {"train_prefix"}),
-    "diki_experiment.train.final_lr_ratio": ({f"{DK}.train.final_lr_ratio": 0.01}, {"train_prefix"}),
-    "diki_experiment.train.weight_decay": ({f"{DK}.train.weight_decay": 1e-4}, {"train_prefix"}),
-    "diki_experiment.train.epochs": ({f"{DK}.train.epochs": 1}, {"train_prefix"}),
-    "diki_experiment.train.batch_size": ({f"{DK}.train.batch_size": 4}, {"train_prefix"}),
-    "diki_experiment.rng": ({f"{DK}.rng": "sequential"}, {"train_prefix"}),
-    "diki_experiment.calibration.batchwise": ({f"{DK}.calibration.batchwise": False}, {"evaluate_diki"}),
-    "diki_experiment.calibration.scale": ({f"{DK}.calibration.scale": 64.0}, {"evaluate_diki"}),
-    "diki_experiment.calibration.weight": ({f"{DK}.calibration.weight": "one"}, {"evaluate_diki"}),
-    "diki_experiment.eval_batch_size": ({f"{DK}.eval_batch_size": 5}, DIKI),
-    "diki_experiment.gpu_precision": ({f"{DK}.gpu_precision": "fp32"}, DIKI),
-    "diki_experiment.image_cache": ({f"{DK}.image_cache": "deterministic"}, {"decode_images"} | DIKI),
-    "diki_experiment.loader_workers": ({f"{DK}.loader_workers": 1}, DIKI),
+    "mtil_experiment.seeds": ({f"{DK}.seeds": [0, 3]}, {"gaussian"} | DIKI),
+    "diki.prefix.depth_vision": ({f"{DK}.prefix.depth_vision": 2}, DIKI),
+    "diki.prefix.depth_text": ({f"{DK}.prefix.depth_text": 2}, DIKI),
+    "diki.prefix.length": ({f"{DK}.prefix.length": 2}, DIKI),
+    "diki.prefix.attention": ({f"{DK}.prefix.attention": "softmax"}, DIKI),
+    "diki.train.lr": ({f"{DK}.train.lr": 2.0}, {"train_prefix"}),
+    "diki.train.final_lr_ratio": ({f"{DK}.train.final_lr_ratio": 0.01}, {"train_prefix"}),
+    "diki.train.weight_decay": ({f"{DK}.train.weight_decay": 1e-4}, {"train_prefix"}),
+    "diki.train.epochs": ({f"{DK}.train.epochs": 1}, {"train_prefix"}),
+    "diki.train.batch_size": ({f"{DK}.train.batch_size": 4}, {"train_prefix"}),
+    "diki.rng": ({f"{DK}.rng": "sequential"}, {"train_prefix"}),
+    "diki.calibration.batchwise": ({f"{DK}.calibration.batchwise": False}, {"evaluate_diki"}),
+    "diki.calibration.scale": ({f"{DK}.calibration.scale": 64.0}, {"evaluate_diki"}),
+    "diki.calibration.weight": ({f"{DK}.calibration.weight": "one"}, {"evaluate_diki"}),
+    "mtil_experiment.eval_batch_size": ({f"{DK}.eval_batch_size": 5}, DIKI),
+    "mtil_experiment.gpu_precision": ({f"{DK}.gpu_precision": "fp32"}, DIKI),
+    "mtil_experiment.image_cache": ({f"{DK}.image_cache": "deterministic"}, {"decode_images"} | DIKI),
+    "mtil_experiment.loader_workers": ({f"{DK}.loader_workers": 1}, DIKI),
     "dataset.train_transform": ({f"{SH}.train_transform": "resize"}, {"train_task"} | COLLECTING),
     "dataset.test_transform": ({f"{SH}.test_transform": "resize-center-crop"}, {"evaluate_task", "class_stats"}),
     "dataset.crop_scale": ({f"{SH}.crop_scale": [0.5, 1.0]}, {"train_task"} | COLLECTING),
@@ -150,9 +150,10 @@ READERS = {
 
 # Keys that no change of a tiny config can exercise, and why each still reaches every step that reads it.
 NOT_EXERCISED = {
-    # fixed by the schema: a DIKI experiment's method and optimiser have one value each
-    "diki_experiment.method": "always diki",
-    "diki_experiment.train.optimizer": "always sgd",
+    # DIKI is the one MTIL method so far (the method key is audited on the class-incremental side); its optimiser
+    # has one value
+    "mtil_experiment.method": "one MTIL method",
+    "diki.train.optimizer": "always sgd",
     # the type chooses the rule that makes a dataset's manifests, or a backbone's weights: another type is another
     # rule, whose outputs are missing, so everything built on the dataset or backbone is made anew
     "dataset.type": "chooses the manifest rule",

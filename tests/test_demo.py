@@ -70,7 +70,7 @@ def test_the_comparison_demo_gives_the_readme_table_and_its_claims_hold(demo):
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     jobs = job_stats(proc.stdout + proc.stderr)  # demo_joint's 3 seeds are the only new tasks of rule train_task
-    assert jobs["train_task"] == 3 and jobs["train_baseline"] == 4 * 3 * 5, jobs
+    assert jobs["train_task"] == 3 and jobs["train_state"] == 4 * 3 * 5, jobs
     readme_holds(work / "results/summary/summary.md", "comparison")
     s = json.loads((work / "results/summary/summary.json").read_text())
     methods = [n for n, e in s.items() if e["protocol"] == "cil" and n != "demo_joint"]

@@ -274,8 +274,8 @@ def test_dry_run_of_each_comparison_config(path, tmp_path):
     counts = {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", proc.stdout + proc.stderr, re.M)}
     experiments = load_config(path, REPO)["experiments"]
     tasks = sum(num_tasks(spec) * len(spec["seeds"]) for spec in experiments.values())
-    assert counts.get("evaluate_diki", 0) + counts.get("evaluate_task", 0) + counts.get("evaluate_baseline", 0) == tasks
+    assert counts.get("evaluate_diki", 0) + counts.get("evaluate_task", 0) + counts.get("evaluate_state", 0) == tasks
     baseline_tasks = sum(num_tasks(spec) * len(spec["seeds"]) for spec in experiments.values()
                          if spec["method"] in ("l2p", "dualprompt", "coda-prompt", "sd-lora"))
-    assert counts.get("train_baseline", 0) == counts.get("evaluate_baseline", 0) == baseline_tasks
+    assert counts.get("train_state", 0) == counts.get("evaluate_state", 0) == baseline_tasks
     assert counts["aggregate_run"] == sum(len(spec["seeds"]) for spec in experiments.values())

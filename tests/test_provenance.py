@@ -102,7 +102,7 @@ def test_the_state_chain_digest_of_a_job_is_its_scripts_and_its_own_methods():
 
     prompt_files = {"methods/prompts.py", "models/vit_prompt.py"}
     sdlora_files = {"methods/sdlora.py", "models/vit_sdlora.py"}
-    for script in ("train_baseline", "evaluate_baseline"):
+    for script in ("train_state", "evaluate_state"):
         assert not used(script) & (prompt_files | sdlora_files | DIKI_MODULES), script
     src = REPO / "src"
 

@@ -35,14 +35,15 @@ ENTRY_POINT_GROUP = "ifcl.methods"
 # The rule chains a method's tasks can run, by protocol (workflow/rules/<file>): "state" is the generic one.
 CHAINS = {
     "cil": {
-        # per task t: train_baseline (task t's state.safetensors from those of tasks 0..t-1) -> evaluate_baseline
-        "state": "baselines.smk",
+        # per task t: train_state (task t's state.safetensors from those of tasks 0..t-1) -> evaluate_state
+        "state": "state.smk",
         # InfLoRA's: reduction -> train_task (-> memory) (-> class_stats -> align) -> evaluate_task
         "lora": "tasks.smk",
     },
     # DIKI's: gaussian, train_prefix -> evaluate_diki, beside the protocol's frozen features
     "mtil": {"prefix": "diki.smk"},
 }
+STATE_STEPS = "ifcl.steps.state"  # the state chain's steps, shared by its methods
 
 # What the figures and `ifcl status` read of a task's train_log.csv, and the column that holds it in the logs of
 # ifcl.training.train_classifier (a method whose log names them otherwise maps them in ``Method.log_fields``).
@@ -62,10 +63,11 @@ class Method:
     protocol: str  # "cil" or "mtil" (ifcl.protocols)
     title: str  # for tables, figures and docs ("InfLoRA+CA")
     description: str  # one paragraph for the schema and config/README.md, citing the official code
-    steps: str  # module with the step functions of its chain, `model_after_task` and (cil) `evaluate_run`
     chain: str = "state"  # the rule chain of its protocol that its tasks run (CHAINS)
-    # "state" chain: "module:function" building the model before task 0 from (settings, frozen ViT, generator)
+    # "state" chain: "module:function" building the model before task 0 from (model settings, frozen ViT, seed)
     model: str | None = None
+    # other chains: the module with the chain's step functions, `model_after_task` and (cil) `evaluate_run`
+    steps: str = STATE_STEPS
     settings: dict = field(default_factory=dict)  # JSON-schema properties of its own experiment keys
     required: tuple[str, ...] = ()  # which of them an experiment must give
     model_keys: tuple[str, ...] = ()  # experiment keys that shape its model (the rules' `model` parameter)
@@ -84,6 +86,8 @@ class Method:
                              f"protocol's ({', '.join(CHAINS[self.protocol])})")
         if self.chain == "state" and not self.model:
             raise ValueError(f"method {self.name!r}: the state chain needs `model` (module:function)")
+        if self.chain != "state" and self.steps == STATE_STEPS:
+            raise ValueError(f"method {self.name!r}: the {self.chain} chain needs `steps` (its steps module)")
 
     def files(self, spec: dict, t: int) -> tuple[str, ...]:
         return (self.task_files or state_files)(spec, t)

@@ -1,5 +1,5 @@
 # The class-incremental protocol's own rules (ifcl.protocols.CIL); its methods' chains follow in tasks.smk (InfLoRA)
-# and baselines.smk (the state chain, any method with the task-state interface).
+# and state.smk (the state chain, any method with the task-state interface).
 
 
 rule split_tasks:

@@ -85,7 +85,8 @@ def uses_alignment(spec: dict) -> bool:
 
 
 def aligned_heads_task(spec: dict, t: int) -> bool:
-    """Whether the heads after task t are the aligned ones (InfLoRA+CA, t >= 1)."""
+    """Whether the heads after task t are the aligned ones (InfLoRA+CA, t >= 1; the steps' side of the same fact is
+    :func:`ifcl.steps.inflora.aligned_heads_task`)."""
     return uses_alignment(spec) and t >= 1
 
 

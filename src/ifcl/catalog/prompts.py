@@ -1,7 +1,7 @@
 """L2P (the L2P++ prefix variant), DualPrompt and CODA-Prompt as ``GT-RIPL/CODA-Prompt`` computes them: a frozen ViT
 with a pool of key/value prefixes chosen by each image's query, one head per task. Math:
 :mod:`ifcl.methods.prompts`; model: :class:`ifcl.models.vit_prompt.PromptedViT`; the ``state`` chain's steps
-(:mod:`ifcl.steps.baselines`): task t's file holds the pool after task t and head t.
+(:mod:`ifcl.steps.state`): task t's file holds the pool after task t and head t.
 """
 from __future__ import annotations
 
@@ -64,7 +64,7 @@ def check(key: str, spec: dict, config: dict) -> None:
 def _method(name: str, title: str, description: str) -> Method:
     prompt = copy.deepcopy(PROMPT)
     prompt["required"] = prompt["required"] + list(OWN_KEYS[name])
-    return Method(name=name, protocol="cil", title=title, description=description, steps="ifcl.steps.baselines",
+    return Method(name=name, protocol="cil", title=title, description=description,
                   model="ifcl.models.vit_prompt:build", settings={"prompt": prompt}, required=("prompt",),
                   model_keys=("num_tasks", "prompt"), check=check, group="prompts")
 

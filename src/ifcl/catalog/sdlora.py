@@ -1,6 +1,6 @@
 """SD-LoRA (``WuYichen-97/SD-Lora-CL``): a LoRA branch per task on q and v whose finished directions are kept
 normalised and rescaled by trainable magnitudes. Math: :mod:`ifcl.methods.sdlora`; model:
-:class:`ifcl.models.vit_sdlora.ViTSDLoRA`; the ``state`` chain's steps (:mod:`ifcl.steps.baselines`): task t's
+:class:`ifcl.models.vit_sdlora.ViTSDLoRA`; the ``state`` chain's steps (:mod:`ifcl.steps.state`): task t's
 file holds task t's factors, head t and the magnitudes after task t.
 """
 from __future__ import annotations
@@ -62,6 +62,6 @@ METHODS = (Method(
     name="sd-lora", protocol="cil", title="SD-LoRA",
     description="a LoRA branch per task on q and v whose finished directions are kept normalised and rescaled by "
                 "trainable magnitudes (rank, lora_blocks and settings under sdlora; WuYichen-97/SD-Lora-CL)",
-    steps="ifcl.steps.baselines", model="ifcl.models.vit_sdlora:build", settings=SETTINGS,
+    model="ifcl.models.vit_sdlora:build", settings=SETTINGS,
     required=("rank", "lora_blocks", "sdlora"), model_keys=("num_tasks", "rank", "lora_blocks", "sdlora"),
     check=check, group="sdlora"),)

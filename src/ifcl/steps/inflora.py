@@ -14,7 +14,6 @@ from pathlib import Path
 import torch
 
 from .. import layout
-from ..catalog.inflora import aligned_heads_task
 from ..files import file_sha256, read_json, write_csv
 from ..methods.classifier_alignment import align_heads, class_statistics
 from ..methods.inflora import LayerMemory, design_reduction, threshold, update_memory
@@ -30,6 +29,13 @@ CLASS_STATS_BATCH = 64  # the batch size of the CA feature pass (it changes noth
 
 
 # ---- the model after task t ----
+
+def aligned_heads_task(experiment: dict, t: int) -> bool:
+    """Whether the heads after task t are the aligned ones (InfLoRA+CA from task 1 on; the workflow's side of the
+    same fact is :func:`ifcl.catalog.inflora.uses_alignment`, which this module does not import: a step's code
+    digest covers its own modules only)."""
+    return experiment["method"] == "inflora-ca" and t >= 1
+
 
 def build_model(model: dict, backbone: dict, weights: str | Path) -> ViTLoRA:
     """The frozen backbone with a LoRA branch on the k and v projections of ``model['lora_blocks']``."""

@@ -54,7 +54,7 @@ def model_after_task(experiment: dict, backbone: dict, weights: str | Path, run:
 
 @dataclass(frozen=True, kw_only=True)
 class Train:
-    """Rule train_baseline: task t's images and the files of tasks 0..t-1 (``previous``)."""
+    """Rule train_state: task t's images and the files of tasks 0..t-1 (``previous``)."""
 
     exp: str
     seed: int
@@ -105,7 +105,7 @@ def train(step: Train) -> None:
 
 @dataclass(frozen=True, kw_only=True)
 class Evaluate:
-    """Rule evaluate_baseline: the files of tasks 0..t."""
+    """Rule evaluate_state: the files of tasks 0..t."""
 
     t: int
     model: dict
@@ -135,7 +135,7 @@ def evaluate(step: Evaluate) -> None:
 
 def evaluate_run(spec: dict, backbone: dict, weights: str, dataset: dict, run: Path, t: int, manifest: str,
                  out: str) -> None:
-    """Rule evaluate_baseline's step on a run folder's files (``ifcl run evaluate``)."""
+    """Rule evaluate_state's step on a run folder's files (``ifcl run evaluate``)."""
     evaluate(Evaluate(t=t, model=model_settings(spec), backbone=backbone, weights=weights,
                       tasks=str(Path(run) / layout.TASKS), manifest=manifest,
                       states=[str(layout.in_run(run, s, layout.STATE)) for s in range(t + 1)],

@@ -1,12 +1,12 @@
-# The class-incremental protocol's generic rule chain ("state"; ifcl.steps.baselines), for every method whose
+# The class-incremental protocol's generic rule chain ("state"; ifcl.steps.state), for every method whose
 # declaration names a model with the task-state interface (L2P, DualPrompt, CODA-Prompt, SD-LoRA, a researcher's own
-# method): after the split (cil.smk), for each task t: train_baseline_t (the state files of tasks 0..t-1 in) ->
-# evaluate_baseline_t (the state files of tasks 0..t in). Each job's `code` is its script's digest and its method's.
+# method): after the split (cil.smk), for each task t: train_state_t (the state files of tasks 0..t-1 in) ->
+# evaluate_state_t (the state files of tasks 0..t in). Each job's `code` is its script's digest and its method's.
 
 STATE_EXPERIMENTS = chain_experiments("cil", "state")
 
 
-rule train_baseline:
+rule train_state:
     """Train what task t adds (prompts, or SD-LoRA's factors and magnitudes) and head t on task t's classes."""
     wildcard_constraints:
         exp=STATE_EXPERIMENTS,
@@ -20,7 +20,7 @@ rule train_baseline:
         out=layout.task_pattern(layout.STATE),
         log_csv=layout.task_pattern(layout.TRAIN_LOG),
     params:
-        code=method_code("train_baseline"),
+        code=method_code("train_state"),
         model=model_params,
         train=train_params,
         backbone=exp_backbone,
@@ -33,12 +33,12 @@ rule train_baseline:
     conda:
         CONDA_ENV
     log:
-        "logs/train_baseline/{exp}/seed{seed}/task{t}.log",
+        "logs/train_state/{exp}/seed{seed}/task{t}.log",
     script:
-        "../../scripts/train_baseline.py"
+        "../../scripts/train_state.py"
 
 
-rule evaluate_baseline:
+rule evaluate_state:
     """Accuracy on every seen task after task t (one row of the accuracy matrix)."""
     wildcard_constraints:
         exp=STATE_EXPERIMENTS,
@@ -51,7 +51,7 @@ rule evaluate_baseline:
     output:
         out=layout.task_pattern(layout.EVAL),
     params:
-        code=method_code("evaluate_baseline"),
+        code=method_code("evaluate_state"),
         model=model_params,
         eval_batch_size=exp_setting("eval_batch_size"),
         backbone=exp_backbone,
@@ -64,6 +64,6 @@ rule evaluate_baseline:
     conda:
         CONDA_ENV
     log:
-        "logs/evaluate_baseline/{exp}/seed{seed}/task{t}.log",
+        "logs/evaluate_state/{exp}/seed{seed}/task{t}.log",
     script:
-        "../../scripts/evaluate_baseline.py"
+        "../../scripts/evaluate_state.py"
