@@ -8,18 +8,16 @@ from pathlib import Path
 
 import pytest
 import yaml
-from snakemake.utils import validate
 
 from conftest import REPO
-from ifcl.config import check, load_yaml, merge_includes
+from ifcl.config import check, load_yaml, merge_includes, validate_with_defaults
 
 EXPERIMENT_FILES = sorted((REPO / "config" / "experiments").glob("*.yaml"))
-SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
 
 
 def load(path: Path) -> dict:
     config = merge_includes(load_yaml(path), REPO)
-    validate(config, str(SCHEMA))
+    validate_with_defaults(config)  # the workflow's validation: the schema with the registered methods' settings
     check(config)
     return config
 

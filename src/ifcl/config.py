@@ -74,8 +74,8 @@ def method_schema(m, defs: dict) -> dict:
     from .protocols import PROTOCOLS
 
     node = copy.deepcopy(defs[PROTOCOLS[m.protocol].schema])
-    node["properties"] = {**node["properties"], **copy.deepcopy(m.settings), "method": {"const": m.name}}
-    node["required"] = node["required"] + [k for k in m.required if k not in node["required"]]
+    node["properties"] = {**node["properties"], **m.keys(), "method": {"const": m.name}}
+    node["required"] = node["required"] + [k for k in m.required() if k not in node["required"]]
     return node
 
 
@@ -352,12 +352,24 @@ def schema_keys(schema_: dict | None = None) -> list[dict]:
         walk(schema_["$defs"][group], group)
     for group, members in method_groups().items():
         for m in members:
-            walk({"properties": m.settings}, group)
+            walk({"properties": m.keys()}, group)
     return rows
 
 
 def _cell(text: str) -> str:
     return " ".join(str(text).split()).replace("|", "\\|")
+
+
+def _values(node: dict) -> str:
+    """The values column of config/README.md: a key's choices, or its type."""
+    if "enum" in node:
+        return ", ".join(f"`{v}`" for v in node["enum"])
+    if "oneOf" in node:
+        return " or ".join(_values(sub) for sub in node["oneOf"])
+    kind = node.get("type", "any")
+    if kind == "array" and isinstance(node.get("items"), dict) and "type" in node["items"]:
+        return f"array of {node['items']['type']}"
+    return _cell("/".join(kind) if isinstance(kind, list) else kind)
 
 
 def config_reference(schema_: dict | None = None) -> str:
@@ -378,7 +390,7 @@ def config_reference(schema_: dict | None = None) -> str:
             "|---|---|---|---|"]
     for group, members in groups.items():
         for m in members:
-            keys = ", ".join(f"`{k}`" for k in m.required) or "none"
+            keys = ", ".join(f"`{k}`" for k in m.keys()) or "none"
             out.append(f"| `{m.name}` | {m.protocol} | {_cell(m.description)} | {keys} |")
     out.append("")
     titles = {**GROUP_TITLES, **{g: f"Settings of {', '.join(m.name for m in members)} (`experiments.<name>`)"
@@ -390,8 +402,7 @@ def config_reference(schema_: dict | None = None) -> str:
             node = r["node"]
             key = r["key"].split(".", 1)[1]
             kind = r["key"].split(".")[0].partition("[")[2].rstrip("]")
-            values = ", ".join(f"`{v}`" for v in node["enum"]) if "enum" in node else _cell(
-                "/".join(node["type"]) if isinstance(node.get("type"), list) else node.get("type", "any"))
+            values = _values(node)
             default = f"`{json.dumps(node['default'])}`" if "default" in node else ""
             meaning = _cell(node.get("description", ""))
             if kind:

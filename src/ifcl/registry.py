@@ -29,6 +29,7 @@ from typing import Callable
 
 from . import layout
 from .protocols import PROTOCOLS, Protocol
+from .settings import properties, required
 
 ENTRY_POINT_GROUP = "ifcl.methods"
 
@@ -68,8 +69,7 @@ class Method:
     model: str | None = None
     # other chains: the module with the chain's step functions, `model_after_task` and (cil) `evaluate_run`
     steps: str = STATE_STEPS
-    settings: dict = field(default_factory=dict)  # JSON-schema properties of its own experiment keys
-    required: tuple[str, ...] = ()  # which of them an experiment must give
+    settings: type | None = None  # its own experiment keys: a settings dataclass (ifcl.settings)
     model_keys: tuple[str, ...] = ()  # experiment keys that shape its model (the rules' `model` parameter)
     task_files: Callable[[dict, int], tuple[str, ...]] | None = None  # files of task t (default: its chain's)
     check: Callable[[str, dict, dict], None] | None = None  # (key, experiment, config): raise ConfigError
@@ -88,6 +88,14 @@ class Method:
             raise ValueError(f"method {self.name!r}: the state chain needs `model` (module:function)")
         if self.chain != "state" and self.steps == STATE_STEPS:
             raise ValueError(f"method {self.name!r}: the {self.chain} chain needs `steps` (its steps module)")
+
+    def keys(self) -> dict:
+        """The JSON-schema properties of its own experiment keys (:func:`ifcl.settings.properties`)."""
+        return properties(self.settings) if self.settings else {}
+
+    def required(self) -> list[str]:
+        """Which of its keys an experiment must give."""
+        return required(self.settings) if self.settings else []
 
     def files(self, spec: dict, t: int) -> tuple[str, ...]:
         return (self.task_files or state_files)(spec, t)

@@ -4,7 +4,25 @@ The frozen ViT's CLS feature, optionally L2-normalised, and one linear head per 
 classes; the model after task t concatenates heads 0..t. It is the class-incremental lower bound of methods that
 adapt the backbone: whatever they gain over it, adaptation bought.
 """
+from dataclasses import dataclass
+
 from ifcl.registry import Method
+from ifcl.settings import setting
+
+
+@dataclass(frozen=True, kw_only=True)
+class Probe:
+    """the probe's features"""
+
+    normalize: bool = setting(False, "L2-normalise the CLS feature before the head")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    """The method's own experiment keys (each becomes `experiments.<name>.<key>`, validated and documented)."""
+
+    probe: Probe = setting(Probe())
+
 
 METHOD = Method(
     name="linear-probe",
@@ -12,17 +30,6 @@ METHOD = Method(
     title="linear probe",
     description="one linear head per task on the frozen ViT's CLS features (settings under probe)",
     model="ifcl_linear_probe.model:build",  # the state chain: a model with the task-state interface
-    settings={  # JSON-schema properties of the method's own experiment keys
-        "probe": {
-            "description": "the probe's features",
-            "type": "object",
-            "properties": {
-                "normalize": {"type": "boolean", "default": False,
-                              "description": "L2-normalise the CLS feature before the head"},
-            },
-            "additionalProperties": False,
-            "default": {},
-        },
-    },
+    settings=Settings,  # typed settings: the schema of its keys, their defaults and docs
     model_keys=("probe",),  # what shapes the model: a change re-runs every task
 )

@@ -10,58 +10,58 @@ rule chain ``lora``: reduction -> train_task (-> memory) (-> class_stats -> alig
 """
 from __future__ import annotations
 
-import yaml
+from dataclasses import dataclass
+from typing import Literal
 
 from .. import layout
 from ..config import ConfigError, check_blocks
 from ..registry import Method
+from ..settings import setting
 
-SETTINGS = yaml.safe_load("""
-rank: {type: integer, minimum: 1, description: "rank of each task's LoRA branch (official 10)"}
-lora_blocks:
-  description: "all, or the list of block indices that carry LoRA branches (InfLoRA-b5: [0, 1, 2, 3, 4])"
-  oneOf:
-    - const: all
-    - type: array
-      items: {type: integer, minimum: 0}
-      minItems: 1
-      uniqueItems: true
-lamb:
-  description: "InfLoRA: λ_b of the memory threshold ε_t = λ_b + (λ_e - λ_b)·t/T (liangyanshuo/InfLoRA)"
-  type: number
-  exclusiveMinimum: 0
-  maximum: 1
-lame:
-  description: "InfLoRA: λ_e (1.0 in every official config)"
-  type: number
-  exclusiveMinimum: 0
-  maximum: 1
-memory:
-  description: "InfLoRA: dualgpm (InfLoRA's update_DualGPM) or gpm (update_GPM: b5, CA and DomainNet recipes)"
-  enum: [dualgpm, gpm]
-final_norm:
-  description: >-
-    pretrained: the backbone's final LayerNorm; reset: replaced by a fresh identity-affine LayerNorm (eps 1e-5),
-    as the official CIFAR-100 InfLoRA+CA recipe (InfLoRA_CA1) does (liangyanshuo/InfLoRA)
-  enum: [pretrained, reset]
-  default: pretrained
-ca:
-  description: "InfLoRA+CA classifier alignment (liangyanshuo/InfLoRA)"
-  type: object
-  required: [samples_per_class, epochs, lr, momentum, weight_decay, logit_norm, covariance_eps]
-  properties:
-    samples_per_class: {type: integer, minimum: 1, description: "official: 256"}
-    epochs: {type: integer, minimum: 1, description: "official: 5"}
-    lr: {type: number, exclusiveMinimum: 0, description: "SGD, official: 0.01 with CosineAnnealingLR"}
-    momentum: {type: number, minimum: 0, maximum: 1}
-    weight_decay: {type: number, minimum: 0}
-    logit_norm:
-      description: "temperature of the logit normalisation (official 0.1), null for plain cross-entropy"
-      type: [number, "null"]
-      exclusiveMinimum: 0
-    covariance_eps: {type: number, minimum: 0, description: "added to each class covariance (official 1e-4)"}
-  additionalProperties: false
-""")
+
+@dataclass(frozen=True, kw_only=True)
+class SeqLoRA:
+    """seq-lora's and joint's keys: one LoRA branch per task on k and v."""
+
+    rank: int = setting(doc="rank of each task's LoRA branch (official 10)", minimum=1)
+    lora_blocks: Literal["all"] | list[int] = setting(
+        doc="all, or the list of block indices that carry LoRA branches (InfLoRA-b5: [0, 1, 2, 3, 4])",
+        items_minimum=0, min_items=1, unique_items=True)
+    final_norm: Literal["pretrained", "reset"] = setting(
+        "pretrained", "pretrained: the backbone's final LayerNorm; reset: replaced by a fresh identity-affine "
+        "LayerNorm (eps 1e-5), as the official CIFAR-100 InfLoRA+CA recipe (InfLoRA_CA1) does (liangyanshuo/InfLoRA)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class InfLoRA(SeqLoRA):
+    """inflora's keys: seq-lora's and the memory's."""
+
+    lamb: float = setting(doc="λ_b of the memory threshold ε_t = λ_b + (λ_e - λ_b)·t/T (liangyanshuo/InfLoRA)",
+                          exclusive_minimum=0, maximum=1)
+    lame: float = setting(doc="λ_e (1.0 in every official config)", exclusive_minimum=0, maximum=1)
+    memory: Literal["dualgpm", "gpm"] = setting(
+        doc="dualgpm (InfLoRA's update_DualGPM) or gpm (update_GPM: b5, CA and DomainNet recipes)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Alignment:
+    """InfLoRA+CA classifier alignment (liangyanshuo/InfLoRA)"""
+
+    samples_per_class: int = setting(doc="official: 256", minimum=1)
+    epochs: int = setting(doc="official: 5", minimum=1)
+    lr: float = setting(doc="SGD, official: 0.01 with CosineAnnealingLR", exclusive_minimum=0)
+    momentum: float = setting(minimum=0, maximum=1)
+    weight_decay: float = setting(minimum=0)
+    logit_norm: float | None = setting(
+        doc="temperature of the logit normalisation (official 0.1), null for plain cross-entropy", exclusive_minimum=0)
+    covariance_eps: float = setting(doc="added to each class covariance (official 1e-4)", minimum=0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class InfLoRACA(InfLoRA):
+    """inflora-ca's keys: inflora's and the alignment's."""
+
+    ca: Alignment = setting()
 
 
 def task_files(spec: dict, t: int) -> tuple[str, ...]:
@@ -102,21 +102,20 @@ def check(key: str, spec: dict, config: dict) -> None:
                           f"{spec['num_tasks']}")
 
 
-def _method(name: str, title: str, description: str, required: tuple[str, ...] = ()) -> Method:
+def _method(name: str, title: str, description: str, settings: type) -> Method:
     return Method(name=name, protocol="cil", chain="lora", title=title, description=description,
-                  steps="ifcl.steps.inflora", settings=SETTINGS, required=("rank", "lora_blocks") + required,
-                  model_keys=("rank", "lora_blocks", "final_norm"), task_files=task_files, check=check,
-                  run_figures=memory_figures,
-                  group="inflora")
+                  steps="ifcl.steps.inflora", settings=settings, model_keys=("rank", "lora_blocks", "final_norm"),
+                  task_files=task_files, check=check, run_figures=memory_figures, group="inflora")
 
 
 METHODS = (
-    _method("seq-lora", "seq-LoRA", "one LoRA branch per task on k and v, random frozen down-projection, no memory"),
+    _method("seq-lora", "seq-LoRA", "one LoRA branch per task on k and v, random frozen down-projection, no memory",
+            SeqLoRA),
     _method("joint", "joint", "seq-lora's one branch trained on every class at once (num_tasks 1), the "
-                              "class-incremental upper bound"),
+                              "class-incremental upper bound", SeqLoRA),
     _method("inflora", "InfLoRA", "down-projection designed orthogonal to the old tasks' input space, (Dual)GPM "
                                   "memory (InfLoRA-b5: inflora with lora_blocks [0, 1, 2, 3, 4] and memory gpm; "
-                                  "liangyanshuo/InfLoRA)", ("lamb", "lame", "memory")),
+                                  "liangyanshuo/InfLoRA)", InfLoRA),
     _method("inflora-ca", "InfLoRA+CA", "inflora + classifier alignment from per-class feature Gaussians "
-                                        "(settings under ca)", ("lamb", "lame", "memory", "ca")),
+                                        "(settings under ca)", InfLoRACA),
 )
