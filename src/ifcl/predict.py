@@ -30,12 +30,12 @@ from torch.utils.data import Dataset
 from . import layout
 from .config import load_config
 from .data.loader import DeviceBatches, make_loader
-from .data.manifest import IMAGE_SUFFIXES, DatasetError, class_names_of, read_manifest, write_manifest
+from .data.manifest import IMAGE_SUFFIXES, DatasetError, read_manifest, write_manifest
 from .data.transforms import make_transform, read_image
 from .files import read_json, recorded_digest
 from .models.weights import backbone_weights_file
 from .registry import protocol_of
-from .runtime import autocast, full_precision, pick_device
+from .runtime import pick_device
 
 PREDICTION_COLUMNS = ("path", "predicted_class", "score")
 DIKI_COLUMNS = ("task", "task_dataset", "lambda")  # the chosen task, its dataset, the calibration weight λ
@@ -127,41 +127,6 @@ def class_incremental_predictions(model, loader, class_names: list[str], device,
             for i, c, s in zip(index, pred, score)]
 
 
-@torch.no_grad()
-def diki_predictions(model, loader, class_names: list[list[str]], tokens: list[torch.Tensor], datasets: list[str],
-                     device, precision: str, vocabulary: int | None = None) -> list[dict]:
-    """DIKI's calibrated inference (:func:`ifcl.models.diki.calibrated_logits`, as :func:`ifcl.steps.diki.evaluate`
-    calls it) batch by batch. The classes of an image are those of dataset ``vocabulary`` of the sequence, or, when
-    it is None, of the dataset of the task chosen for it: each batch is then classified in groups of one chosen task
-    (one group, the whole batch, under batch-wise calibration). ``class_names`` and ``tokens``: per dataset."""
-    from .methods.diki import calibrate
-    from .models.diki import calibrated_logits
-
-    prefixes, gaussians, calibration = model.task_prefixes(), model.gaussians, model.calibration
-    logit_scale = float(model.model.logit_scale())
-    rows = []
-    for x, index in loader:
-        frozen = model.frozen_features(x)
-        if vocabulary is None:
-            with full_precision():
-                chosen, _ = calibrate(frozen.float(), gaussians, batchwise=calibration["batchwise"],
-                                      scale=calibration["scale"])
-        else:
-            chosen = torch.full((len(index),), vocabulary, dtype=torch.long)
-        for d in chosen.unique().tolist():
-            group = chosen == d
-            with autocast(device, precision):
-                logits, ids, lam = calibrated_logits(model.model, prefixes, gaussians, x[group.to(x.device)],
-                                                     tokens[d], frozen[group], calibration)
-            logits = logits.float().cpu()
-            pred = logits.argmax(1)
-            score = (logit_scale * logits).softmax(1).gather(1, pred[:, None])[:, 0]
-            for i, c, s, u, w in zip(index[group], pred, score, ids, lam):
-                rows.append({"image": int(i), "predicted_class": class_names[d][int(c)], "score": float(s),
-                             "task": int(u), "task_dataset": datasets[int(u)], "lambda": float(w)})
-    return sorted(rows, key=lambda r: r["image"])
-
-
 def predict(config: str | Path | dict, experiment: str, seed: int, task: int, sources: list[str | Path],
             batch_size: int | None = None, dataset: str | None = None) -> list[dict]:
     """One row per image of ``sources`` (:func:`image_paths`), in order: path, predicted class name, score and, for
@@ -177,19 +142,11 @@ def predict(config: str | Path | dict, experiment: str, seed: int, task: int, so
     model = load_model(config, experiment, seed, task)
     device = pick_device()
     model = model.to(device)
-    if protocol_of(spec).name == "mtil":
-        from .steps.diki import _prompt_tokens
+    if protocol_of(spec).name == "mtil":  # the method's own inference (its steps module's `predictions`)
+        from .registry import implementation
 
-        sequence = spec["sequence"]
-        if dataset is not None and dataset not in sequence:
-            raise KeyError(f"dataset {dataset!r} is not in the sequence of {experiment} ({', '.join(sequence)})")
-        manifests = [layout.manifest_file(ds, "test") for ds in sequence]
-        names = [class_names_of(read_manifest(m)) for m in manifests]
-        tokens = [_prompt_tokens(m, config["datasets"][ds], model.model.clip).to(device)
-                  for m, ds in zip(manifests, sequence)]
-        loader = image_file_batches(paths, "clip", backbone, batch_size, device)
-        rows = diki_predictions(model, loader, names, tokens, sequence, device, spec["gpu_precision"],
-                                None if dataset is None else sequence.index(dataset))
+        loader = image_file_batches(paths, "clip", backbone, batch_size, device)  # CLIP's preprocessing
+        rows = implementation(spec).predictions(config, spec, model, loader, device, dataset)
     else:
         if dataset is not None:
             raise KeyError(f"{experiment} is a class-incremental run: it has no choice of dataset")
@@ -282,28 +239,11 @@ def _class_incremental_evaluation(config: dict, spec: dict, run: Path, task: int
 
 
 def _mtil_evaluation(config: dict, spec: dict, run: Path, task: int, manifest: str | None, tmp: str) -> None:
-    """Rule evaluate_diki's step on the run's files (a manifest's frozen features computed by rule
-    frozen_features' step first); its eval.json in ``tmp``."""
-    from .steps import diki
+    """The evaluation rule's step of the experiment's method on the run's files (its steps module's
+    ``evaluate_run``); its eval.json in ``tmp``."""
+    from .registry import implementation, model_settings
 
-    backbone = config["backbones"][spec["backbone"]]
-    weights = backbone_weights_file(spec["backbone"], backbone)
-    if manifest is None:
-        tests = [layout.manifest_file(ds, "test") for ds in spec["sequence"]]
-        features = [layout.features_file(spec["backbone"], ds, "test") for ds in spec["sequence"]]
-        prompts = [{"template": config["datasets"][ds].get("template")} for ds in spec["sequence"]]
-    else:
-        names = class_names_of(read_manifest(manifest))
-        same = [ds for ds in spec["sequence"] if class_names_of(read_manifest(layout.manifest_file(ds, "test"))) == names]
-        prompts = [{"template": config["datasets"][same[0]].get("template") if same else None}]
-        tests, features = [manifest], [f"{tmp}/features.safetensors"]
-        diki.frozen_features(diki.FrozenFeatures(backbone=backbone, dataset=prompts[0], weights=weights,
-                                                 manifest=manifest, out=features[0]))
-    diki.evaluate(diki.Evaluate(
-        t=task, model={"backbone": spec["backbone"], "prefix": spec["prefix"]}, calibration=spec["calibration"],
-        eval_batch_size=spec["eval_batch_size"], datasets=prompts, backbone=backbone, precision=spec["gpu_precision"],
-        weights=weights, gaussians=_task_files(run, task, layout.GAUSSIAN),
-        prefixes=_task_files(run, task, layout.PREFIX), tests=tests, features=features, out=f"{tmp}/{layout.EVAL}"))
+    implementation(spec).evaluate_run(config, spec, model_settings(spec), run, task, manifest, tmp)
 
 
 # ---- what the commands print ----

@@ -20,9 +20,10 @@ from .. import layout
 from ..data.loader import image_batches
 from ..data.manifest import class_names_of, read_manifest
 from ..files import file_sha256, write_csv, write_json
-from ..methods.diki import TaskGaussian, fit_gaussian, iteration_lrs
+from ..methods.diki import TaskGaussian, calibrate, fit_gaussian, iteration_lrs
 from ..models.clip_prefix import CLIPPrefix, load_clip, prompts, tokenize
 from ..models.diki import DIKIModel, calibrated_logits
+from ..models.weights import backbone_weights_file
 from ..progress import epoch_done, track
 from ..runtime import autocast, derive_seed, full_precision, seed_everything, start
 from ..state import load_state, save_state
@@ -289,3 +290,78 @@ def evaluate(step: Evaluate) -> None:
     edges = [b / WEIGHT_BINS for b in range(WEIGHT_BINS + 1)]
     write_json(step.out, {"task": step.t, "accuracy": accs, "mean_weight": weights_mean, "selected_task_counts": chosen,
                           "weight_histogram": histograms, "weight_bin_edges": edges})
+
+
+# ---- a run's model on other images (ifcl run predict, ifcl run evaluate: ifcl.predict) ----
+
+@torch.no_grad()
+def calibrated_predictions(model, loader, class_names: list[list[str]], tokens: list[torch.Tensor], datasets: list[str],
+                     device, precision: str, vocabulary: int | None = None) -> list[dict]:
+    """DIKI's calibrated inference (:func:`ifcl.models.diki.calibrated_logits`, as :func:`evaluate` calls it) batch
+    by batch. The classes of an image are those of dataset ``vocabulary`` of the sequence, or, when
+    it is None, of the dataset of the task chosen for it: each batch is then classified in groups of one chosen task
+    (one group, the whole batch, under batch-wise calibration). ``class_names`` and ``tokens``: per dataset."""
+    prefixes, gaussians, calibration = model.task_prefixes(), model.gaussians, model.calibration
+    logit_scale = float(model.model.logit_scale())
+    rows = []
+    for x, index in loader:
+        frozen = model.frozen_features(x)
+        if vocabulary is None:
+            with full_precision():
+                chosen, _ = calibrate(frozen.float(), gaussians, batchwise=calibration["batchwise"],
+                                      scale=calibration["scale"])
+        else:
+            chosen = torch.full((len(index),), vocabulary, dtype=torch.long)
+        for d in chosen.unique().tolist():
+            group = chosen == d
+            with autocast(device, precision):
+                logits, ids, lam = calibrated_logits(model.model, prefixes, gaussians, x[group.to(x.device)],
+                                                     tokens[d], frozen[group], calibration)
+            logits = logits.float().cpu()
+            pred = logits.argmax(1)
+            score = (logit_scale * logits).softmax(1).gather(1, pred[:, None])[:, 0]
+            for i, c, s, u, w in zip(index[group], pred, score, ids, lam):
+                rows.append({"image": int(i), "predicted_class": class_names[d][int(c)], "score": float(s),
+                             "task": int(u), "task_dataset": datasets[int(u)], "lambda": float(w)})
+    return sorted(rows, key=lambda r: r["image"])
+
+
+def predictions(config: dict, spec: dict, model: DIKIModel, loader, device, dataset: str | None = None) -> list[dict]:
+    """``ifcl run predict``: per image of ``loader`` (batches of CLIP-preprocessed images and their indices) the class
+    among those of the dataset of the task chosen for it (or of ``dataset``, one of the sequence), its score, the
+    task, its dataset and λ (:func:`calibrated_predictions`)."""
+    sequence = spec["sequence"]
+    if dataset is not None and dataset not in sequence:
+        raise KeyError(f"dataset {dataset!r} is not in the sequence ({', '.join(sequence)})")
+    manifests = [layout.manifest_file(ds, "test") for ds in sequence]
+    names = [class_names_of(read_manifest(m)) for m in manifests]
+    tokens = [_prompt_tokens(m, config["datasets"][ds], model.model.clip).to(device)
+              for m, ds in zip(manifests, sequence)]
+    return calibrated_predictions(model, loader, names, tokens, sequence, device, spec["gpu_precision"],
+                                  None if dataset is None else sequence.index(dataset))
+
+
+def evaluate_run(config: dict, spec: dict, model: dict, run: str | Path, task: int, manifest: str | None,
+                 tmp: str) -> None:
+    """Rule evaluate_diki's step on a run folder's files (``ifcl run evaluate``): on the sequence's test sets, or on
+    ``manifest`` (its frozen features computed by rule frozen_features' step first, its prompts with the template of
+    the sequence's dataset of the same classes, else the default); its eval.json in ``tmp``. ``model``: the
+    experiment's model settings, as the rule's (:func:`ifcl.registry.model_settings`)."""
+    backbone = config["backbones"][spec["backbone"]]
+    weights = backbone_weights_file(spec["backbone"], backbone)
+    if manifest is None:
+        tests = [layout.manifest_file(ds, "test") for ds in spec["sequence"]]
+        features = [layout.features_file(spec["backbone"], ds, "test") for ds in spec["sequence"]]
+        prompts = [{"template": config["datasets"][ds].get("template")} for ds in spec["sequence"]]
+    else:
+        names = class_names_of(read_manifest(manifest))
+        same = [ds for ds in spec["sequence"] if class_names_of(read_manifest(layout.manifest_file(ds, "test"))) == names]
+        prompts = [{"template": config["datasets"][same[0]].get("template") if same else None}]
+        tests, features = [manifest], [f"{tmp}/features.safetensors"]
+        frozen_features(FrozenFeatures(backbone=backbone, dataset=prompts[0], weights=weights,
+                                                 manifest=manifest, out=features[0]))
+    evaluate(Evaluate(
+        t=task, model=model, calibration=spec["calibration"],
+        eval_batch_size=spec["eval_batch_size"], datasets=prompts, backbone=backbone, precision=spec["gpu_precision"],
+        weights=weights, gaussians=[str(layout.in_run(run, s, layout.GAUSSIAN)) for s in range(task + 1)],
+        prefixes=[str(layout.in_run(run, s, layout.PREFIX)) for s in range(task + 1)], tests=tests, features=features, out=f"{tmp}/{layout.EVAL}"))
