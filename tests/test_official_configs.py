@@ -134,6 +134,18 @@ def test_joint_config_is_one_task_with_the_inflora_optimisation(name):
         {k: theirs[k] for k in ("dataset", "backbone", "seeds", "train", "rank", "lora_blocks")}
 
 
+@pytest.mark.parametrize("benchmark", ["cifar100", "mimg10"])
+def test_ranpac_config_is_the_official_no_phase_1_run_on_the_inflora_benchmark(benchmark):
+    """RanPAC/RanPAC args/{cifar224,imagenetr}_publish.csv, ID 4: ncm with use_RP, M 10000, batch 128; the ridge
+    candidates 10^-8..10^8 and the 80/20 split of RanPAC.py optimise_ridge_parameter (the defaults)."""
+    (exp,) = load(REPO / "config" / "experiments" / f"{benchmark}_ranpac.yaml")["experiments"].values()
+    (theirs,) = load(REPO / "config" / "experiments" / f"{benchmark}_inflora.yaml")["experiments"].values()
+    assert exp["method"] == "ranpac" and exp["train"]["batch_size"] == 128
+    assert exp["ranpac"] == {"projection": 10000, "fit_fraction": 0.8, "ridges": [10.0 ** k for k in range(-8, 9)]}
+    assert {k: exp[k] for k in ("dataset", "backbone", "seeds", "num_tasks", "class_order")} == \
+        {k: theirs[k] for k in ("dataset", "backbone", "seeds", "num_tasks", "class_order")}
+
+
 @pytest.mark.parametrize("path", [p for p in EXPERIMENT_FILES if p.stem in RELEASED_DIKI], ids=lambda p: p.stem)
 def test_official_diki_config_is_valid_and_faithful(path):
     config = load(path)
@@ -262,7 +274,7 @@ def test_dry_run_of_each_comparison_config(path, tmp_path):
     """`snakemake -n` over each comparison config (inflora_tables, sdlora_tables: every baseline and upper-bound
     paper config) and the comparison demo: every task of every experiment in it is planned, by its family's rules."""
     from ifcl.config import load_config
-    from ifcl.registry import num_tasks
+    from ifcl.registry import method_of, num_tasks
 
     shutil.copytree(REPO / "config", tmp_path / "config")
     cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path), "-n", "--quiet",
@@ -274,6 +286,6 @@ def test_dry_run_of_each_comparison_config(path, tmp_path):
     tasks = sum(num_tasks(spec) * len(spec["seeds"]) for spec in experiments.values())
     assert counts.get("evaluate_diki", 0) + counts.get("evaluate_task", 0) + counts.get("evaluate_state", 0) == tasks
     baseline_tasks = sum(num_tasks(spec) * len(spec["seeds"]) for spec in experiments.values()
-                         if spec["method"] in ("l2p", "dualprompt", "coda-prompt", "sd-lora"))
+                         if method_of(spec).chain == "state")
     assert counts.get("train_state", 0) == counts.get("evaluate_state", 0) == baseline_tasks
     assert counts["aggregate_run"] == sum(len(spec["seeds"]) for spec in experiments.values())

@@ -34,14 +34,16 @@ EXPERIMENTS = {
                                 "rank_starts": [0, 2]},
                      "train": {**TRAIN, "optimizer": "sgd", "momentum": 0.9, "schedule": "constant"}},
     "tiny_joint": {"method": "joint", "num_tasks": 1, "rank": 2, "lora_blocks": "all"},
+    "tiny_ranpac": {"method": "ranpac", "ranpac": {"projection": 32, "ridges": [0.01, 1.0, 100.0],
+                                                    "fit_fraction": 0.75}},
     "tiny_linear-probe": {"method": "linear-probe", "probe": {"normalize": True}},
 }
-BASELINES = ("tiny_l2p", "tiny_dualprompt", "tiny_coda-prompt", "tiny_sd-lora", "tiny_linear-probe")
+BASELINES = ("tiny_l2p", "tiny_dualprompt", "tiny_coda-prompt", "tiny_sd-lora", "tiny_ranpac", "tiny_linear-probe")
 EXAMPLE = REPO / "examples" / "ifcl-linear-probe"
 
 # the compared methods' own keys (test_config_audit.py audits the rest): key -> (change, the rules that must re-run)
 STEPS = {"train_state", "evaluate_state"}
-L2P, DUAL, CODA, SD, PROBE = (f"experiments.{n}" for n in BASELINES)
+L2P, DUAL, CODA, SD, RANPAC, PROBE = (f"experiments.{n}" for n in BASELINES)
 READERS = {
     "prompts.prompt.pool_size": ({f"{L2P}.prompt.pool_size": 5}, STEPS),
     "prompts.prompt.length": ({f"{CODA}.prompt.length": 4}, STEPS),
@@ -57,6 +59,9 @@ READERS = {
     "sdlora.sdlora.rank_starts": ({f"{SD}.sdlora.rank_starts": [0, 1]}, STEPS),
     "sdlora.rank": ({f"{SD}.rank": 1}, STEPS),
     "sdlora.lora_blocks": ({f"{SD}.lora_blocks": [0]}, STEPS),
+    "ranpac.ranpac.projection": ({f"{RANPAC}.ranpac.projection": 0}, STEPS),
+    "ranpac.ranpac.ridges": ({f"{RANPAC}.ranpac.ridges": [1.0]}, STEPS),
+    "ranpac.ranpac.fit_fraction": ({f"{RANPAC}.ranpac.fit_fraction": 0.5}, STEPS),
 }
 # the example package's own key (audited here only: the other test modules run without the example installed)
 EXAMPLE_READERS = {"linear-probe.probe.normalize": ({f"{PROBE}.probe.normalize": False}, STEPS)}
@@ -130,6 +135,12 @@ def test_task_files_hold_what_each_method_adds(workdir):
     assert [s["magnitudes"].numel() for s in sd] == [1, 2, 3]
     assert [s["blocks.0.a_q"].shape[0] for s in sd] == [2, 2, 1]  # the rank schedule: 2 from task 0, 1 from task 2
     assert all(s["blocks.1.b_v"].abs().max() > 0 for s in sd)  # B starts at zero: trained
+    ranpac = [load_state(run / "tiny_ranpac" / "seed0" / f"task{t}" / "state.safetensors")[0] for t in range(3)]
+    assert "projection" in ranpac[0] and ranpac[0]["projection"].shape == (16, 32)
+    assert [r["weight"].shape for r in ranpac] == [(2, 32), (4, 32), (6, 32)]  # the head over every seen class
+    assert all(r["gram"].shape == (32, 32) for r in ranpac) and "projection" not in ranpac[1]
+    log = (run / "tiny_ranpac" / "seed0" / "task1" / "train_log.csv").read_text().splitlines()
+    assert log[0].split(",") == ["epoch", "loss", "train_acc", "ridge"] and len(log) == 2  # one closed-form fit
     probe, meta = load_state(run / "tiny_linear-probe" / "seed0" / "task1" / "state.safetensors")
     assert meta["method"] == "linear-probe" and sorted(probe) == ["head.bias", "head.weight"]
     assert probe["head.weight"].shape == (2, 16)

@@ -67,6 +67,9 @@ class Method:
     chain: str = "state"  # the rule chain of its protocol that its tasks run (CHAINS)
     # "state" chain: "module:function" building the model before task 0 from (model settings, frozen ViT, seed)
     model: str | None = None
+    # "state" chain: the transform of the task's training pass: train_transform (augmented, for an optimiser) or
+    # test_transform (for a model whose `fit_task` fits statistics in closed form)
+    task_images: str = "train_transform"
     # other chains: the module with the chain's step functions, `model_after_task` and (cil) `evaluate_run`
     steps: str = STATE_STEPS
     settings: type | None = None  # its own experiment keys: a settings dataclass (ifcl.settings)
@@ -86,6 +89,8 @@ class Method:
                              f"protocol's ({', '.join(CHAINS[self.protocol])})")
         if self.chain == "state" and not self.model:
             raise ValueError(f"method {self.name!r}: the state chain needs `model` (module:function)")
+        if self.task_images not in ("train_transform", "test_transform"):
+            raise ValueError(f"method {self.name!r}: task_images is train_transform or test_transform")
         if self.chain != "state" and self.steps == STATE_STEPS:
             raise ValueError(f"method {self.name!r}: the {self.chain} chain needs `steps` (its steps module)")
 

@@ -15,7 +15,7 @@ The class is the one source of the method's part of the config schema (:func:`sc
 :func:`ifcl.config.schema`, and so of config/README.md) and of its defaults, which validation fills in. Field types:
 ``bool``, ``int``, ``float``, ``str``, ``Literal[...]`` (a choice), ``list[int]`` or ``list[float]``, ``X | None``
 (null allowed), ``Literal["all"] | list[int]`` (a keyword or a list) and another settings class. Constraints are
-keyword arguments of :func:`setting`: ``minimum``, ``maximum``, ``exclusive_minimum``, ``multiple_of`` (numbers),
+keyword arguments of :func:`setting`: ``minimum``, ``maximum``, ``exclusive_minimum``, ``exclusive_maximum``, ``multiple_of`` (numbers),
 ``items_minimum`` (list items), ``min_items``, ``unique_items`` (lists). A class may add JSON-schema keywords to
 its object with a class attribute ``SCHEMA`` (e.g. ``{"dependentRequired": {...}}``).
 """
@@ -29,7 +29,7 @@ import typing
 OPTIONAL = object()  # a key that may be absent (its field is then None); not the same as a default of None
 
 _CONSTRAINTS = {"minimum": "minimum", "maximum": "maximum", "exclusive_minimum": "exclusiveMinimum",
-                "multiple_of": "multipleOf"}
+                "exclusive_maximum": "exclusiveMaximum", "multiple_of": "multipleOf"}
 _LIST_CONSTRAINTS = {"min_items": "minItems", "unique_items": "uniqueItems"}
 
 

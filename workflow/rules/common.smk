@@ -231,6 +231,17 @@ def run_file(wildcards, t, name):
     return layout.task_file(wildcards.exp, wildcards.seed, t, name)
 
 
+def task_images(wildcards):
+    """Params function of the state chain's training rule: which transform its task pass applies (the method's
+    ``task_images``: train_transform, or test_transform for a closed-form fit)."""
+    return method_of(EXPERIMENTS[wildcards.exp]).task_images
+
+
+def task_images_decoded(wildcards):
+    """The decoded-image cache of the training images under that transform, if the experiment uses one."""
+    return exp_decoded("train", task_images(wildcards))(wildcards)
+
+
 def model_params(wildcards):
     """The experiment settings that shape the model: the method, backbone and the method's model keys (a change
     re-runs every task of the experiment; ifcl.registry.model_settings)."""

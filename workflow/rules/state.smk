@@ -15,7 +15,7 @@ rule train_state:
         weights=exp_backbone_weights,
         manifest=exp_manifest("train"),
         previous=tasks_before(layout.STATE),
-        decoded=exp_decoded("train", "train_transform"),
+        decoded=task_images_decoded,
     output:
         out=layout.task_pattern(layout.STATE),
         log_csv=layout.task_pattern(layout.TRAIN_LOG),
@@ -23,6 +23,7 @@ rule train_state:
         code=method_code("train_state"),
         model=model_params,
         train=train_params,
+        transform=task_images,
         backbone=exp_backbone,
         dataset=exp_dataset,
         precision=exp_setting("gpu_precision"),

@@ -14,7 +14,10 @@ file ``state.safetensors`` is the model's ``task_state()``. The model comes from
 A model of this chain has ``begin_task(num_classes, task, generator)``, ``trainable_parameters()``,
 ``forward_current(x, task)`` (logits of the new head, or ``(logits, extra_loss)``), ``forward(x)`` (logits of every
 seen class), ``heads`` (one module per task), ``task_state()`` and ``load_task_state(state)`` (append a finished
-task): the model after task t is the frozen backbone with the states of tasks 0..t loaded in order.
+task): the model after task t is the frozen backbone with the states of tasks 0..t loaded in order. A model with
+``fit_task(batches, known)`` (RanPAC: :class:`ifcl.models.vit_ranpac.RanPACViT`) fits its task in closed form
+instead of being trained by an optimiser, on the images under its declaration's ``task_images`` transform; it
+returns the task's log rows.
 """
 from __future__ import annotations
 
@@ -65,7 +68,8 @@ class Train:
     tasks: str
     manifest: str
     train: dict  # the task's optimisation settings
-    dataset: dict  # train_transform, crop_scale
+    dataset: dict  # train_transform, test_transform, crop_scale
+    transform: str = "train_transform"  # the key of dataset whose transform the task's pass applies
     precision: str
     out: str
     log_csv: str
@@ -90,13 +94,17 @@ def train(step: Train) -> None:
     model.to(device).eval()  # no dropout in the backbones; the official loops' train mode changes nothing
     known = sum(len(c) for c in tasks["tasks"][: step.t])
     loader = task_loader(step.manifest, tasks["tasks"][step.t], tasks, step.dataset, step.backbone, True,
-                         step.train["batch_size"], device, job_seed, step.decoded, step.loader_workers)
+                         step.train["batch_size"], device, job_seed, step.decoded, step.loader_workers, step.transform)
     params = model.trainable_parameters()
     n_trainable = sum(p.numel() for p in params)
-    print(f"task {step.t}: {len(loader.dataset)} images, {n_trainable} trainable parameters")
-    rows = train_classifier(params, lambda x: model.forward_current(x, step.t), loader, step.train,
-                            label_offset=known, device=device, desc=f"task {step.t}",
-                            head_params=list(model.heads[-1].parameters()), precision=step.precision)
+    print(f"task {step.t}: {len(loader.dataset)} images ({step.dataset[step.transform]}), {n_trainable} trainable "
+          f"parameters")
+    if hasattr(model, "fit_task"):  # a closed-form fit of the task's statistics, no optimiser (RanPAC)
+        rows = model.fit_task(loader, known)
+    else:
+        rows = train_classifier(params, lambda x: model.forward_current(x, step.t), loader, step.train,
+                                label_offset=known, device=device, desc=f"task {step.t}",
+                                head_params=list(model.heads[-1].parameters()), precision=step.precision)
     write_csv(step.log_csv, rows)
     save_state(step.out, model.task_state(), {
         "kind": "task_state", "method": step.model["method"], "task": step.t, "train": step.train,
