@@ -63,3 +63,20 @@ def test_compared_methods_task_files_at_vit_b16(tmp_path):
     save_state(tmp_path / "sd-lora.safetensors", model.task_state(), {"kind": "task_state"})
     sizes = {p.stem: round(p.stat().st_size / MB, 2) for p in tmp_path.iterdir()}
     assert sizes == {"l2p": 1.97, "dualprompt": 2.0, "coda-prompt": 15.39, "sd-lora": 1.51}
+
+
+def test_ranpac_task_state_at_vit_b16_is_its_gram_matrix():
+    """docs/methods.md: RanPAC's task file holds G [M, M] (400 MB at M = 10000), Q and the head (0.8 MB per 10
+    classes seen) and, in task 0's file, the projection W [768, M] (30.7 MB); counted from the tensors the task
+    state holds (writing 430 MB would only slow the suite)."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    from ifcl.models.vit_ranpac import RanPACViT
+
+    vit = VisionTransformer(embed_dim=768, depth=1, num_heads=12, num_classes=0)  # ViT-B/16's width, one block
+    model = RanPACViT(vit, width=10000, generator=torch.Generator().manual_seed(0))
+    model.begin_task(10, 0)
+    model.prototypes, model.weight, model.ridge = torch.zeros(10000, 10), torch.zeros(10, 10000), 1.0
+    sizes = {name: t.numel() * t.element_size() / MB for name, t in model.task_state().items()}
+    assert sizes["gram"] == 400.0 and sizes["projection"] == 30.72
+    assert sizes["prototypes"] + sizes["weight"] == 0.8

@@ -14,8 +14,7 @@ A run is ``results/runs/<experiment>/seed<k>/`` (which files a task of a method 
     task<t>/align_log.csv              InfLoRA+CA (t >= 1): one row per alignment epoch
     task<t>/gaussian.safetensors       DIKI: mean and covariance of dataset t's frozen training features
     task<t>/prefix.safetensors         DIKI: the trained key/value prefixes of task t
-    task<t>/state.safetensors          L2P, DualPrompt, CODA-Prompt: the prompt pool after task t and head t;
-                                       SD-LoRA: task t's factors, head t and the magnitudes after task t
+    task<t>/state.safetensors          the state chain's methods: their model's task_state() after task t
     task<t>/eval.json                  accuracy after task t (a row of the accuracy matrix)
     acc_matrix.csv, metrics.json       the run's matrix and metrics
 
