@@ -91,8 +91,9 @@ class Method:
             raise ValueError(f"method {self.name!r}: the state chain needs `model` (module:function)")
         if self.task_images not in ("train_transform", "test_transform"):
             raise ValueError(f"method {self.name!r}: task_images is train_transform or test_transform")
-        if self.chain != "state" and self.steps == STATE_STEPS:
-            raise ValueError(f"method {self.name!r}: the {self.chain} chain needs `steps` (its steps module)")
+        if self.chain != "state" and (self.steps == STATE_STEPS or self.task_files is None):
+            raise ValueError(f"method {self.name!r}: the {self.chain} chain needs `steps` (its steps module) and "
+                             f"`task_files`")
 
     def keys(self) -> dict:
         """The JSON-schema properties of its own experiment keys (:func:`ifcl.settings.properties`)."""
@@ -112,28 +113,39 @@ class Method:
         return self.log_fields.get(name, LOG_COLUMNS[name])
 
 
-def _declared(value, origin: str) -> list[Method]:
+class RegistryError(ValueError):
+    """A method declaration that cannot be read; the message names where it comes from."""
+
+
+def _declared(load, origin: str) -> list[Method]:
+    try:
+        value = load()
+    except Exception as e:  # an entry point's package that fails to import, or a declaration that fails its checks
+        raise RegistryError(f"{origin}: {type(e).__name__}: {e}") from e
     found = [value] if isinstance(value, Method) else list(value) if isinstance(value, (list, tuple)) else None
     if found is None or not all(isinstance(m, Method) for m in found):
-        raise TypeError(f"{origin}: expected a Method or a sequence of them, got {type(value).__name__}")
+        raise RegistryError(f"{origin}: expected a Method or a sequence of them, got {type(value).__name__}")
     return found
 
 
 @lru_cache(maxsize=1)
 def methods() -> dict[str, Method]:
     """Every known method by name: ifcl's own (``METHODS`` of each :mod:`ifcl.catalog` module), then those of
-    installed packages (entry points of group ``ifcl.methods``). A name declared twice is an error naming both."""
+    installed packages (entry points of group ``ifcl.methods``). A declaration that cannot be read, and a name
+    declared twice, are a :class:`RegistryError` naming where they come from."""
     from . import catalog
 
     found: dict[str, tuple[Method, str]] = {}
     sources = [(f"{catalog.__name__}.{m.name}", lambda n=m.name: importlib.import_module(f"{catalog.__name__}.{n}").METHODS)
                for m in sorted(pkgutil.iter_modules(catalog.__path__), key=lambda m: m.name)]
-    sources += [(f"entry point {ep.name} = {ep.value}", ep.load)
+    sources += [(f"entry point {ep.name} = {ep.value} of group {ENTRY_POINT_GROUP}"
+                 + (f" (package {ep.dist.name})" if getattr(ep, "dist", None) else ""), ep.load)
                 for ep in sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda ep: ep.name)]
     for origin, load in sources:
-        for method in _declared(load(), origin):
+        for method in _declared(load, origin):
             if method.name in found:
-                raise ValueError(f"method {method.name!r} is declared twice: by {found[method.name][1]} and by {origin}")
+                raise RegistryError(f"method {method.name!r} is declared twice: by {found[method.name][1]} and by "
+                                    f"{origin}")
             found[method.name] = (method, origin)
     return {name: m for name, (m, _) in found.items()}
 

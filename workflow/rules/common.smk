@@ -54,7 +54,7 @@ from ifcl import layout
 from ifcl.codeversion import code_version
 from ifcl.integrity import check_workdir
 from ifcl.config import ConfigError, canonical, check, merge_includes, paper_configs, task_train_params, validate_with_defaults
-from ifcl.registry import method_code as _method_code, method_of, model_settings, num_tasks, protocol_of, task_files
+from ifcl.registry import RegistryError, method_code as _method_code, method_of, model_settings, num_tasks, protocol_of, task_files
 from ifcl.data.benchmarks import sources_of
 from ifcl.data.folder import folder_fingerprint
 from ifcl.plots import experiment_colours, load_settings as figure_settings
@@ -74,6 +74,8 @@ try:
 except ConfigError as e:
     _files = ", ".join(map(str, workflow.overwrite_configfiles or ["config/config.yaml"]))
     raise WorkflowError(f"Invalid configuration ({_files}): {e}")
+except RegistryError as e:
+    raise WorkflowError(f"A method declaration cannot be read: {e}")
 # sorted keys everywhere: Snakemake compares dict params in recorded (sorted) order (see ifcl.config.canonical)
 _canonical = canonical(config)
 config.clear()
