@@ -73,7 +73,7 @@ def test_the_official_style_calibrated_inference_gives_ifcls_logits():
     with torch.no_grad():
         frozen = F.normalize(model.clip.encode_image(x), dim=-1)
         ours, _, lam = calibrated_logits(model, prefixes, gaussians, x, tokens, frozen,
-                                         {"batchwise": True, "scale": 512})
+                                         {"batchwise": True, "scale": 512, "weight": "likelihood"})
         ref = bench.official_style_calibrated_logits(official, prefixes, means, covs, x, tokens)
     # the reference runs the text tower on the full context, ifcl up to the end token only
     assert int(tokens.argmax(-1).max()) + 1 < tokens.shape[1]

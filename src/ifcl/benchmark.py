@@ -462,7 +462,7 @@ def case_diki_eval(p, device, impl, learnt):
         frozen = F.normalize(model.clip.encode_image(x), dim=-1).float().cpu()  # the per-dataset feature cache
     means = torch.stack([g.mean for g in gaussians]).to(device)
     covs = torch.stack([g.covariance for g in gaussians]).to(device)
-    cal = {"batchwise": True, "scale": 512}
+    cal = {"batchwise": True, "scale": 512, "weight": "likelihood"}
 
     def step():
         with torch.no_grad(), _autocast(device, impl):

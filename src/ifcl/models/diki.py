@@ -18,7 +18,7 @@ def calibrated_logits(model: CLIPPrefix, prefixes: list[dict], gaussians: list[T
     mean λ. Returns (logits [B, classes], task ids [B], λ [B])."""
     with full_precision():
         ids, lam = calibrate(frozen.float(), gaussians, batchwise=calibration["batchwise"],
-                             scale=calibration["scale"], weight=calibration.get("weight", "likelihood"))
+                             scale=calibration["scale"], weight=calibration["weight"])
     lam_d = lam.to(images.device)
     if calibration["batchwise"]:
         u = int(ids[0])

@@ -49,7 +49,7 @@ def prefix_model(model: dict, backbone: dict, weights: str) -> CLIPPrefix:
     """The frozen CLIP with room for prefixes (``model['prefix']``: depth_vision, depth_text, length, attention)."""
     p = model["prefix"]
     return CLIPPrefix(load_clip(backbone, weights), p["depth_vision"], p["depth_text"], p["length"],
-                      attention=p.get("attention", "residual"))
+                      attention=p["attention"])
 
 
 def load_gaussian(path: str | Path) -> TaskGaussian:

@@ -40,7 +40,7 @@ def aligned_heads_task(experiment: dict, t: int) -> bool:
 def build_model(model: dict, backbone: dict, weights: str | Path) -> ViTLoRA:
     """The frozen backbone with a LoRA branch on the k and v projections of ``model['lora_blocks']``."""
     vit = load_backbone(backbone, weights)
-    if model.get("final_norm", "pretrained") == "reset":
+    if model["final_norm"] == "reset":
         # InfLoRA_CA1 (CIFAR-100) replaces the pretrained final LayerNorm by a fresh one, never trained
         vit.norm = torch.nn.LayerNorm(vit.embed_dim).requires_grad_(False)
     return ViTLoRA(vit, rank=model["rank"], lora_blocks=model["lora_blocks"])
