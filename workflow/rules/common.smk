@@ -491,11 +491,6 @@ def collect_params(wildcards):
     return canonical({"batch_size": train_params(wildcards)["batch_size"], "dataset": exp_dataset(wildcards)})
 
 
-def memory_params(wildcards):
-    exp = EXPERIMENTS[wildcards.exp]
-    return canonical({k: exp[k] for k in ("lamb", "lame", "memory", "num_tasks")})
-
-
 # ---- DIKI's chain (diki.smk; ifcl.catalog.diki) ----
 
 def diki_train_inputs(wildcards):

@@ -116,7 +116,10 @@ rule memory:
     params:
         code=code("memory"),
         model=model_params,
-        gpm=memory_params,
+        lamb=exp_setting("lamb"),
+        lame=exp_setting("lame"),
+        memory=exp_setting("memory"),
+        num_tasks=exp_setting("num_tasks"),
         collect=collect_params,
         backbone=exp_backbone,
         loader_workers=exp_setting("loader_workers"),

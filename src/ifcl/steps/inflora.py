@@ -192,21 +192,24 @@ def design(step: Collection) -> None:
 
 @dataclass(frozen=True, kw_only=True)
 class Memory(Collection):
-    """Rule memory: the collection pass with task t's trained branch merged, and the memory settings."""
+    """Rule memory: the collection pass with task t's trained branch merged, and the experiment's memory settings
+    under their config names."""
 
-    gpm: dict  # lamb, lame, memory (gpm | dualgpm), num_tasks
+    lamb: float
+    lame: float
+    memory: str  # dualgpm | gpm
+    num_tasks: int
 
 
 def memory(step: Memory) -> None:
     """The (Dual)GPM memory after task t, from the task's inputs with its trained branch."""
     blocks, covs = _collect(step, "memory")
-    u = step.gpm
-    eps = threshold(step.t, u["num_tasks"], u["lamb"], u["lame"])
-    memories = [update_memory(p, c, eps, dual=u["memory"] == "dualgpm")
+    eps = threshold(step.t, step.num_tasks, step.lamb, step.lame)
+    memories = [update_memory(p, c, eps, dual=step.memory == "dualgpm")
                 for p, c in zip(_previous_memory(step, blocks), covs)]
     print(f"threshold {eps:.4f}; old-space dimensions per layer: {[m.old_space_dim() for m in memories]}")
     save_memory(step.out, blocks, memories, {"method": step.model["method"], "task": step.t, "threshold": eps,
-                                             "update": u["memory"], "backbone_sha256": file_sha256(step.weights)})
+                                             "update": step.memory, "backbone_sha256": file_sha256(step.weights)})
 
 
 # ---- training ----
