@@ -40,7 +40,8 @@ SECOND_CLIP = {"backbones.tiny_clip2": TINY_CONFIG["backbones"]["tiny_clip"]}
 
 # schema key -> (the changes made to the tiny config, the rules that read the key: each must be scheduled)
 READERS = {
-    "cil_experiment.method": ({f"{CA}.method": "inflora"}, INFLORA),
+    "cil_experiment.method": ({f"{IL}.method": "inflora-ca", f"{IL}.ca": TINY_CONFIG["experiments"]["tiny_inflora-ca"]["ca"]},
+                              INFLORA),
     "cil_experiment.dataset": ({f"{SEQ}.dataset": "tc_pretrain", f"{SEQ}.num_tasks": 2}, {"split_tasks"} | TRAINING),
     "cil_experiment.backbone": ({**SECOND_VIT, f"{IL}.backbone": "tiny_vit2"}, {"pretrain_backbone"} | INFLORA),
     "cil_experiment.seeds": ({f"{IL}.seeds": [0, 3]}, {"split_tasks"} | INFLORA),
