@@ -5,8 +5,8 @@ directory (manifests list image paths relative to it), with the config the run w
 - :func:`predict`: the images (:func:`image_paths`: folders searched recursively for image files, image paths, text
   files listing paths) go through the experiment's test-time transform (``test_transform``; CLIP's preprocessing
   for DIKI) in batches of the experiment's ``eval_batch_size``, in the order given, on the device and in the
-  precision of the evaluation. The InfLoRA family: arg-max over the heads of tasks 0..k, class names from the run's
-  tasks.json. DIKI: per batch, the task from the frozen features under the Gaussians of tasks 0..k (batch-wise
+  precision of the evaluation. Class-incremental runs: arg-max over the classes of tasks 0..k, class names from the
+  run's tasks.json. DIKI: per batch, the task from the frozen features under the Gaussians of tasks 0..k (batch-wise
   majority vote, or per image, as the experiment's ``calibration`` says) and λ per image; the classes are those of
   the chosen task's dataset (or of one named dataset of the sequence), with its prompt template, as the evaluation
   uses them for that dataset's test images. The score is the softmax probability of the prediction (for DIKI over
@@ -227,7 +227,8 @@ def _task_files(run: Path, task: int, name: str) -> list[str]:
 
 def _class_incremental_evaluation(config: dict, spec: dict, run: Path, task: int, manifest: str | None,
                                   tmp: str) -> None:
-    """The evaluation rule's step of the experiment's family on the run's files; its eval.json in ``tmp``."""
+    """The evaluation rule's step of the experiment's method on the run's files (its steps module's
+    ``evaluate_run``); its eval.json in ``tmp``."""
     from .registry import implementation
 
     if manifest is not None:

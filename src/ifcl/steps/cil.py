@@ -1,4 +1,4 @@
-"""What every class-incremental family's steps share: a task's image batches, and the evaluation after task t
+"""What every class-incremental rule chain's steps share: a task's image batches, and the evaluation after task t
 (arg-max over every seen class, one accuracy per seen task: a row of the accuracy matrix)."""
 from __future__ import annotations
 
