@@ -156,7 +156,7 @@ def test_final_norm_reset_is_the_official_cifar_ca_recipe(tmp_path):
         vit.norm.weight.fill_(2.0)
     save_state(tmp_path / "b.safetensors", vit.state_dict(), {})
     spec = {"type": "pretrain", "image_size": 16, "mean": [0, 0, 0], "std": [1, 1, 1],
-            "arch": {"patch_size": 4, "embed_dim": 32, "depth": 3, "num_heads": 4}}
+            "arch": {"patch_size": 4, "embed_dim": 32, "depth": 3, "num_heads": 4, "mlp_ratio": 4.0}}
     exp = {"rank": 2, "lora_blocks": "all", "final_norm": "pretrained"}
     kept = build_model(exp, spec, tmp_path / "b.safetensors")
     reset = build_model({**exp, "final_norm": "reset"}, spec, tmp_path / "b.safetensors")

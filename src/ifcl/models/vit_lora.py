@@ -269,7 +269,7 @@ def load_backbone(spec: dict, weights: str | Path) -> nn.Module:
         from ..state import load_state
 
         a = spec["arch"]
-        vit = build_vit(spec["image_size"], a["patch_size"], a["embed_dim"], a["depth"], a["num_heads"], a.get("mlp_ratio", 4.0))
+        vit = build_vit(spec["image_size"], a["patch_size"], a["embed_dim"], a["depth"], a["num_heads"], a["mlp_ratio"])
         tensors, _ = load_state(weights)
         vit.load_state_dict(tensors)
     else:

@@ -27,7 +27,7 @@ def pretrain_vit(spec: dict, dataset_spec: dict, train_manifest: str, test_manif
     size, mean, std = spec["image_size"], spec["mean"], spec["std"]
     train = ManifestDataset(train_manifest, order, order, make_transform(dataset_spec["train_transform"], size, mean, std, dataset_spec["crop_scale"]))
     test = ManifestDataset(test_manifest, order, order, make_transform(dataset_spec["test_transform"], size, mean, std))
-    vit = build_vit(size, a["patch_size"], a["embed_dim"], a["depth"], a["num_heads"], a.get("mlp_ratio", 4.0)).to(device)
+    vit = build_vit(size, a["patch_size"], a["embed_dim"], a["depth"], a["num_heads"], a["mlp_ratio"]).to(device)
     head = nn.Linear(vit.embed_dim, n_classes).to(device)
 
     def logits(x):
