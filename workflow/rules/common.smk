@@ -139,8 +139,6 @@ def chain_experiments(protocol, chain):
     return experiments_where(lambda spec: method_of(spec).protocol == protocol and method_of(spec).chain == chain)
 
 
-MTIL_EXPERIMENTS = experiments_where(lambda spec: protocol_of(spec).name == "mtil")
-
 
 def names_of_type(registry, kind):
     """Regex matching exactly the registry names of one type (never matches if there are none)."""
