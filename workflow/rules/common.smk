@@ -139,7 +139,6 @@ def chain_experiments(protocol, chain):
     return experiments_where(lambda spec: method_of(spec).protocol == protocol and method_of(spec).chain == chain)
 
 
-
 def names_of_type(registry, kind):
     """Regex matching exactly the registry names of one type (never matches if there are none)."""
     names = [n for n, spec in registry.items() if spec["type"] == kind]
