@@ -103,3 +103,18 @@ def test_a_method_name_is_tested_only_in_its_own_modules():
         assert not outside, f"{name} is named in {sorted(str(p.relative_to(REPO)) for p in outside)}"
     tests_of_diki = [p for p in files if re.search(r"is_diki|== *[\"']diki[\"']", p.read_text())]
     assert not tests_of_diki
+
+
+def test_each_methods_training_loader_is_its_official_one():
+    """The prompt methods' official trainer (GT-RIPL/CODA-Prompt trainer.py) drops the last partial batch of a
+    task's training images; SD-LoRA's (LAMDA-PILOT-based), RanPAC's and InfLoRA's keep it."""
+    import torch
+    from torch.utils.data import TensorDataset
+
+    from ifcl.data.loader import make_loader
+
+    dropping = {name for name, m in methods().items() if m.drop_last}
+    assert dropping == {"l2p", "dualprompt", "coda-prompt"}
+    data = TensorDataset(torch.arange(20.0), torch.zeros(20))
+    assert [len(x) for x, _ in make_loader(data, 8, shuffle=True, drop_last=True)] == [8, 8]
+    assert [len(x) for x, _ in make_loader(data, 8, shuffle=True)] == [8, 8, 4]

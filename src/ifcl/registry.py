@@ -70,6 +70,8 @@ class Method:
     # "state" chain: the transform of the task's training pass: train_transform (augmented, for an optimiser) or
     # test_transform (for a model whose `fit_task` fits statistics in closed form)
     task_images: str = "train_transform"
+    # "state" chain: whether the task's training loader drops its last partial batch, as the official one does
+    drop_last: bool = False
     # other chains: the module with the chain's step functions, `model_after_task` and (cil) `evaluate_run`
     steps: str = STATE_STEPS
     settings: type | None = None  # its own experiment keys: a settings dataclass (ifcl.settings)

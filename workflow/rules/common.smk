@@ -236,6 +236,12 @@ def task_images(wildcards):
     return method_of(EXPERIMENTS[wildcards.exp]).task_images
 
 
+def train_drop_last(wildcards):
+    """Params function of the state chain's training rule: whether its loader drops the last partial batch (the
+    method's ``drop_last``, as its official loader)."""
+    return method_of(EXPERIMENTS[wildcards.exp]).drop_last
+
+
 def task_images_decoded(wildcards):
     """The decoded-image cache of the training images under that transform, if the experiment uses one."""
     return exp_decoded("train", task_images(wildcards))(wildcards)

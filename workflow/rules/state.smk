@@ -24,6 +24,7 @@ rule train_state:
         model=model_params,
         train=train_params,
         transform=task_images,
+        drop_last=train_drop_last,
         backbone=exp_backbone,
         dataset=exp_dataset,
         precision=exp_setting("gpu_precision"),

@@ -81,7 +81,8 @@ def check(key: str, spec: dict, config: dict) -> None:
 def _method(name: str, title: str, description: str, settings: type) -> Method:
     return Method(name=name, protocol="cil", title=title, description=description,
                   model="ifcl.models.vit_prompt:build", settings=settings, model_keys=("num_tasks", "prompt"),
-                  check=check, group="prompts")
+                  check=check, group="prompts",
+                  drop_last=True)  # GT-RIPL/CODA-Prompt trainer.py: DataLoader(..., shuffle=True, drop_last=True)
 
 
 METHODS = (

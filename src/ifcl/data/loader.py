@@ -29,11 +29,12 @@ class ManifestDataset(Dataset):
 
 
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0, num_workers: int = 0,
-                pin_memory: bool = False) -> DataLoader:
-    """A DataLoader whose shuffling is driven by its own seeded generator (reproducible on CPU)."""
+                pin_memory: bool = False, drop_last: bool = False) -> DataLoader:
+    """A DataLoader whose shuffling is driven by its own seeded generator (reproducible on CPU); ``drop_last``:
+    without the last partial batch (the prompt methods' official training loader)."""
     gen = torch.Generator().manual_seed(seed)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=gen, num_workers=num_workers,
-                      persistent_workers=False, drop_last=False, pin_memory=pin_memory)
+                      persistent_workers=False, drop_last=drop_last, pin_memory=pin_memory)
 
 
 class DeviceBatches:
@@ -55,7 +56,7 @@ class DeviceBatches:
 def image_batches(manifest: str, classes: Sequence[int], class_order: Sequence[int], transform: str, image: dict,
                   batch_size: int, shuffle: bool, seed: int = 0, device: str | torch.device = "cpu",
                   crop_scale: Sequence[float] = (0.08, 1.0), decoded: str | None = None,
-                  workers: int = 0) -> DeviceBatches:
+                  workers: int = 0, drop_last: bool = False) -> DeviceBatches:
     """Batches of the manifest's images of ``classes`` under ``transform`` at ``image['image_size']``, normalised
     with ``image['mean']`` / ``image['std']``, on ``device``; shuffled by a generator seeded with ``seed``.
 
@@ -64,14 +65,16 @@ def image_batches(manifest: str, classes: Sequence[int], class_order: Sequence[i
 
     ``workers``: DataLoader worker processes decoding the images (0: in the job's process). Random augmentations
     then come from per-worker random streams, so a result depends on the number of workers; it is an experiment
-    setting (``loader_workers``)."""
+    setting (``loader_workers``). ``drop_last``: without the last partial batch."""
     device = torch.device(device)
     size, mean, std = image["image_size"], image["mean"], image["std"]
     pin = device.type == "cuda"
     if decoded is None:
         dataset = ManifestDataset(manifest, classes, class_order, make_transform(transform, size, mean, std, crop_scale))
-        return DeviceBatches(make_loader(dataset, batch_size, shuffle, seed, workers, pin_memory=pin), device, lambda x: x)
+        loader = make_loader(dataset, batch_size, shuffle, seed, workers, pin_memory=pin, drop_last=drop_last)
+        return DeviceBatches(loader, device, lambda x: x)
     dataset = DecodedDataset(decoded, manifest, classes, class_order, size)
     print(f"{len(dataset)} images from the decoded-image cache {decoded}", flush=True)
     prepare = batch_preparation(transform, mean, std, crop_scale, seed, device)
-    return DeviceBatches(make_loader(dataset, batch_size, shuffle, seed, workers, pin_memory=pin), device, prepare)
+    loader = make_loader(dataset, batch_size, shuffle, seed, workers, pin_memory=pin, drop_last=drop_last)
+    return DeviceBatches(loader, device, prepare)

@@ -13,13 +13,16 @@ from ..training import per_task_accuracy, predict_logits, task_aware_predictions
 
 
 def task_loader(manifest: str, classes, tasks: dict, dataset: dict, backbone: dict, train: bool, batch_size: int,
-                device, seed: int = 0, decoded: str | None = None, workers: int = 0, transform: str | None = None):
+                device, seed: int = 0, decoded: str | None = None, workers: int = 0, transform: str | None = None,
+                drop_last: bool = False):
     """Batches on ``device`` of the manifest's images of ``classes``: ``train``: the training transform, shuffled;
     else the test transform in manifest order; ``transform``: that key of ``dataset`` instead (``test_transform``
-    for a shuffled pass without augmentation). ``decoded``: read from that decoded-image cache."""
+    for a shuffled pass without augmentation). ``decoded``: read from that decoded-image cache. ``drop_last``:
+    without the last partial batch."""
     name = dataset[transform or ("train_transform" if train else "test_transform")]
     return image_batches(manifest, classes, tasks["class_order"], name, backbone, batch_size, shuffle=train,
-                         seed=seed, device=device, crop_scale=dataset["crop_scale"], decoded=decoded, workers=workers)
+                         seed=seed, device=device, crop_scale=dataset["crop_scale"], decoded=decoded, workers=workers,
+                         drop_last=drop_last)
 
 
 def seen_classes(tasks: dict, t: int) -> list:

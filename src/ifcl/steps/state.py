@@ -70,6 +70,7 @@ class Train:
     train: dict  # the task's optimisation settings
     dataset: dict  # train_transform, test_transform, crop_scale
     transform: str = "train_transform"  # the key of dataset whose transform the task's pass applies
+    drop_last: bool = False  # the task's loader drops its last partial batch (the method's official loader does)
     precision: str
     out: str
     log_csv: str
@@ -94,7 +95,11 @@ def train(step: Train) -> None:
     model.to(device).eval()  # no dropout in the backbones; the official loops' train mode changes nothing
     known = sum(len(c) for c in tasks["tasks"][: step.t])
     loader = task_loader(step.manifest, tasks["tasks"][step.t], tasks, step.dataset, step.backbone, True,
-                         step.train["batch_size"], device, job_seed, step.decoded, step.loader_workers, step.transform)
+                         step.train["batch_size"], device, job_seed, step.decoded, step.loader_workers, step.transform,
+                         step.drop_last)
+    if len(loader) == 0:
+        raise ValueError(f"task {step.t}: {len(loader.dataset)} images, fewer than one batch of "
+                         f"{step.train['batch_size']}, and the method's loader drops the last partial batch")
     params = model.trainable_parameters()
     n_trainable = sum(p.numel() for p in params)
     print(f"task {step.t}: {len(loader.dataset)} images ({step.dataset[step.transform]}), {n_trainable} trainable "
