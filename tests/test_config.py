@@ -80,6 +80,19 @@ def test_an_include_missing_from_the_working_directory_is_read_from_the_reposito
     assert "mine" in merged["datasets"] and "demo_inflora" not in merged["experiments"]
 
 
+def test_a_config_that_includes_itself_is_named_with_the_chain(tmp_path):
+    (tmp_path / "a.yaml").write_text("include: [b.yaml]\n")
+    (tmp_path / "b.yaml").write_text("include: [a.yaml]\n")
+    (tmp_path / "self.yaml").write_text("include: [self.yaml]\n")
+    with pytest.raises(ConfigError, match=r"include: a.yaml includes itself \(.*a.yaml > .*b.yaml > .*a.yaml\)"):
+        merge_includes({"include": ["a.yaml"]}, tmp_path)
+    with pytest.raises(ConfigError, match=r"include: self.yaml includes itself"):
+        merge_includes(load_yaml(tmp_path / "self.yaml"), tmp_path)
+    (tmp_path / "c.yaml").write_text("include: [d.yaml, d.yaml]\n")  # the same file twice is no cycle
+    (tmp_path / "d.yaml").write_text("datasets: {x: {type: generated}}\n")
+    assert merge_includes({"include": ["c.yaml"]}, tmp_path)["datasets"] == {"x": {"type": "generated"}}
+
+
 def test_task_overrides_and_seeds():
     exp = {"train": {"lr": 0.1, "epochs": 3}, "task_overrides": {0: {"epochs": 5}}}
     assert task_train_params(exp, 0) == {"lr": 0.1, "epochs": 5}

@@ -34,13 +34,14 @@ def load_yaml(path: str | Path) -> dict:
 REPOSITORY = Path(__file__).resolve().parents[2]  # the checkout the package is installed from (pip install -e)
 
 
-def merge_includes(config: dict, root: str | Path = ".") -> dict:
+def merge_includes(config: dict, root: str | Path = ".", _within: tuple[Path, ...] = ()) -> dict:
     """Return ``config`` with the files listed under ``include`` merged in. An include is a path relative to
     ``root`` (the working directory) or, when no such file is there, to the repository (:data:`REPOSITORY`), so the
     repository's configs work from any working directory (``snakemake -d``).
 
     Registries (datasets, backbones, experiments) are merged by name; the same name defined differently in two
-    files is an error naming both. Included files may include further files.
+    files is an error naming both. Included files may include further files; a file that includes itself, directly
+    or through others, is an error naming the chain (``_within``: the files being merged around this one).
     """
     merged = copy.deepcopy({k: v for k, v in config.items() if k != "include"})
     sources = {}
@@ -52,7 +53,10 @@ def merge_includes(config: dict, root: str | Path = ".") -> dict:
         if path is None:
             raise ConfigError(f"include: {rel} does not exist (paths are relative to the working directory "
                               f"{Path(root).resolve()} or to the repository {REPOSITORY})")
-        other = merge_includes(load_yaml(path), root)
+        if path.resolve() in _within:
+            chain = [str(p) for p in _within[_within.index(path.resolve()):]] + [str(path.resolve())]
+            raise ConfigError(f"include: {rel} includes itself ({' > '.join(chain)})")
+        other = merge_includes(load_yaml(path), root, _within + (path.resolve(),))
         for key, value in other.items():
             if key not in ("datasets", "backbones", "experiments"):
                 raise ConfigError(f"{rel}: key '{key}' cannot be included (only datasets, backbones, experiments)")
