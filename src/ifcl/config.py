@@ -227,18 +227,12 @@ def check(config: dict) -> None:
         if exp["backbone"] not in backbones:
             raise ConfigError(f"{key}.backbone: unknown backbone '{exp['backbone']}' (defined: {', '.join(sorted(backbones))})")
         method = method_of(exp)
-        (_check_mtil if method.protocol == "mtil" else _check_cil)(key, exp, config)
+        (_check_mtil if method.protocol == "mtil" else _check_cil)(key, exp, config, method.title)
         if method.check is not None:
             method.check(key, exp, config)
 
 
-def _title(exp: dict) -> str:
-    from .registry import method_of
-
-    return method_of(exp).title
-
-
-def _check_mtil(key: str, exp: dict, config: dict) -> None:
+def _check_mtil(key: str, exp: dict, config: dict, title: str) -> None:
     """An MTIL experiment: known datasets, each once, and a CLIP backbone."""
     datasets, kind = config["datasets"], config["backbones"][exp["backbone"]]["type"]
     for i, ds in enumerate(exp["sequence"]):
@@ -247,16 +241,16 @@ def _check_mtil(key: str, exp: dict, config: dict) -> None:
     if len(set(exp["sequence"])) != len(exp["sequence"]):
         raise ConfigError(f"{key}.sequence: a dataset appears twice")
     if kind not in CLIP_BACKBONES:
-        raise ConfigError(f"{key}.backbone: {_title(exp)} needs a CLIP backbone (type open_clip or pretrain_clip), "
+        raise ConfigError(f"{key}.backbone: {title} needs a CLIP backbone (type open_clip or pretrain_clip), "
                           f"not {kind}")
 
 
-def _check_cil(key: str, exp: dict, config: dict) -> None:
+def _check_cil(key: str, exp: dict, config: dict, title: str) -> None:
     """A class-incremental experiment: a ViT backbone, a known dataset whose classes the tasks divide, task
     overrides of existing tasks."""
     datasets, kind = config["datasets"], config["backbones"][exp["backbone"]]["type"]
     if kind in CLIP_BACKBONES:
-        raise ConfigError(f"{key}.backbone: {_title(exp)} needs a ViT backbone (type timm or pretrain), not {kind}")
+        raise ConfigError(f"{key}.backbone: {title} needs a ViT backbone (type timm or pretrain), not {kind}")
     if exp["dataset"] not in datasets:
         raise ConfigError(f"{key}.dataset: unknown dataset '{exp['dataset']}' (defined: {', '.join(sorted(datasets))})")
     _needs_transforms(datasets, exp["dataset"], key)
