@@ -1,11 +1,14 @@
 """Fetching raw sources from a local HTTP server (127.0.0.1) that serves small fabricated archives at the real URLs'
 paths (through the `mirror` setting), and building the benchmark manifests from them."""
 import dataclasses
+import gzip
 import json
 import hashlib
 import io
 import tarfile
 import threading
+import time
+import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -22,10 +25,13 @@ from ifcl.files import read_json
 
 
 class Server:
-    """Serves ``files`` (URL path -> bytes) with Range support; ``truncate`` paths send half their bytes."""
+    """Serves ``files`` (URL path -> bytes) with Range support; ``truncate`` paths send half their bytes; ``custom``
+    paths answer with their function ``f(handler, body, start)`` instead (a misbehaving server), which may wait on
+    ``release`` (set when the test ends)."""
 
     def __init__(self):
-        self.files, self.truncate, self.requests = {}, set(), []
+        self.files, self.truncate, self.requests, self.custom, self.starts = {}, set(), [], {}, []
+        self.release = threading.Event()
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -39,6 +45,10 @@ class Server:
                     self.send_error(404)
                     return
                 start = int(self.headers["Range"].split("=")[1].split("-")[0]) if self.headers.get("Range") else 0
+                server.starts.append(start)
+                if self.path in server.custom:
+                    server.custom[self.path](self, body, start)
+                    return
                 self.send_response(206 if start else 200)
                 self.send_header("Content-Length", str(len(body) - start))
                 self.end_headers()
@@ -50,14 +60,17 @@ class Server:
         # shutdown() waits for the loop's next poll: a short interval keeps each test's teardown short
         threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True).start()
 
-    def serve(self, public_url: str, body: bytes) -> None:
-        self.files["/" + public_url.split("://", 1)[1]] = body
+    def serve(self, public_url: str, body: bytes) -> str:
+        path = "/" + public_url.split("://", 1)[1]
+        self.files[path] = body
+        return path
 
 
 @pytest.fixture
 def server():
     s = Server()
     yield s
+    s.release.set()
     s.httpd.shutdown()
 
 
@@ -69,6 +82,12 @@ def tar_bytes(members: dict[str, bytes]) -> bytes:
             info.size = len(data)
             t.addfile(info, io.BytesIO(data))
     return buf.getvalue()
+
+
+def safetensors_bytes(n: int = 4) -> bytes:
+    """A safetensors file holding one uint8 tensor of ``n`` values."""
+    header = json.dumps({"x": {"dtype": "U8", "shape": [n], "data_offsets": [0, n]}}).encode()
+    return len(header).to_bytes(8, "little") + header + bytes(i % 256 for i in range(n))
 
 
 def fake_cifar(n_classes=3, per_class=2, seed=0) -> tuple[bytes, dict]:
@@ -148,7 +167,8 @@ def test_a_cut_transfer_fails_then_resumes(server, monkeypatch, tmp_path):
     remote = with_source(monkeypatch, "cifar100", archive)
     server.serve(remote.url, archive)
     server.truncate.add("/" + remote.url.split("://", 1)[1])
-    expect_clean_failure(tmp_path, server.url, "cifar100", f"stopped after {len(archive) // 2} of {len(archive)} bytes")
+    expect_clean_failure(tmp_path, server.url, "cifar100",
+                         f"stopped after {len(archive) // 2:,} bytes of {len(archive):,} .the server closed")
     part = tmp_path / "raw" / "cifar100" / "downloads" / (remote.name + ".part")
     assert part.stat().st_size == len(archive) // 2
     server.truncate.clear()
@@ -165,6 +185,218 @@ def test_resume_from_a_part_file(server, monkeypatch, tmp_path):
     part.write_bytes(archive[:1000])
     fetch_source("cifar100", tmp_path / "raw", mirror=server.url)
     assert (tmp_path / "raw" / "cifar100" / MARKER).exists() and not part.exists()
+
+
+# --- servers that cut, stall or trickle ----------------------------------------------------------------------------
+
+def close_early(handler, body, start):
+    """HTTP/1.0 with no Content-Length: the body ends where the connection does, here after half of it."""
+    handler.send_response(200)
+    handler.end_headers()
+    handler.wfile.write(body[: len(body) // 2])
+
+
+def chunked_cut(handler, body, start):
+    """One chunk announced for the whole body, the connection closed after half of it."""
+    handler.send_response(200)
+    handler.send_header("Transfer-Encoding", "chunked")
+    handler.end_headers()
+    handler.wfile.write(b"%x\r\n" % len(body) + body[: len(body) // 2])
+
+
+def short_range(handler, body, start):
+    """A range answer that covers only half of what was asked for; its Content-Range says so (the total)."""
+    end = start + (len(body) - start) // 2
+    handler.send_response(206)
+    handler.send_header("Content-Range", f"bytes {start}-{end - 1}/{len(body)}")
+    handler.send_header("Content-Length", str(end - start))
+    handler.end_headers()
+    handler.wfile.write(body[start:end])
+
+
+def one_file_source(monkeypatch, url: str, layout: tuple[str, ...], **kw) -> RemoteFile:
+    """Register source "test": one file with no published size or checksum (like DomainNet's archives)."""
+    remote = RemoteFile(url, None, None, **kw)
+    monkeypatch.setitem(sources.SOURCES, "test", Source("test", (remote,), layout, "the test's files"))
+    return remote
+
+
+@pytest.mark.parametrize("cut, match", [
+    (close_early, r"(?s)data.tar.gz.part is not a complete tar or zip archive.*came with no length.*is kept"),
+    (chunked_cut, r"was cut after {half:,} bytes \(the connection broke: IncompleteRead"),
+], ids=["close", "chunked"])
+def test_a_transfer_cut_without_a_length_is_kept_as_part_and_resumed(cut, match, server, monkeypatch, tmp_path):
+    archive, _ = fake_cifar(n_classes=20, per_class=5)
+    half = len(archive) // 2
+    remote = one_file_source(monkeypatch, "https://example.org/data.tar.gz", ("cifar-100-binary/train.bin",),
+                             extract=True)
+    path = server.serve(remote.url, archive)
+    server.custom[path] = cut
+    with pytest.raises(FetchError, match=match.format(half=half)):
+        fetch_source("test", tmp_path / "raw", mirror=server.url)
+    folder = tmp_path / "raw" / "test"
+    part = folder / "downloads" / "data.tar.gz.part"
+    assert not (folder / remote.target).exists() and not (folder / MARKER).exists()
+    assert part.read_bytes() == archive[:half]
+    del server.custom[path]
+    fetch_source("test", tmp_path / "raw", mirror=server.url)
+    assert server.starts[-1] == half and not part.exists()  # resumed
+    marker = sources.read_marker(folder)
+    assert marker["files"] == {remote.target: {"sha256": hashlib.sha256(archive).hexdigest()}}
+    assert marker["sizes"] == {remote.target: len(archive)}
+
+
+def test_a_resumed_transfer_shorter_than_its_content_range_is_kept_as_part(server, monkeypatch, tmp_path):
+    archive, _ = fake_cifar(n_classes=20, per_class=5)
+    remote = one_file_source(monkeypatch, "https://example.org/data.tar.gz", ("cifar-100-binary/train.bin",),
+                             extract=True)
+    path = server.serve(remote.url, archive)
+    server.custom[path] = short_range
+    folder = tmp_path / "raw" / "test"
+    part = folder / "downloads" / "data.tar.gz.part"
+    part.parent.mkdir(parents=True)
+    part.write_bytes(archive[:1000])
+    mid = 1000 + (len(archive) - 1000) // 2
+    with pytest.raises(FetchError, match=f"stopped after {mid:,} bytes of {len(archive):,} .the server closed"):
+        fetch_source("test", tmp_path / "raw", mirror=server.url)
+    assert part.read_bytes() == archive[:mid] and not (folder / remote.target).exists()
+    assert not (folder / MARKER).exists()
+    del server.custom[path]
+    fetch_source("test", tmp_path / "raw", mirror=server.url)
+    assert server.starts[-1] == mid and (folder / MARKER).exists() and not part.exists()
+
+
+def zip_bytes(members: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+    return buf.getvalue()
+
+
+NOISE = np.random.default_rng(0).integers(0, 256, 50_000, dtype=np.uint8).tobytes()
+
+
+@pytest.mark.parametrize("url, body, layout, kw", [
+    ("https://example.org/data.tar.gz", tar_bytes({"d/a.bin": NOISE, "d/b.bin": NOISE[::-1]}), ("d/b.bin",),
+     {"extract": True}),
+    ("https://example.org/clipart.zip", zip_bytes({"clipart/a/1.jpg": NOISE, "clipart/a/2.jpg": NOISE[::-1]}),
+     ("clipart/a/2.jpg",), {"extract": True}),
+    ("https://example.org/labels.gz", gzip.compress(NOISE), ("labels",), {"gunzip": True}),
+], ids=["tar.gz", "zip", "gz"])
+def test_an_archive_without_checksum_is_read_whole_and_a_cut_one_deleted(url, body, layout, kw, server, monkeypatch,
+                                                                          tmp_path):
+    remote = one_file_source(monkeypatch, url, layout, **kw)
+    cut = body[: len(body) * 2 // 3]
+    server.serve(remote.url, cut)  # the server itself sends a cut file, with a Content-Length that matches it
+    folder = tmp_path / "raw" / "test"
+    dest = folder / remote.target
+    part = dest.with_name(dest.name + ".part")
+    with pytest.raises(FetchError, match="is not a complete") as info:
+        fetch_source("test", tmp_path / "raw", mirror=server.url)
+    assert f"{part} is not a complete" in str(info.value) and f"{part} is deleted" in str(info.value)
+    assert not dest.exists() and not part.exists() and not (folder / MARKER).exists()
+
+    dest.write_bytes(cut)  # a cut file that an earlier version renamed into place
+    with pytest.raises(FetchError, match=f"{dest} was there before this run and is left as it is: delete it"):
+        fetch_source("test", tmp_path / "raw", mirror=server.url)
+    assert dest.read_bytes() == cut and not (folder / MARKER).exists()
+    dest.unlink()
+
+    server.serve(remote.url, body)
+    fetch_source("test", tmp_path / "raw", mirror=server.url)
+    marker = sources.read_marker(folder)
+    assert marker["files"] == {remote.target: {"sha256": hashlib.sha256(body).hexdigest()}}
+    assert marker["sizes"] == {remote.target: len(body)}
+
+
+def test_an_archive_carrying_a_marker_is_refused(server, monkeypatch, tmp_path):
+    archive = tar_bytes({"cifar-100-binary/train.bin": b"x", "cifar-100-binary/test.bin": b"x",
+                         "cifar-100-binary/fine_label_names.txt": b"a\n", MARKER: b'{"source": "cifar100"}'})
+    remote = with_source(monkeypatch, "cifar100", archive)
+    server.serve(remote.url, archive)
+    message = expect_clean_failure(tmp_path, server.url, "cifar100", "would overwrite ifcl's marker")
+    assert f"{remote.name}: member {MARKER!r}" in message
+
+
+def test_cut_weights_are_neither_kept_nor_recorded(server, tmp_path):
+    from ifcl.files import write_json
+    from ifcl.models.weights import check_weights, fetch_weights, weights_url
+
+    spec = {"type": "timm", "name": "vit_tiny_patch16_224.augreg_in21k"}
+    body = safetensors_bytes(10_000)
+    path = server.serve(weights_url(spec), body[:6000])  # a cut file, with a Content-Length that matches it
+    out = tmp_path / "weights" / "w.safetensors"
+    record, part = out.with_name(out.name + ".json"), out.with_name(out.name + ".part")
+    with pytest.raises(FetchError, match=f"{part} has 6,000 bytes, but its safetensors header describes {len(body):,}"
+                       ) as info:
+        fetch_weights(spec, out, mirror=server.url)
+    assert f"{part} is deleted: a new run downloads {server.url}{path} again" in str(info.value)
+    assert not out.exists() and not record.exists() and not part.exists()
+
+    server.serve(weights_url(spec), body)
+    server.custom[path] = close_early
+    with pytest.raises(FetchError, match="came with no length") as info:
+        fetch_weights(spec, out, mirror=server.url)
+    assert part.read_bytes() == body[: len(body) // 2] and not out.exists() and not record.exists()
+    del server.custom[path]
+    assert fetch_weights(spec, out, mirror=server.url) == hashlib.sha256(body).hexdigest()
+    assert server.starts[-1] == len(body) // 2
+
+    out.write_bytes(body[:6000])  # cut weights an earlier version kept and recorded
+    write_json(record, {"model": spec["name"], "url": None, "sha256": hashlib.sha256(body[:6000]).hexdigest()})
+    with pytest.raises(FetchError, match=f"{out} has 6,000 bytes, but its safetensors header describes"):
+        check_weights(out)
+    with pytest.raises(FetchError, match="cut short or damaged\nDelete it"):
+        fetch_weights(spec, out, mirror=server.url)
+
+
+def test_a_stalled_transfer_keeps_what_arrived_and_says_so(server, tmp_path):
+    def stall(handler, body, start):
+        handler.send_response(200)
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        handler.wfile.write(body[:12345])
+        handler.wfile.flush()
+        server.release.wait(10)
+
+    remote = RemoteFile("https://example.org/big.bin", None, None)
+    path = server.serve(remote.url, NOISE + NOISE)
+    server.custom[path] = stall
+    dest = tmp_path / "big.bin"
+    part = dest.with_name("big.bin.part")
+    with pytest.raises(FetchError) as info:
+        sources.download(server.url + path, dest, remote, timeout=0.5)
+    assert str(info.value) == (f"downloading {server.url}{path} stalled after 12,345 bytes of 100,000 (no data for "
+                               f"0.5 s); the 12,345 bytes are kept in {part} and a new run resumes from them")
+    assert part.read_bytes() == NOISE[:12345] and not dest.exists()
+
+    with pytest.raises(FetchError, match=r"could not connect to http://127.0.0.1:9/x: .* \(no network on this node"):
+        sources.download("http://127.0.0.1:9/x", tmp_path / "x", remote, timeout=0.5)
+
+
+def test_a_trickling_transfer_meets_its_deadline(server, tmp_path):
+    def trickle(handler, body, start):
+        handler.send_response(200)
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        for i in range(len(body)):
+            if server.release.wait(0.2):
+                return
+            try:
+                handler.wfile.write(body[i:i + 1])
+            except OSError:  # the client gave up
+                return
+
+    remote = RemoteFile("https://example.org/slow.bin", None, None)
+    path = server.serve(remote.url, NOISE[:1000])
+    server.custom[path] = trickle
+    began = time.monotonic()
+    with pytest.raises(FetchError, match=r"stopped after \d bytes of 1,000 \(still running after 1\.\d s, over the "
+                                         r"limit of 1\.0 s for one transfer"):
+        sources.download(server.url + path, tmp_path / "slow.bin", remote, timeout=0.5, deadline=1.0)
+    assert time.monotonic() - began < 3
+    assert 3 <= (tmp_path / "slow.bin.part").stat().st_size <= 7
 
 
 def test_data_placed_by_hand_is_accepted_offline(tmp_path):
@@ -192,12 +424,12 @@ def test_weights_placed_by_hand_are_recorded_then_checked_on_use(tmp_path):
 
     weights = tmp_path / "data" / "weights" / "vit_tiny_patch16_224.augreg_in21k.safetensors"
     weights.parent.mkdir(parents=True)
-    weights.write_bytes(b"placed by hand")
+    weights.write_bytes(safetensors_bytes())
     report = check_workdir(tmp_path)
     assert report.recorded == ["data/weights/vit_tiny_patch16_224.augreg_in21k.safetensors"]
     assert "was placed by hand; its sha256 is recorded" in report.lines()[0]
     record = read_json(weights.with_name(weights.name + ".json"))
-    assert record["placed_by_hand"] and record["sha256"] == hashlib.sha256(b"placed by hand").hexdigest()
+    assert record["placed_by_hand"] and record["sha256"] == hashlib.sha256(safetensors_bytes()).hexdigest()
     check_weights(weights)
     weights.write_bytes(b"replaced")
     with pytest.raises(FetchError, match="differs from the file recorded"):

@@ -5,8 +5,11 @@ The folder is tracked by content. The manifest rule depends on :func:`folder_fin
 size, modification time and change time, read with one ``stat`` each), so an image added, removed, renamed, edited
 or replaced, even by a copy that keeps the old times, re-runs it; the manifest lists each image's sha256, so what
 reads the images re-runs exactly when an image's content changed. Every image is decoded once when the manifest
-is made: an unreadable one is an error naming it (or, with ``skip_unreadable: true``, left out and named in the
-log); files that are not images are named in the log.
+is made, to 8-bit RGB as training reads it (:func:`ifcl.data.transforms.to_rgb`). Unreadable are: a file that does
+not decode or whose mode cannot be converted, a link that does not resolve (dangling, or a loop) and a file whose
+name is not valid UTF-8 (a manifest is UTF-8 text). An unreadable image is an error naming it (or, with
+``skip_unreadable: true``, left out and named in the log); files that are not images are named in the log. Names
+that are not valid UTF-8 are shown with those bytes as ``\\xNN`` (:func:`shown`).
 """
 from __future__ import annotations
 
@@ -18,43 +21,88 @@ from pathlib import Path
 import numpy as np
 
 from .manifest import IMAGE_SUFFIXES, DatasetError
+from .transforms import to_rgb
+
+
+def shown(path: str | Path) -> str:
+    """``path`` as text that prints and writes anywhere: the bytes of a name that are not valid UTF-8 as ``\\xNN``."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def _is_utf8(path: str | Path) -> bool:
+    return shown(path) == str(path)
 
 
 def folder_fingerprint(path: str | Path) -> str:
-    """A digest of the stat signature of every file under ``path`` (hidden files and folders left out)."""
+    """A digest of the stat signature of every file under ``path`` (hidden files and folders left out).
+
+    It raises for no file, since Snakemake calls it while it builds the DAG: a link that does not resolve (dangling,
+    or a loop) counts by its own stat and its link text, a name that is not valid UTF-8 by its bytes; the manifest
+    rule then names such files (:func:`folder_manifests`)."""
     root = Path(path)
     h = hashlib.sha256()
     for dirpath, dirs, files in os.walk(root):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in sorted(f for f in files if not f.startswith(".")):
-            st = os.stat(os.path.join(dirpath, name))
-            rel = os.path.relpath(os.path.join(dirpath, name), root)
-            h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\n".encode())
+            file = os.path.join(dirpath, name)
+            h.update(f"{os.path.relpath(file, root)}\0{_signature(file)}\n".encode("utf-8", "surrogateescape"))
     return h.hexdigest()[:16]
 
 
+def _signature(file: str) -> str:
+    """Size, modification and change time of a file; of a link that does not resolve, those of the link and its
+    text."""
+    try:
+        st = os.stat(file)
+        return f"{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}"
+    except OSError:
+        pass
+    try:
+        st = os.lstat(file)
+        return f"{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\0link\0{os.readlink(file)}"
+    except OSError:  # gone since it was listed, or not a link
+        return "unreadable"
+
+
 def _images_in(folder: Path, others: list[Path]) -> list[Path]:
-    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    """The image files of a class folder, sorted (links that do not resolve included, to be named as unreadable);
+    its other files go to ``others``. Hidden files are left out."""
+    files = sorted(p for p in folder.iterdir()
+                   if not p.name.startswith(".") and (p.is_file() or (p.is_symlink() and not p.exists())))
     others += [p for p in files if p.suffix.lower() not in IMAGE_SUFFIXES]
     return [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
 
 
-def image_sha256(path: Path, skip_unreadable: bool) -> str | None:
-    """The sha256 of an image file that decodes; None if it does not and ``skip_unreadable`` (it is named in the
-    log), else a :class:`DatasetError` naming it."""
+def _checked_bytes(path: Path) -> tuple[bytes, str]:
+    """The bytes of an image file and "", or b"" and why it is not a readable image."""
     from PIL import Image
 
-    data = path.read_bytes()
+    if not _is_utf8(path):
+        return b"", "its name is not valid UTF-8, which a manifest cannot hold"
     try:
+        data = path.read_bytes()
         with Image.open(io.BytesIO(data)) as im:
-            im.load()
+            to_rgb(im)
+        return data, ""
     except Exception as e:  # noqa: BLE001  (Pillow raises many kinds for a damaged file)
-        if skip_unreadable:
-            print(f"skipped, not a readable image: {path} ({e})")
-            return None
-        raise DatasetError(f"{path} is not a readable image ({e}); remove or replace it, or set skip_unreadable: "
-                           "true on the dataset to leave such files out") from None
-    return hashlib.sha256(data).hexdigest()
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        if path.is_symlink():
+            reason = f"a link to {shown(os.readlink(path))}: {reason}"
+        return b"", reason
+
+
+def image_sha256(path: Path, skip_unreadable: bool) -> str | None:
+    """The sha256 of an image file that decodes to 8-bit RGB (:func:`ifcl.data.transforms.to_rgb`); None if it is
+    unreadable (see the module) and ``skip_unreadable`` (it is named in the log), else a :class:`DatasetError`
+    naming it."""
+    data, reason = _checked_bytes(path)
+    if not reason:
+        return hashlib.sha256(data).hexdigest()
+    if skip_unreadable:
+        print(f"skipped, not a readable image: {shown(path)} ({reason})")
+        return None
+    raise DatasetError(f"{shown(path)} is not a readable image ({reason}); remove, replace or rename it, or set "
+                       "skip_unreadable: true on the dataset to leave such files out")
 
 
 def _class_folders(root: Path) -> list[Path]:
@@ -63,6 +111,10 @@ def _class_folders(root: Path) -> list[Path]:
     folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not folders:
         raise DatasetError(f"{root} holds no class folders (expected {root}/<class name>/<image files>)")
+    for p in folders:
+        if not _is_utf8(p):
+            raise DatasetError(f"class folder {shown(p)}: its name is not valid UTF-8, which a manifest cannot hold "
+                               "(class names are written to it); rename it")
     return folders
 
 
@@ -104,6 +156,6 @@ def folder_manifests(path: str | Path, split: dict, skip_unreadable: bool = Fals
             for i, (f, sha) in enumerate(files):
                 out["test" if i in test_idx else "train"].append((str(folder / f.name), label, folder.name, sha))
     if others:
-        shown = ", ".join(str(p) for p in others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
-        print(f"not images, left out: {len(others)} files ({shown}); images end in {', '.join(sorted(IMAGE_SUFFIXES))}")
+        names = ", ".join(shown(p) for p in others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+        print(f"not images, left out: {len(others)} files ({names}); images end in {', '.join(sorted(IMAGE_SUFFIXES))}")
     return out

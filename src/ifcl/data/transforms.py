@@ -1,4 +1,5 @@
-"""The image transforms (the official recipes, liangyanshuo/InfLoRA) and the naming of decoded-image caches.
+"""The reading of image files (:func:`read_image`: every mode as 8-bit RGB, :func:`to_rgb`), the image transforms
+(the official recipes, liangyanshuo/InfLoRA) and the naming of decoded-image caches.
 
 A transform is named in the config (``train_transform``, ``test_transform``): :data:`TRANSFORMS` lists every name,
 :data:`DETERMINISTIC` those without randomness, whose output a decoded-image cache (:mod:`ifcl.data.decoded`) can
@@ -7,6 +8,8 @@ store; :func:`decoded_file` says where the cache of a dataset split lives.
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
 
 from .manifest import DatasetError
 
@@ -50,13 +53,40 @@ def make_transform(name: str, size: int, mean: Sequence[float], std: Sequence[fl
     return T.Compose(geometric_ops(name, size, crop_scale) + [T.ToTensor(), T.Normalize(mean, std)])
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """``image`` as 8-bit RGB, whatever its mode: what every reader of an image file uses.
+
+    - 16-bit and 32-bit integer greyscale (``I;16``, ``I;16B``, ``I;16L``, ``I``): clipped to 0..65535 and shifted
+      right by 8 bits (value // 256, as Pillow itself reads 16-bit RGB and RGBA PNGs, which it opens as 8-bit
+      ``RGB`` and ``RGBA``); ``convert("RGB")`` alone would clip them, most images coming out white.
+    - 32-bit float greyscale (``F``): if no value exceeds 1.0 it is taken as 0..1 and multiplied by 255, else as
+      0..255; then rounded and clipped to 0..255 (NaN is 0).
+    - Every other mode Pillow converts: ``1``, ``L``, ``P`` (its palette colours), ``RGB``, ``CMYK``, ``YCbCr``,
+      ``LAB``, ``HSV``; alpha (``LA``, ``PA``, ``RGBA``, the transparency of ``P``) is dropped: the stored colours are
+      kept, not composited on any background. A mode Pillow cannot convert raises ``ValueError``.
+    """
+    from PIL import Image
+
+    if image.mode == "F":
+        a = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0)
+        a = np.clip(np.rint(a * 255 if not (a > 1).any() else a), 0, 255)
+        image = Image.fromarray(a.astype(np.uint8))
+    elif image.mode.startswith("I"):
+        image = Image.fromarray((np.clip(np.asarray(image, dtype=np.int64), 0, 65535) >> 8).astype(np.uint8))
+    elif image.mode == "P":  # by RGBA: the same colours, without Pillow's warning about palette transparency
+        image = image.convert("RGBA")
+    return image.convert("RGB")
+
+
 def read_image(path: str) -> Image.Image:
+    """The image file at ``path`` as 8-bit RGB (:func:`to_rgb`); a :class:`DatasetError` naming it if it does not
+    decode."""
     from PIL import Image
 
     try:
         with Image.open(path) as im:
-            return im.convert("RGB")
-    except OSError as e:
+            return to_rgb(im)
+    except (OSError, ValueError) as e:
         raise DatasetError(f"cannot read image {path}: {e}") from e
 
 

@@ -9,13 +9,17 @@ Both kinds come from the Hugging Face hub as safetensors (so loading never unpic
   the hub repository open_clip names for that tag (``ViT-B-16`` + ``openai`` -> ``timm/vit_base_patch16_clip_224.
   openai``: OpenAI's ViT-B/16 weights in open_clip's layout, the backbone of lloongx/DIKI).
 
-The file's sha256 is recorded beside it (``<file>.json``) and checked whenever it is loaded (:func:`check_weights`)
-and whenever the fetch rule runs again. Weights placed by hand at that path (the fetch rule then never runs) get
-their record from the check every workflow start runs (:func:`record_placed_weights`), so they are checked on use
-from then on like downloaded ones.
+The download is the one of raw sources (:func:`ifcl.data.sources.download`: through a ``.part`` file, resumed after a
+cut, never renamed into place while shorter than announced), and the file must then be a whole safetensors file
+(:func:`check_safetensors`: its header parses and the file ends where the header's last tensor ends) before it is
+moved into place. The file's sha256 is recorded beside it (``<file>.json``) and checked, with its safetensors header,
+whenever it is loaded (:func:`check_weights`) and whenever the fetch rule runs again. Weights placed by hand at that
+path (the fetch rule then never runs) get their record from the check every workflow start runs
+(:func:`record_placed_weights`), so they are checked on use from then on like downloaded ones.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from .. import layout
@@ -69,10 +73,15 @@ def fetch_weights(spec: dict, out: str | Path, mirror: str | None = None) -> str
         url = mirror.rstrip("/") + "/" + url.split("://", 1)[1]
     if not out.exists():
         try:
-            download(url, out, RemoteFile(url, None, None))
+            download(url, out, RemoteFile(url, None, None), check=check_safetensors)
         except FetchError as e:
             raise FetchError(f"{e}\nTo install the weights by hand, download {weights_url(spec)} on a machine "
                              f"with internet and copy it to {out}") from e
+    else:
+        try:
+            check_safetensors(out)
+        except FetchError as e:
+            raise FetchError(f"{e}\nDelete it (and {record}, if there) to fetch it again from {url}") from e
     sha256 = file_sha256(out)
     if record.exists() and read_json(record)["sha256"] != sha256:
         raise FetchError(f"{out} differs from the file recorded in {record} (sha256 {sha256}); delete both to fetch again")
@@ -85,15 +94,41 @@ def weights_record(path: str | Path) -> Path:
     return path.with_name(path.name + ".json")
 
 
+def check_safetensors(path: str | Path) -> None:
+    """Refuse a file that is not a whole safetensors file: an 8-byte little-endian header length, a JSON header of
+    that length mapping tensor names to their ``data_offsets``, and exactly the data the offsets describe (the file
+    is 8 + header length + the largest offset end long). Reads only the header."""
+    path = Path(path)
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if size < 8 or 8 + n > size:
+                raise ValueError("its header length is missing or longer than the file")
+            header = json.loads(f.read(n))
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
+        raise FetchError(f"{path} ({size:,} bytes) is not a safetensors file, or is cut short: {e}") from e
+    if size != 8 + n + end:
+        raise FetchError(f"{path} has {size:,} bytes, but its safetensors header describes {8 + n + end:,}: "
+                         "the file is cut short or damaged")
+
+
 def check_weights(path: str | Path) -> None:
-    """Refuse weights under data/weights/ that differ from their recorded sha256 (a file elsewhere, a backbone's
-    own ``weights:`` path, has no record and is read as it is)."""
+    """Refuse weights under data/weights/ that differ from their recorded sha256, or (safetensors) are not a whole
+    file (:func:`check_safetensors`). A file elsewhere, a backbone's own ``weights:`` path, has no record and is read
+    as it is."""
     record = weights_record(path)
     if record.exists():
         expected = read_json(record)["sha256"]
         if file_sha256(path) != expected:
             raise FetchError(f"{path} differs from the file recorded in {record} (sha256 {expected}); restore it, "
                              "or delete both to fetch it again")
+        if Path(path).suffix == ".safetensors":
+            try:
+                check_safetensors(path)
+            except FetchError as e:
+                raise FetchError(f"{e}\nDelete it and {record} to fetch it again") from e
 
 
 def record_placed_weights(root: str | Path = ".") -> list[str]:
