@@ -34,7 +34,7 @@ def test_state_files_are_checked_without_torch_as_load_state_checks_them(tmp_pat
         damaged = bytearray(good)
         damaged[flip] ^= 1
         path.write_bytes(bytes(damaged))
-        assert state_problem(path) == "does not match the digest of its tensors"
+        assert state_problem(path) == "was modified after it was written (its tensors or metadata do not match its digest)"
         with pytest.raises(StateError):
             load_state(path)
     path.write_bytes(good[:-8])
@@ -65,14 +65,14 @@ def test_damaged_files_are_moved_aside_and_regenerated_byte_for_byte(copy_of_tin
         assert f"ifcl check: {path} " in report.stdout, report.stdout
     assert "would be moved aside" in report.stdout and not (wd / "quarantine").exists()
 
-    manifest.write_bytes(full)  # (a regenerated manifest would re-run every run of the tiny dataset)
     out = snakemake(wd, TINY_CONFIG).stderr
     assert f"ifcl check: {RUN}/task1/eval.json does not match its recorded digest; moved to quarantine/" in out
-    assert f"ifcl check: {RUN}/task1/adapter.safetensors does not match the digest of its tensors" in out
+    assert f"ifcl check: {RUN}/task1/adapter.safetensors was modified after it was written (its tensors or metadata do not match its digest)" in out
     assert tree(wd, "results", "data/prepared") == before
     kept = {p.relative_to(wd / "quarantine").parts[1:] for p in (wd / "quarantine").rglob("*") if p.is_file()}
-    assert kept == {tuple(f"{RUN}/task1/{name}".split("/")) for name in
-                    ("eval.json", "eval.json.sha256", "adapter.safetensors")}
+    assert kept == {tuple(path.split("/")) for path in
+                    (*(f"{RUN}/task1/{name}" for name in ("eval.json", "eval.json.sha256", "adapter.safetensors")),
+                     "data/prepared/tiny_shapes/test.csv", "data/prepared/tiny_shapes/test.csv.sha256")}
     assert "nothing to regenerate" in ifcl("check", cwd=wd).stdout
 
 
@@ -89,7 +89,7 @@ def test_an_input_put_back_with_an_old_timestamp_reruns_what_was_made_from_other
         (task1 / name).write_bytes((task0 / name).read_bytes())
         os.utime(task1 / name, old)
     plan = snakemake(wd, TINY_CONFIG, "-n").stdout
-    assert "aggregate_run" in plan and "evaluate_task" not in plan
+    assert "aggregate_run" in plan and "evaluate_task" not in plan, plan
     snakemake(wd, TINY_CONFIG)
     assert matrix.read_bytes() != original_matrix
     for name, data in original.items():
@@ -179,3 +179,59 @@ def test_bench_check_times_the_check_on_a_fabricated_tree(tmp_path):
     first, later = proc.stdout.splitlines()[:2]
     assert first.startswith("first (every file read):") and "40 files checked" in first
     assert later.startswith("next (nothing changed):") and "0 file reads" in later
+
+
+def test_a_damaged_digest_file_is_found_although_its_data_file_is_unchanged(tmp_path):
+    """The check's cache covers the digest file too: a `.sha256` damaged after a check that passed is found by the
+    next one, which moves both aside (and a digest file that is not even a digest never crashes it)."""
+    from ifcl.files import write_json
+    from ifcl.integrity import check_workdir
+
+    data = tmp_path / "results/runs/x/seed0/metrics.json"
+    write_json(data, {"A_T": 1.0})
+    assert not check_workdir(tmp_path).moved
+    digest = data.with_name("metrics.json.sha256")
+    digest.write_text("0" * 64 + "  metrics.json\n# rows: many\n")
+    report = check_workdir(tmp_path)
+    assert [(path, why) for path, _, why in report.moved] == [("results/runs/x/seed0/metrics.json",
+                                                                "does not match its recorded digest")]
+    assert not data.exists() and not digest.exists()
+
+
+def test_the_check_only_reports_for_a_start_that_runs_no_job():
+    from ifcl.integrity import snakemake_command, snakemake_runs_jobs
+
+    assert snakemake_runs_jobs(["all", "--cores", "2"]) and snakemake_runs_jobs(["--profile", "profiles/slurm"])
+    for argv in (["-n"], ["all", "-np"], ["--dry-run"], ["--lint"], ["--report", "r.html"], ["--dag"],
+                 ["--summary"], ["--unlock"], ["-t"], ["--list-changes", "params"], ["--cleanup-metadata", "x"]):
+        assert not snakemake_runs_jobs(argv), argv
+    assert snakemake_runs_jobs(["--report", "r.html", "--report-after-run"])
+    cmd = snakemake_command(["runs", "--cores", "all", "--configfile", "c.yaml"], ["a.csv", "b.json"])
+    assert cmd[1:] == ["-m", "snakemake", "a.csv", "b.json", "--cores", "all", "--configfile", "c.yaml"]
+
+
+def test_a_dry_run_changes_nothing_and_a_damaged_manifest_is_regenerated_alone(copy_of_tiny_run):
+    """A dry run, --lint and --report say what the check would move and change no file; the next run moves the
+    damaged manifest aside and regenerates it before planning, to the same bytes, re-running nothing made from
+    it (so data/ matches what DVC recorded again)."""
+    wd = copy_of_tiny_run
+    manifest = wd / "data/prepared/tiny_shapes/test.csv"
+    original = manifest.read_bytes()
+    manifest.write_bytes(original + b"x.png,1,x,0\n")
+
+    def snapshot():
+        return {str(p.relative_to(wd)): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(wd.rglob("*"))
+                if p.is_file() and ".snakemake" not in p.parts and "logs" not in p.parts and p.name != "config.yaml"}
+
+    before = snapshot()
+    for args in (["-n"], ["--lint"], ["--report", str(wd.parent / "report.zip")]):
+        out = snakemake(wd, TINY_CONFIG, *args, check=False)
+        assert "data/prepared/tiny_shapes/test.csv does not match its recorded digest; it would be moved aside" \
+               in out.stderr, args
+        assert snapshot() == before, args
+    results = tree(wd, "results")
+    proc = snakemake(wd, TINY_CONFIG)
+    assert "regenerating what was moved aside, before planning this run: data/prepared/tiny_shapes/test.csv" \
+           in proc.stderr
+    assert manifest.read_bytes() == original and tree(wd, "results") == results
+    assert proc.stderr.rstrip().endswith("Nothing to be done (all requested files are present and up to date).")

@@ -80,12 +80,13 @@ def write_text(path: str | os.PathLike, text: str, rows: int | None = None) -> N
 def recorded_digest(path: str | os.PathLike) -> tuple[str, int | None] | None:
     """(sha256, rows or None) recorded beside ``path``, or None if it has no digest file."""
     try:
-        lines = digest_file(path).read_text().splitlines()
+        lines = digest_file(path).read_bytes().decode("utf-8", "replace").splitlines()
     except FileNotFoundError:
         return None
+    # a damaged digest file gives a sha256 that matches nothing (so the file and it are moved aside together)
     sha = lines[0].split()[0] if lines and lines[0].split() else ""
-    rows = next((int(line.split(":")[1]) for line in lines[1:] if line.startswith("# rows:")), None)
-    return sha, rows
+    rows = [line.split(":", 1)[1].strip() for line in lines[1:] if line.startswith("# rows:")]
+    return sha, int(rows[0]) if rows and rows[0].isdigit() else None
 
 
 def check_bytes(path: str | os.PathLike, data: bytes) -> None:

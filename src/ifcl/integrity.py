@@ -29,7 +29,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .files import DIGEST_SUFFIX, FileCheckError, check_bytes, file_sha256, recorded_digest
+from .files import DIGEST_SUFFIX, FileCheckError, check_bytes, digest_file, file_sha256, recorded_digest
+from .statefile import StateFormatError, state_meta
 
 QUARANTINE = "quarantine"
 CACHE = ".snakemake/ifcl-checked.json"
@@ -37,12 +38,6 @@ METADATA = ".snakemake/metadata"
 # where text files written by ifcl steps live (each must have its digest beside it)
 WRITTEN_TEXT = {"results": (".json", ".csv"), "data/prepared": (".csv",), "data/raw": (".json",),
                 "data/weights": (".json",)}
-STATE_HEADER_KEY = "ifcl"  # ifcl.state.HEADER_KEY (not imported: that module needs torch)
-# safetensors dtype names -> the torch dtype names ifcl.state.payload_sha256 hashes
-_TORCH_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
-                 "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
-
-
 @dataclass
 class Report:
     moved: list[tuple[str, str, str]] = field(default_factory=list)  # (file, where it went, why)
@@ -64,27 +59,11 @@ class Report:
 
 
 def state_problem(path: Path, raw: bytes | None = None) -> str | None:
-    """Why a state file fails its check (None: it matches the digest of its tensors). The same digest as
-    :func:`ifcl.state.payload_sha256`, computed from the file's bytes (``raw``, else read) without torch."""
-    raw = path.read_bytes() if raw is None else raw
+    """Why a state file fails its check (None: every byte is what ifcl wrote; :mod:`ifcl.statefile`)."""
     try:
-        n = int.from_bytes(raw[:8], "little")
-        header = json.loads(raw[8:8 + n])
-        record = json.loads((header.get("__metadata__") or {})[STATE_HEADER_KEY])
-        h = hashlib.sha256()
-        for name in sorted(k for k in header if k != "__metadata__"):
-            info = header[name]
-            begin, end = info["data_offsets"]
-            shape = tuple(info["shape"])
-            h.update(f"{name}|torch.{_TORCH_DTYPES[info['dtype']]}|{shape}|".encode())
-            data = raw[8 + n + begin:8 + n + end]
-            if len(data) != end - begin:
-                return "is cut short"
-            h.update(data)
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
-        return "is not a state file written by ifcl (unreadable header)"
-    if h.hexdigest() != record.get("payload_sha256"):
-        return "does not match the digest of its tensors"
+        state_meta(path.read_bytes() if raw is None else raw)
+    except StateFormatError as e:
+        return str(e)
     return None
 
 
@@ -125,23 +104,32 @@ class _Cache:
         self.path = root / CACHE
         try:
             self.entries = json.loads(self.path.read_text())
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
+            self.entries = {}
+        if not isinstance(self.entries, dict):
             self.entries = {}
         self.hashed = 0
 
     @staticmethod
     def signature(path: Path) -> list[int]:
-        st = path.stat()
-        return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+        """The file's stat, and its digest file's where it has one: a digest file damaged or replaced is found."""
+        sig = []
+        for p in (path, digest_file(path)):
+            try:
+                st = p.stat()
+            except FileNotFoundError:
+                continue
+            sig += [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+        return sig
 
     def get(self, path: Path, key: str):
         entry = self.entries.get(str(path))
-        return entry.get(key) if entry and entry["stat"] == self.signature(path) else None
+        return entry.get(key) if isinstance(entry, dict) and entry.get("stat") == self.signature(path) else None
 
     def put(self, path: Path, key: str, value) -> None:
         sig = self.signature(path)
         entry = self.entries.get(str(path))
-        if not entry or entry["stat"] != sig:
+        if not isinstance(entry, dict) or entry.get("stat") != sig:
             entry = self.entries[str(path)] = {"stat": sig}
         entry[key] = value
 
@@ -174,9 +162,52 @@ def snakemake_records(root: Path):
             try:
                 output = base64.urlsafe_b64decode(key).decode()
                 record = json.loads(Path(dirpath, name).read_text())
-            except (ValueError, UnicodeDecodeError, OSError):
+            except (ValueError, UnicodeDecodeError, OSError, RecursionError):
                 continue
-            yield output, record
+            if isinstance(record, dict):
+                yield output, record
+
+
+# Snakemake's command-line options under which it runs no job (with a dry run: the check only reports)
+NO_JOBS = ("dryrun", "touch", "lint", "generate_unit_tests", "containerize", "export_cwl", "list_rules",
+           "list_target_rules", "dag", "rulegraph", "filegraph", "d3dag", "summary", "detailed_summary", "archive",
+           "cleanup_metadata", "cleanup_shadow", "unlock", "list_changes", "list_input_changes",
+           "list_params_changes", "list_untracked", "delete_all_output", "delete_temp_output", "debug_dag",
+           "print_compilation", "list_conda_envs", "conda_cleanup_envs", "conda_create_envs_only")
+
+
+def _snakemake_args(argv: list[str]):
+    from snakemake.cli import get_argument_parser
+
+    try:
+        return get_argument_parser().parse_known_args(argv)[0]
+    except SystemExit:  # options Snakemake itself will refuse
+        return None
+
+
+def snakemake_runs_jobs(argv: list[str]) -> bool:
+    """Whether Snakemake started with ``argv`` runs jobs (not a dry run, a lint, a report, a graph, a summary, an
+    unlock, ...): only then may the check change files. (Snakemake reads its profile after this; a profile never
+    holds these options.)"""
+    args = _snakemake_args(argv)
+    if args is None or (getattr(args, "report", None) and not getattr(args, "report_after_run", False)):
+        return False
+    return not any(getattr(args, name, None) for name in NO_JOBS)
+
+
+def snakemake_command(argv: list[str], targets: list[str]) -> list[str]:
+    """The Snakemake command of ``argv`` (its options: config, profile, cores, ...) for other ``targets``."""
+    import sys
+
+    args = _snakemake_args(argv)
+    given = list(getattr(args, "targets", None) or [])
+    rest = []
+    for token in argv:
+        if token in given:
+            given.remove(token)
+        else:
+            rest.append(token)
+    return [sys.executable, "-m", "snakemake", *targets, *rest]  # targets first: --configfile takes what follows
 
 
 def check_workdir(root: str | Path = ".", dry_run: bool = False) -> Report:
@@ -209,9 +240,10 @@ def check_workdir(root: str | Path = ".", dry_run: bool = False) -> Report:
         out = root / output
         if record.get("incomplete") or not out.is_file():
             continue
-        for inp, recorded in (record.get("input_checksums") or {}).items():
+        checksums = record.get("input_checksums")
+        for inp, recorded in (checksums.items() if isinstance(checksums, dict) else ()):
             src = root / inp
-            if not recorded or not src.is_file():
+            if not isinstance(recorded, str) or not recorded or not src.is_file():
                 continue
             if cache.sha256(src) != recorded.split(":", 1)[-1]:
                 if not dry_run:

@@ -1,6 +1,7 @@
 # Config loading and validation, path helpers and input functions shared by the rule files.
 import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -52,7 +53,7 @@ CONDA_ENV = "../../envs/ifcl.yaml"
 
 from ifcl import layout
 from ifcl.codeversion import code_version
-from ifcl.integrity import check_workdir
+from ifcl.integrity import check_workdir, snakemake_command, snakemake_runs_jobs
 from ifcl.config import ConfigError, canonical, check, merge_includes, paper_configs, task_train_params, validate_with_defaults
 from ifcl.registry import RegistryError, method_code as _method_code, method_of, model_settings, num_tasks, protocol_of, task_files
 from ifcl.data.benchmarks import sources_of
@@ -84,9 +85,16 @@ config.update(_canonical)
 # Before Snakemake plans anything: damaged result files are moved aside (and so regenerated), and outputs whose
 # inputs changed content are marked for re-running whatever the timestamps (ifcl.integrity; `ifcl check` by hand).
 # Not in the processes of single jobs, and not while another Snakemake works in this directory (it holds locks).
+# A start that runs no job (a dry run, --lint, --report, a graph, ...) changes nothing: it says what would move.
 if workflow.is_main_process and not any(Path(".snakemake/locks").glob("*.lock")):
-    for line in check_workdir().lines():
+    _report_only = workflow.output_settings.dryrun or not snakemake_runs_jobs(sys.argv[1:])
+    _checked = check_workdir(dry_run=_report_only)
+    for line in _checked.lines(dry_run=_report_only):
         print(line, file=sys.stderr)
+    MOVED = set() if _report_only else {path for path, _, _ in _checked.moved}
+else:
+    MOVED = set()
+
 
 DATASETS = config["datasets"]
 BACKBONES = config["backbones"]
@@ -324,6 +332,20 @@ def data_targets():
     return manifests + weights
 
 
+def shared_inputs():
+    """The files the configured runs read besides data/ and their own files: the pretrained backbones, DIKI's frozen
+    features and the raw sources' markers."""
+    used = {EXPERIMENTS[exp]["backbone"] for exp in EXPERIMENTS}
+    files = [layout.pretrained_file(b, name) for b in used if BACKBONES[b]["type"] in ("pretrain", "pretrain_clip")
+             for name in (layout.BACKBONE, layout.PRETRAIN_LOG)]
+    mtil = [spec for spec in EXPERIMENTS.values() if protocol_of(spec).name == "mtil"]
+    files += [features(spec["backbone"], ds, split) for spec in mtil for ds in protocol_of(spec).datasets(spec)
+              for split in ("train", "test")]
+    datasets = {ds for spec in EXPERIMENTS.values() for ds in protocol_of(spec).datasets(spec)}
+    files += [f"{RAW}/{s}/{SOURCE_MARKER}" for ds in datasets for s in sources_of(DATASETS[ds])]
+    return files
+
+
 def run_results():
     """acc_matrix.csv and metrics.json of every run, by experiment and seed."""
     return {exp: {s: {"matrix": layout.run_file(exp, s, layout.ACC_MATRIX),
@@ -523,3 +545,18 @@ def diki_eval_inputs(wildcards):
         "decoded": [decoded_images(wildcards.exp, ds, "test", "clip") for ds in spec["sequence"]]
         if spec["image_cache"] != "none" else [],
     }
+
+
+# What the check moved aside that the configured runs read is regenerated now, by a Snakemake of its own with this
+# one's options, before this one plans: planned here, the jobs that read it would all re-run, while regenerated
+# first it has the content they were made from (Snakemake compares inputs by checksum), and nothing else re-runs.
+# Left to Snakemake alone, a missing file that other outputs were made from is regenerated only once a job reading
+# it re-runs for another reason (the file would stay missing, and data/ differ from data.dvc).
+_regenerate = sorted(MOVED & {*run_targets(), *data_targets(), *shared_inputs()})
+if _regenerate and not os.environ.get("IFCL_REGENERATING"):
+    print(f"ifcl check: regenerating what was moved aside, before planning this run: {' '.join(_regenerate)}",
+          file=sys.stderr)
+    _cmd = snakemake_command(sys.argv[1:], _regenerate)
+    if subprocess.run(_cmd, env={**os.environ, "IFCL_REGENERATING": "1"}).returncode != 0:
+        raise WorkflowError(f"ifcl check moved files aside that could not be regenerated; see above, or run "
+                            f"`snakemake {' '.join(_regenerate)}` (the originals are under quarantine/)")
