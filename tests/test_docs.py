@@ -84,7 +84,7 @@ def test_readme_tables_copies_a_sections_tables_and_check_says_when_they_differ(
     class-incremental table alone; with --check a README that differs from the summary is refused."""
     from argparse import Namespace
 
-    from ifcl.cli import readme_markers, readme_tables
+    from ifcl.cli import machine_line, readme_markers, readme_tables
     from ifcl.files import write_text
 
     summary = tmp_path / "summary.md"  # a step's file, with its recorded digest
@@ -102,8 +102,25 @@ def test_readme_tables_copies_a_sections_tables_and_check_says_when_they_differ(
     demo, comparison = (text.split(readme_markers(s)[0])[1].split(readme_markers(s)[1])[0] for s in
                         ("demo", "comparison"))
     assert "| 1 |" in demo and "| 2 |" in demo and "Intro" not in demo
-    assert comparison.strip() == "### Class-incremental learning\n\n| a |\n|---|\n| 1 |"
+    assert comparison.strip() == "### Class-incremental learning\n\n| a |\n|---|\n| 1 |\n\n" + machine_line()
     run("comparison", check=True)
     write_text(summary, summary.read_text().replace("| 1 |", "| 3 |"))
     with pytest.raises(SystemExit, match="comparison tables"):
         run("comparison", check=True)
+
+
+def test_readme_tables_check_compares_means_within_the_larger_std_plus_the_margin(tmp_path):
+    """Another CPU gives other floats: --check accepts a mean within the larger of the two standard deviations plus
+    README_MARGIN points, refuses one beyond, and any change of another cell; the machine line is not compared."""
+    from ifcl.cli import README_MARGIN, machine_line, table_differences
+
+    table = ("### Class-incremental learning\n\n| experiment | method | A_T (%) | paper |\n|---|---|---|---|\n"
+             "| demo_x | inflora | {} | — |\n")
+    recorded = table.format("45.60 ± 2.25") + "\n" + machine_line() + "\n"
+    assert machine_line().startswith("_Recorded on ") and "torch" in machine_line()
+    assert table_differences(recorded, table.format(f"{45.60 + 2.25 + README_MARGIN - 0.01:.2f} ± 1.00")) == []
+    assert table_differences(recorded, table.format(f"{45.60 - 3.00 - README_MARGIN + 0.01:.2f} ± 3.00")) == []
+    far = table_differences(recorded, table.format(f"{45.60 + 2.25 + README_MARGIN + 0.02:.2f} ± 1.00"))
+    assert len(far) == 1 and "demo_x, A_T (%)" in far[0]
+    assert table_differences(recorded, table.format("45.60 ± 2.25").replace("inflora", "seq-lora"))
+    assert table_differences(recorded, table.format("45.60 ± 2.25").replace("demo_x", "demo_y"))

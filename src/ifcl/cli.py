@@ -45,6 +45,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -191,9 +192,66 @@ def readme_markers(section: str) -> tuple[str, str]:
             f"<!-- end of {section} summary -->")
 
 
+# --check: a mean of the README and the fresh run's may differ by the larger of the two standard deviations plus
+# this many points (float kernels differ between CPUs, and a few images more or less change an accuracy)
+README_MARGIN = 2.0
+_MEAN_STD = re.compile(r"(-?\d+(?:\.\d+)?) ± (\d+(?:\.\d+)?)")
+
+
+def machine_line() -> str:
+    """The line under a README section's tables naming the machine and software they came from."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"_Recorded on {cpu} ({platform.machine()}), torch {torch.__version__}._"
+
+
+def table_differences(recorded: str, fresh: str, margin: float = README_MARGIN) -> list[str]:
+    """Where the tables of ``fresh`` differ from those of ``recorded`` beyond tolerance: a "mean ± std" cell by
+    more than the larger std plus ``margin``, any other cell at all, a row or table missing or added. Lines that
+    are not table rows (the machine line) are not compared."""
+    def rows(text):
+        out, headers, heading = {}, {}, ""
+        for line in text.splitlines():
+            if line.startswith("### "):
+                heading = line[4:]
+            elif line.startswith("|") and not line.startswith("|---"):
+                cells = [c.strip() for c in line.strip().strip("|").split("|")]
+                if heading not in headers:
+                    headers[heading] = cells
+                else:
+                    out[(heading, cells[0])] = cells
+        return out, headers
+
+    (old, headers), (new, _) = rows(recorded), rows(fresh)
+    found = [f"{h}: row {r!r} is only in {'the README' if (h, r) in old else 'the fresh run'}"
+             for h, r in sorted(old.keys() ^ new.keys())]
+    for key in sorted(old.keys() & new.keys()):
+        header = headers[key[0]]
+        if len(old[key]) != len(new[key]):
+            found.append(f"{key[0]}: row {key[1]!r} has other columns")
+            continue
+        for column, a, b in zip(header, old[key], new[key]):
+            ma, mb = _MEAN_STD.fullmatch(a), _MEAN_STD.fullmatch(b)
+            if ma and mb:
+                gap, allowed = abs(float(ma[1]) - float(mb[1])), max(float(ma[2]), float(mb[2])) + margin
+                if gap > allowed:
+                    found.append(f"{key[0]}, {key[1]}, {column}: {a} against {b} (differ by {gap:.2f}, more "
+                                 f"than {allowed:.2f})")
+            elif a != b:
+                found.append(f"{key[0]}, {key[1]}, {column}: {a!r} against {b!r}")
+    return found
+
+
 def readme_tables(args) -> None:
     """Copy the tables of a summary.md between the README's markers of a section (the demo's, or the comparison
-    demo's); with --check, only say whether the README already holds them."""
+    demo's), with the machine they came from; with --check, only say whether the README's tables agree with the
+    summary's within tolerance (:func:`table_differences`: float kernels differ between CPUs)."""
     begin, end = readme_markers(args.section)
     body = read_text(args.summary).split("\n\n", 1)[1].strip()  # without the introduction line
     protocol = README_SECTIONS[args.section]
@@ -209,13 +267,16 @@ def readme_tables(args) -> None:
     if readme.count(begin) != 1 or readme.count(end) != 1:
         sys.exit(f"ifcl readme-tables: {args.readme} needs one line {begin!r} and one {end!r}")
     before, rest = readme.split(begin)
-    after = rest.split(end)[1]
-    new = f"{before}{begin}\n\n{body}\n\n{end}{after}"
+    current, after = rest.split(end)
     if args.check:
-        if new != readme:
-            sys.exit(f"ifcl readme-tables: the {args.section} tables in {args.readme} differ from {args.summary}")
-        print(f"{args.readme} holds the {args.section} tables of {args.summary}")
-    elif new != readme:
+        differences = table_differences(current, body)
+        if differences:
+            sys.exit(f"ifcl readme-tables: the {args.section} tables in {args.readme} differ from {args.summary} "
+                     f"beyond tolerance (the larger std + {README_MARGIN} points):\n  " + "\n  ".join(differences))
+        print(f"{args.readme} holds the {args.section} tables of {args.summary} (within tolerance)")
+        return
+    new = f"{before}{begin}\n\n{body}\n\n{machine_line()}\n\n{end}{after}"
+    if new != readme:
         Path(args.readme).write_text(new)
         print(f"written the tables of {args.summary} into the {args.section} section of {args.readme}")
 
@@ -326,7 +387,8 @@ def main(argv: list[str] | None = None) -> None:
     tables.add_argument("--section", choices=README_SECTIONS, default="demo",
                         help="the demo's tables (default) or the comparison demo's")
     tables.add_argument("--readme", default="README.md")
-    tables.add_argument("--check", action="store_true", help="only check (exit status 1 if they differ)")
+    tables.add_argument("--check", action="store_true", help="only check that the README's tables agree with the "
+                        "summary's within tolerance (exit status 1 if not)")
     status = sub.add_parser("status", help="runs, tasks done, running jobs with epoch and ETA, the last failure")
     status.add_argument("--configfile", default="config/config.yaml")
     status.add_argument("-d", "--directory", default=".", help="the pipeline's working directory (default: .)")
