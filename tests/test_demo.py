@@ -1,7 +1,7 @@
 """The whole offline demo (config/demo.yaml) from scratch, through `ifcl bench demo`, then the comparison demo
 (config/demo_comparison.yaml) in its directory: the README's demo and comparison tables are the summaries they
-write (`ifcl readme-tables --check`), and each claim the README makes about them holds with a margin above the
-spread between seeds. Not in the default run (several minutes on 2 cores): `pytest -m demo`, which also
+write, within tolerance (`ifcl readme-tables --check`: another CPU gives other floats), and each claim the README
+makes about them holds with a margin above the spread between seeds. Not in the default run (several minutes on 2 cores): `pytest -m demo`, which also
 runs the demo through the SLURM profile (tests/test_slurm.py)."""
 import json
 import shutil
@@ -40,9 +40,10 @@ def test_the_demo_runs_gives_the_readme_tables_and_its_claims_hold(demo):
     readme_holds(summary_dir / "summary.md", "demo")
     summary = json.loads((summary_dir / "summary.json").read_text())
     inflora, seq, ca = summary["demo_inflora"], summary["demo_seq-lora"], summary["demo_inflora-ca"]
-    # InfLoRA forgets less than seq-lora, by more than either spread
-    gap = seq["forgetting_mean"] - inflora["forgetting_mean"]
-    assert gap > max(seq["forgetting_std"], inflora["forgetting_std"]), (gap, seq, inflora)
+    # InfLoRA ends above seq-lora and forgets less, each by more than twice the larger spread between seeds
+    for metric, sign in (("final", 1), ("forgetting", -1)):
+        gap = sign * (inflora[f"{metric}_mean"] - seq[f"{metric}_mean"])
+        assert gap > 2 * max(seq[f"{metric}_std"], inflora[f"{metric}_std"]), (metric, gap, seq, inflora)
     # classifier alignment lifts A_T by far more than the spread
     lift = ca["final_mean"] - inflora["final_mean"]
     assert lift > 15 and lift > 3 * max(ca["final_std"], inflora["final_std"])
@@ -77,8 +78,10 @@ def test_the_comparison_demo_gives_the_readme_table_and_its_claims_hold(demo):
     trained = [n for n in methods if n != "demo_ranpac"]  # by gradient descent (RanPAC: a closed-form head)
     # joint training on every class bounds every continual method trained by gradient descent
     assert all(above(s, "demo_joint", n, "final") for n in trained)
-    # RanPAC ends above every method, joint training included, and forgets least
-    assert all(above(s, "demo_ranpac", n, "final") for n in methods + ["demo_joint"] if n != "demo_ranpac")
+    # RanPAC ends above every continual method, level with joint training (within the spread), and forgets least
+    assert all(above(s, "demo_ranpac", n, "final") for n in methods if n != "demo_ranpac")
+    level = abs(s["demo_ranpac"]["final_mean"] - s["demo_joint"]["final_mean"])
+    assert level < 2 * max(s["demo_ranpac"]["final_std"], s["demo_joint"]["final_std"]) + 1
     assert all(above(s, n, "demo_ranpac", "forgetting") for n in trained)
     # SD-LoRA ends above seq-lora and forgets less; so does each prompt method forget less than seq-lora
     assert above(s, "demo_sd-lora", "demo_seq-lora", "final")
