@@ -50,6 +50,8 @@ COVERED = {
     "dvc repro": "tests/test_reproducibility.py::test_dvc_repro_records_every_stage_with_metrics_and_plots",
     "dvc plots": "tests/test_reproducibility.py::test_dvc_repro_records_every_stage_with_metrics_and_plots",
     "dvc metrics": "tests/test_reproducibility.py::test_dvc_repro_records_every_stage_with_metrics_and_plots",
+    "dvc exp": "tests/test_reproducibility.py::test_dvc_exp_run_keeps_results_that_dvc_lock_records_older",
+    "python -m ifcl.dvclock": "tests/test_reproducibility.py::test_dvc_exp_run_after_a_plain_snakemake_run_keeps_every_result",
 }
 
 

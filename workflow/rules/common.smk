@@ -22,6 +22,7 @@ envvars:
 # of each importing them anew (ifcl.stepserver); IFCL_STEP_SERVER=off runs every job in a process of its own.
 from ifcl import stepserver
 from ifcl.status import start_console
+from ifcl.dvclock import record_after_run
 
 _step_server = []
 _console = []
@@ -39,6 +40,8 @@ onsuccess:
         stepserver.stop(server)
     for stop in _console:
         stop.set()
+    # what this run made, recorded in dvc.lock: `dvc exp run` resets outputs to what dvc.lock records (ifcl.dvclock)
+    record_after_run()
 
 
 onerror:
@@ -46,6 +49,8 @@ onerror:
         stepserver.stop(server)
     for stop in _console:
         stop.set()
+    # what this run made, recorded in dvc.lock: `dvc exp run` resets outputs to what dvc.lock records (ifcl.dvclock)
+    record_after_run()
 
 
 # The software of every rule, for --software-deployment-method conda (paths relative to workflow/rules/).
