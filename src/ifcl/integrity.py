@@ -210,8 +210,11 @@ def snakemake_command(argv: list[str], targets: list[str]) -> list[str]:
     return [sys.executable, "-m", "snakemake", *targets, *rest]  # targets first: --configfile takes what follows
 
 
-def check_workdir(root: str | Path = ".", dry_run: bool = False) -> Report:
-    """Check the pipeline's files under ``root`` (see the module docstring); with ``dry_run``, only report."""
+def check_workdir(root: str | Path = ".", dry_run: bool = False, mark_stale: bool | None = None) -> Report:
+    """Check the pipeline's files under ``root`` (see the module docstring); with ``dry_run``, move and record
+    nothing, only report. ``mark_stale`` (default: not ``dry_run``): set the timestamps of stale outputs (content
+    unchanged), so that a dry run's plan shows their re-runs too."""
+    mark_stale = not dry_run if mark_stale is None else mark_stale
     root = Path(root)
     cache = _Cache(root)
     report = Report()
@@ -236,6 +239,7 @@ def check_workdir(root: str | Path = ".", dry_run: bool = False) -> Report:
             if digest.exists():
                 shutil.move(digest, dest.with_name(dest.name + DIGEST_SUFFIX))
         report.moved.append((str(rel), str(dest.relative_to(root)), problem))
+    damaged = {path for path, _, _ in report.moved}
     for output, record in snakemake_records(root):
         out = root / output
         if record.get("incomplete") or not out.is_file():
@@ -243,10 +247,10 @@ def check_workdir(root: str | Path = ".", dry_run: bool = False) -> Report:
         checksums = record.get("input_checksums")
         for inp, recorded in (checksums.items() if isinstance(checksums, dict) else ()):
             src = root / inp
-            if not isinstance(recorded, str) or not recorded or not src.is_file():
-                continue
+            if not isinstance(recorded, str) or not recorded or not src.is_file() or inp in damaged:
+                continue  # (a damaged input is regenerated with the content the outputs were made from)
             if cache.sha256(src) != recorded.split(":", 1)[-1]:
-                if not dry_run:
+                if mark_stale:
                     before = min(out.stat().st_mtime, src.stat().st_mtime) - 1
                     os.utime(out, (before, before))
                 report.stale.append((output, inp))

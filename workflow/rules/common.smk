@@ -90,10 +90,11 @@ config.update(_canonical)
 # Before Snakemake plans anything: damaged result files are moved aside (and so regenerated), and outputs whose
 # inputs changed content are marked for re-running whatever the timestamps (ifcl.integrity; `ifcl check` by hand).
 # Not in the processes of single jobs, and not while another Snakemake works in this directory (it holds locks).
-# A start that runs no job (a dry run, --lint, --report, a graph, ...) changes nothing: it says what would move.
+# A start that runs no job (a dry run, --lint, --report, a graph, ...) moves nothing: it says what would move (it
+# does set the timestamps of stale outputs, whose content it leaves alone, so that the plan shows their re-runs).
 if workflow.is_main_process and not any(Path(".snakemake/locks").glob("*.lock")):
     _report_only = workflow.output_settings.dryrun or not snakemake_runs_jobs(sys.argv[1:])
-    _checked = check_workdir(dry_run=_report_only)
+    _checked = check_workdir(dry_run=_report_only, mark_stale=True)
     for line in _checked.lines(dry_run=_report_only):
         print(line, file=sys.stderr)
     MOVED = set() if _report_only else {path for path, _, _ in _checked.moved}
