@@ -198,8 +198,15 @@ def test_a_damaged_digest_file_is_found_although_its_data_file_is_unchanged(tmp_
     assert not data.exists() and not digest.exists()
 
 
-def test_the_check_only_reports_for_a_start_that_runs_no_job():
-    from ifcl.integrity import snakemake_command, snakemake_runs_jobs
+def test_the_check_only_reports_for_a_start_that_runs_no_job(monkeypatch):
+    from ifcl.integrity import snakemake_cli_args, snakemake_command, snakemake_runs_jobs
+
+    monkeypatch.setattr(sys, "argv", ["/usr/bin/snakemake", "all", "-n"])
+    assert snakemake_cli_args() == ["all", "-n"]
+    monkeypatch.setattr(sys, "argv", ["/x/site-packages/snakemake/__main__.py", "all"])
+    assert snakemake_cli_args() == ["all"]
+    monkeypatch.setattr(sys, "argv", ["/x/bin/pytest", "-n", "2"])  # Snakemake started from Python
+    assert snakemake_cli_args() is None
 
     assert snakemake_runs_jobs(["all", "--cores", "2"]) and snakemake_runs_jobs(["--profile", "profiles/slurm"])
     for argv in (["-n"], ["all", "-np"], ["--dry-run"], ["--lint"], ["--report", "r.html"], ["--dag"],

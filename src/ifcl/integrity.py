@@ -185,6 +185,17 @@ def _snakemake_args(argv: list[str]):
         return None
 
 
+def snakemake_cli_args() -> list[str] | None:
+    """The options of the ``snakemake`` command this process runs, or None where Snakemake was started otherwise
+    (from Python, whose ``sys.argv`` is another program's)."""
+    import sys
+
+    first = Path(sys.argv[0]) if sys.argv and sys.argv[0] else Path()
+    if first.name == "snakemake" or first.parts[-2:] == ("snakemake", "__main__.py"):
+        return sys.argv[1:]
+    return None
+
+
 def snakemake_runs_jobs(argv: list[str]) -> bool:
     """Whether Snakemake started with ``argv`` runs jobs (not a dry run, a lint, a report, a graph, a summary, an
     unlock, ...): only then may the check change files. (Snakemake reads its profile after this; a profile never

@@ -58,7 +58,7 @@ CONDA_ENV = "../../envs/ifcl.yaml"
 
 from ifcl import layout
 from ifcl.codeversion import code_version
-from ifcl.integrity import check_workdir, snakemake_command, snakemake_runs_jobs
+from ifcl.integrity import check_workdir, snakemake_cli_args, snakemake_command, snakemake_runs_jobs
 from ifcl.config import ConfigError, canonical, check, merge_includes, paper_configs, task_train_params, validate_with_defaults
 from ifcl.registry import RegistryError, method_code as _method_code, method_of, model_settings, num_tasks, protocol_of, task_files
 from ifcl.data.benchmarks import sources_of
@@ -93,11 +93,12 @@ config.update(_canonical)
 # A start that runs no job (a dry run, --lint, --report, a graph, ...) moves nothing: it says what would move (it
 # does set the timestamps of stale outputs, whose content it leaves alone, so that the plan shows their re-runs).
 if workflow.is_main_process and not any(Path(".snakemake/locks").glob("*.lock")):
-    _report_only = workflow.output_settings.dryrun or not snakemake_runs_jobs(sys.argv[1:])
+    _argv = snakemake_cli_args()  # None: Snakemake started from Python (only its dry-run setting is known)
+    _report_only = workflow.output_settings.dryrun or (_argv is not None and not snakemake_runs_jobs(_argv))
     _checked = check_workdir(dry_run=_report_only, mark_stale=True)
     for line in _checked.lines(dry_run=_report_only):
         print(line, file=sys.stderr)
-    MOVED = set() if _report_only else {path for path, _, _ in _checked.moved}
+    MOVED = set() if _report_only or _argv is None else {path for path, _, _ in _checked.moved}
 else:
     MOVED = set()
 
@@ -562,7 +563,7 @@ _regenerate = sorted(MOVED & {*run_targets(), *data_targets(), *shared_inputs()}
 if _regenerate and not os.environ.get("IFCL_REGENERATING"):
     print(f"ifcl check: regenerating what was moved aside, before planning this run: {' '.join(_regenerate)}",
           file=sys.stderr)
-    _cmd = snakemake_command(sys.argv[1:], _regenerate)
+    _cmd = snakemake_command(_argv, _regenerate)
     if subprocess.run(_cmd, env={**os.environ, "IFCL_REGENERATING": "1"}).returncode != 0:
         raise WorkflowError(f"ifcl check moved files aside that could not be regenerated; see above, or run "
                             f"`snakemake {' '.join(_regenerate)}` (the originals are under quarantine/)")
