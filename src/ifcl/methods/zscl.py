@@ -1,0 +1,92 @@
+"""The losses, schedule and weight-space operations of the full fine-tuning methods of the MTIL benchmark, as
+ZSCL's official code computes them (`Thunderbeee/ZSCL mtil/src/models/finetune.py`, `helpers.py`, `utils.py`,
+and the per-method settings of `mtil/scripts/*.sh`), on tensors.
+
+Every method fine-tunes the whole CLIP (both towers, all but ``logit_scale``) with AdamW on the cross-entropy of
+the cosine logits ``exp(logit_scale) · f(x)ᵀ g(prompt)`` over the task's class prompts, label smoothing 0.2,
+1,000 iterations of batch 64 (1,001 optimiser steps: the loop runs ``range(iterations + 1)``), the learning rate
+of :func:`lr_at` set before each step. They differ in what is added:
+
+- **Continual-FT**: nothing.
+- **LwF**: :func:`zscl_distillation` on the task's own images and class prompts, the teacher the model after the
+  previous task (`lwf.sh`: ``--method ZSCL --ref-dataset <current> --ref-model <previous>``).
+- **LwF-VR**: the same with random token sequences as the "texts" (:func:`virtual_vocabulary`, `lwf_vr.sh`).
+- **WiSE-FT**: after each task the weights are interpolated with the previous task's, :func:`interpolate` with
+  α = 0.8 (`WiSE_finetune.sh`: ``--wise_merge --wise_ft_model n --wise_ft_alpha 0.8``).
+- **ZSCL**: :func:`zscl_distillation` on reference images (ImageNet) and reference texts (Conceptual Captions),
+  the teacher the zero-shot CLIP; plus :func:`l2_anchor` to the weights the task started from (weight 1), and the
+  weight ensemble (:func:`running_average` every 100 iterations, the average being the task's result) (`ZSCL.sh`).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def lr_at(step: int, base_lr: float, warmup: int, total: int) -> float:
+    """The learning rate of step ``step`` (0 … ``total``): linear warm-up ``base_lr · (step + 1) / warmup`` for the
+    first ``warmup`` steps, then a cosine from ``base_lr`` to 0 at step ``total`` (`utils.cosine_lr`; warm-up 100)."""
+    if step < warmup:
+        return base_lr * (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup))) * base_lr
+
+
+def clip_logits(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """``exp(logit_scale) · x̂ ŷᵀ`` of L2-normalised image features [B, D] and text features [C, D]."""
+    image_features = image_features / image_features.norm(dim=-1, keepdim=True)
+    text_features = text_features / text_features.norm(dim=-1, keepdim=True)
+    return logit_scale.exp() * image_features @ text_features.t()
+
+
+def distillation(teacher: torch.Tensor, student: torch.Tensor, T: float = 2.0) -> torch.Tensor:
+    """``T² · mean_i CE(student_i / T, softmax(teacher_i / T))`` over the rows (`helpers.distillation`)."""
+    return F.cross_entropy(student / T, F.softmax(teacher / T, dim=1), reduction="mean") * T**2
+
+
+def zscl_distillation(student_images: torch.Tensor, teacher_images: torch.Tensor, teacher_texts: torch.Tensor,
+                      logit_scale: torch.Tensor, T: float = 2.0, image_loss: bool = True,
+                      text_loss: bool = True) -> torch.Tensor:
+    """ZSCL's (and LwF's) distillation on a batch of reference images: the student's and the teacher's image
+    features against the teacher's text features of the reference texts, both with the student's
+    ``logit_scale``. ``image_loss``: over the texts for each image; ``text_loss``: over the images for each text
+    (the transposed logits). Both on, as every script of the family runs it."""
+    student = clip_logits(student_images, teacher_texts, logit_scale)
+    teacher = clip_logits(teacher_images, teacher_texts, logit_scale)
+    loss = student.new_zeros(())
+    if image_loss:
+        loss = loss + distillation(teacher, student, T)
+    if text_loss:
+        loss = loss + distillation(teacher.t(), student.t(), T)
+    return loss
+
+
+def l2_anchor(params: dict[str, torch.Tensor], anchor: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``Σ ‖θ − θ_anchor‖²`` over every parameter (`helpers.l2_loss`), the anchor held fixed."""
+    return sum(F.mse_loss(p, anchor[name].detach(), reduction="sum") for name, p in params.items())
+
+
+@torch.no_grad()
+def running_average(average: dict[str, torch.Tensor], current: dict[str, torch.Tensor], count: int) -> None:
+    """The weight ensemble's update, in place: ``average ← (average · count + current) / (count + 1)``
+    (`helpers.merge_we`). Called with count = 1, 2, … after steps 0, 100, 200, … from a copy of the weights the task
+    started from, it keeps the uniform mean of those weights and of every snapshot."""
+    for name, value in average.items():
+        value.mul_(count).add_(current[name]).div_(count + 1)
+
+
+@torch.no_grad()
+def interpolate(finetuned: dict[str, torch.Tensor], other: dict[str, torch.Tensor], alpha: float
+                ) -> dict[str, torch.Tensor]:
+    """WiSE-FT: ``α · θ_finetuned + (1 − α) · θ_other`` for every parameter."""
+    return {name: finetuned[name] * alpha + other[name] * (1 - alpha) for name in finetuned}
+
+
+def virtual_vocabulary(generator: torch.Generator, vocab_size: int, start: int, end: int, length: int = 10,
+                       count: int = 1000, context: int = 77) -> torch.Tensor:
+    """LwF-VR's reference "texts": ``count`` token sequences of ``length`` tokens drawn uniformly from the
+    vocabulary, between the start and end tokens, zero-padded to ``context`` (`helpers.virtual_vocab`)."""
+    tokens = torch.randint(0, vocab_size, (count, length), generator=generator)
+    return torch.cat([torch.full((count, 1), start), tokens, torch.full((count, 1), end),
+                      torch.zeros((count, context - length - 2), dtype=torch.long)], dim=1)
