@@ -84,3 +84,77 @@ def test_the_virtual_vocabulary_is_random_tokens_between_start_and_end_padded_to
     assert tokens.shape == (5, 77) and tokens.dtype == torch.long
     assert (tokens[:, 0] == 49406).all() and (tokens[:, 11] == 49407).all() and (tokens[:, 12:] == 0).all()
     assert (tokens[:, 1:11] < 49408).all() and len(set(tokens[:, 1:11].flatten().tolist())) > 40
+
+
+def _official_style_task(model, batches, tokens, lr, iterations, warmup, l2, every, ref_batches, ref_tokens, teacher):
+    """One task of the family written as the official finetune.py loop is (a model copied for the L2 anchor and one
+    for the weight ensemble, the data iterator renewed every len(batches) iterations, the losses added one by one),
+    with the tiny CLIP's encode_image / encode_text for the official model(images, None) / model(None, texts)."""
+    import copy
+
+    def normed(t):
+        return t / t.norm(dim=-1, keepdim=True)
+
+    def soft_ce(t, s, T=2.0):
+        return -(torch.softmax(t / T, 1) * torch.log_softmax(s / T, 1)).sum(1).mean() * T * T
+
+    we_model, we_n, l2_model = copy.deepcopy(model), 0, copy.deepcopy(model)
+    optimizer = torch.optim.AdamW([v for k, v in model.named_parameters() if k != "logit_scale"], lr=lr,
+                                  weight_decay=0.0, betas=(0.9, 0.999))
+    ref_iter = iter(ref_batches)
+    for iteration in range(iterations + 1):
+        if iteration % len(batches) == 0:
+            data_iter = iter(batches)
+        step_lr = lr * (iteration + 1) / warmup if iteration < warmup else \
+            0.5 * (1 + math.cos(math.pi * (iteration - warmup) / (iterations - warmup))) * lr
+        for group in optimizer.param_groups:
+            group["lr"] = step_lr
+        images, labels = next(data_iter)
+        logits = model.logit_scale.exp() * normed(model.encode_image(images)) @ normed(model.encode_text(tokens)).t()
+        loss = torch.nn.functional.cross_entropy(logits, labels, label_smoothing=0.2)
+        loss += l2 * sum(((p - q.detach()) ** 2).sum() for p, q in zip(model.parameters(), l2_model.parameters()))
+        try:
+            ref_images = next(ref_iter)
+        except StopIteration:
+            ref_iter = iter(ref_batches)
+            ref_images = next(ref_iter)
+        with torch.no_grad():
+            ref_text = normed(teacher.encode_text(ref_tokens))
+            ref_out = normed(teacher.encode_image(ref_images))
+        current = normed(model.encode_image(ref_images))
+        logits_current = model.logit_scale.exp() * current @ ref_text.t()
+        logits_ref = model.logit_scale.exp() * ref_out @ ref_text.t()
+        loss = loss + soft_ce(logits_ref, logits_current)
+        loss += soft_ce(logits_ref.t(), logits_current.t())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if iteration % every == 0:
+            we_n += 1
+            for q, k in zip(model.parameters(), we_model.parameters()):
+                k.data = (k.data * we_n + q.data) / (1.0 + we_n)
+    return we_model.state_dict()
+
+
+def test_one_task_of_zscl_as_the_official_loop_computes_it():
+    """finetune with the reference distillation, the L2 anchor and the weight ensemble (ZSCL) gives the weights of
+    the official loop's structure written out independently; and every weight but logit_scale moved."""
+    from test_diki import tiny_clip, tokens
+
+    from ifcl.methods.zscl import Recipe, Reference, finetune
+
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.rand(4, 3, 32, 32, generator=g), torch.randint(0, 3, (4,), generator=g)) for _ in range(3)]
+    refs = [torch.rand(5, 3, 32, 32, generator=g) for _ in range(2)]
+    prompts, ref_prompts = tokens(["a circle", "a square", "a star"]), tokens([f"word {i}" for i in range(6)])
+    recipe = Recipe(lr=1e-3, iterations=7, warmup=2, l2=1.0, average_every=3)
+    ours = finetune(tiny_clip(0), lambda: iter(batches), prompts, recipe,
+                    Reference(lambda: iter(refs), ref_prompts, tiny_clip(1)))
+    theirs = _official_style_task(tiny_clip(0), batches, prompts, 1e-3, 7, 2, 1.0, 3, refs, ref_prompts, tiny_clip(1))
+    start = tiny_clip(0).state_dict()
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        assert torch.allclose(ours[name], theirs[name], rtol=1e-4, atol=1e-6), name
+    moved = {name for name in ours if not torch.equal(ours[name], start[name])}
+    params = {name for name, _ in tiny_clip(0).named_parameters()}
+    assert moved == params - {"logit_scale"}

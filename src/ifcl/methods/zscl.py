@@ -20,6 +20,8 @@ of :func:`lr_at` set before each step. They differ in what is added:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -90,3 +92,82 @@ def virtual_vocabulary(generator: torch.Generator, vocab_size: int, start: int, 
     tokens = torch.randint(0, vocab_size, (count, length), generator=generator)
     return torch.cat([torch.full((count, 1), start), tokens, torch.full((count, 1), end),
                       torch.zeros((count, context - length - 2), dtype=torch.long)], dim=1)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One task's fine-tuning, as the official scripts set it (defaults: `mtil/src/args.py`, `mtil/scripts/*.sh`)."""
+
+    lr: float  # 1e-5; 5e-5 for Aircraft and MNIST
+    iterations: int = 1000
+    warmup: int = 100
+    weight_decay: float = 0.0
+    beta2: float = 0.999
+    label_smoothing: float = 0.2
+    l2: float = 0.0  # ZSCL: 1
+    average_every: int | None = None  # ZSCL's weight ensemble: 100; None: the last weights are the task's result
+    distill_T: float = 2.0
+
+
+@dataclass
+class Reference:
+    """What LwF, LwF-VR and ZSCL distil on: an endless supply of reference image batches, the reference texts'
+    tokens, and the teacher (the previous task's model, or the zero-shot CLIP), frozen."""
+
+    images: Callable[[], Iterator[torch.Tensor]]  # a fresh pass over the reference images, in batches
+    tokens: torch.Tensor
+    teacher: torch.nn.Module
+
+
+def _cycle(passes: Callable[[], Iterable]) -> Iterator:
+    while True:
+        yield from passes()
+
+
+def finetune(clip: torch.nn.Module, batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]],
+             tokens: torch.Tensor, recipe: Recipe, reference: Reference | None = None,
+             log: Callable[[int, float, float], None] | None = None) -> dict[str, torch.Tensor]:
+    """Fine-tune every parameter of an open_clip ``clip`` but ``logit_scale`` on one task, as `finetune.py` does,
+    and return the task's weights (a state dict): the last ones, or the weight ensemble's average.
+
+    ``batches()``: a fresh pass over the task's training images (x, label); passes follow one another for
+    ``recipe.iterations + 1`` AdamW steps, each at :func:`lr_at` of its index. The loss of a step: the
+    label-smoothed cross-entropy of :func:`clip_logits` over the task's class prompts (``tokens``), plus
+    :func:`zscl_distillation` on the next reference batch when ``reference`` is given, plus ``recipe.l2`` times
+    :func:`l2_anchor` to the starting weights. ``log(step, loss, lr)`` after every step."""
+    params = {name: p for name, p in clip.named_parameters() if name != "logit_scale"}
+    optimizer = torch.optim.AdamW(params.values(), lr=recipe.lr, weight_decay=recipe.weight_decay,
+                                  betas=(0.9, recipe.beta2))
+    start = {name: p.detach().clone() for name, p in params.items()} if recipe.l2 > 0 else None
+    # the ensemble averages the parameters (logit_scale included, as merge_we), not the buffers
+    average = {name: p.detach().clone() for name, p in clip.named_parameters()} if recipe.average_every else None
+    data = _cycle(batches)
+    ref_images = _cycle(reference.images) if reference is not None else None
+    if reference is not None:
+        reference.teacher.eval()
+        with torch.no_grad():
+            teacher_texts = reference.teacher.encode_text(reference.tokens)
+    clip.train()
+    for step in range(recipe.iterations + 1):
+        lr = lr_at(step, recipe.lr, recipe.warmup, recipe.iterations)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        x, y = next(data)
+        logits = clip_logits(clip.encode_image(x), clip.encode_text(tokens), clip.logit_scale)
+        loss = F.cross_entropy(logits, y.to(logits.device), label_smoothing=recipe.label_smoothing)
+        if start is not None:
+            loss = loss + recipe.l2 * l2_anchor(params, start)
+        if reference is not None:
+            images = next(ref_images)
+            with torch.no_grad():
+                teacher_images = reference.teacher.encode_image(images)
+            loss = loss + zscl_distillation(clip.encode_image(images), teacher_images, teacher_texts,
+                                            clip.logit_scale, recipe.distill_T)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if average is not None and step % recipe.average_every == 0:
+            running_average(average, dict(clip.named_parameters()), step // recipe.average_every + 1)
+        if log is not None:
+            log(step, float(loss.detach()), lr)
+    return {name: (average or {}).get(name, value).detach().clone() for name, value in clip.state_dict().items()}
