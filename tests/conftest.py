@@ -73,6 +73,13 @@ TINY_CONFIG = {
                       "train": {"optimizer": "sgd", "lr": 5.0, "final_lr_ratio": 0.001, "weight_decay": 0.0,
                                 "epochs": 2, "batch_size": 8},
                       "rng": "per-task", "calibration": {"batchwise": True, "scale": None}, "eval_batch_size": 8},
+        # the MTIL full fine-tuning family: WiSE-FT (Continual-FT with an interpolation), LwF-VR (LwF's distillation)
+        "tiny_wise-ft": {"method": "wise-ft", "sequence": ["tc_shapes", "tc_textures"], "backbone": "tiny_clip",
+                         "seeds": [0], "train": {"lr": [1e-4, 1e-4], "iterations": 5, "warmup": 2, "batch_size": 8},
+                         "wise_alpha": 0.8, "eval_batch_size": 8},
+        "tiny_lwf-vr": {"method": "lwf-vr", "sequence": ["tc_shapes", "tc_textures"], "backbone": "tiny_clip",
+                        "seeds": [0], "train": {"lr": [1e-4, 1e-4], "iterations": 5, "warmup": 2, "batch_size": 8},
+                        "vocabulary_size": 20, "vocabulary_length": 4, "eval_batch_size": 8},
     },
 }
 CIL_EXPERIMENTS = ("tiny_seq-lora", "tiny_inflora", "tiny_inflora-ca")

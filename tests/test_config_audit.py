@@ -33,8 +33,10 @@ TRAINING = {"reduction", "train_task", "evaluate_task"}  # what a new model shap
 INFLORA = TRAINING | {"memory"}
 COLLECTING = {"reduction", "memory"}
 DIKI = {"train_prefix", "evaluate_diki"}
+FINETUNE = {"train_finetune", "evaluate_finetune"}  # a task's weights, then its evaluation
 CA, VIT, CLIP, SEQ = "experiments.tiny_inflora-ca", "backbones.tiny_vit", "backbones.tiny_clip", "experiments.tiny_seq-lora"
 IL, DK, SH, TS = "experiments.tiny_inflora", "experiments.tiny_diki", "datasets.tiny_shapes", "datasets.tc_shapes"
+WF, VR = "experiments.tiny_wise-ft", "experiments.tiny_lwf-vr"
 SECOND_VIT = {"backbones.tiny_vit2": TINY_CONFIG["backbones"]["tiny_vit"]}
 SECOND_CLIP = {"backbones.tiny_clip2": TINY_CONFIG["backbones"]["tiny_clip"]}
 
@@ -92,6 +94,17 @@ READERS = {
     "diki.calibration.batchwise": ({f"{DK}.calibration.batchwise": False}, {"evaluate_diki"}),
     "diki.calibration.scale": ({f"{DK}.calibration.scale": 64.0}, {"evaluate_diki"}),
     "diki.calibration.weight": ({f"{DK}.calibration.weight": "one"}, {"evaluate_diki"}),
+    "zscl.train.lr": ({f"{WF}.train.lr": [2e-4, 1e-4]}, FINETUNE),
+    "zscl.train.iterations": ({f"{WF}.train.iterations": 4}, FINETUNE),
+    "zscl.train.warmup": ({f"{WF}.train.warmup": 1}, FINETUNE),
+    "zscl.train.batch_size": ({f"{WF}.train.batch_size": 4}, FINETUNE),
+    "zscl.train.weight_decay": ({f"{WF}.train.weight_decay": 0.1}, FINETUNE),
+    "zscl.train.beta2": ({f"{WF}.train.beta2": 0.98}, FINETUNE),
+    "zscl.train.label_smoothing": ({f"{WF}.train.label_smoothing": 0.0}, FINETUNE),
+    "zscl.wise_alpha": ({f"{WF}.wise_alpha": 0.5}, FINETUNE),
+    "zscl.temperature": ({f"{VR}.temperature": 1.0}, FINETUNE),
+    "zscl.vocabulary_size": ({f"{VR}.vocabulary_size": 10}, FINETUNE),
+    "zscl.vocabulary_length": ({f"{VR}.vocabulary_length": 3}, FINETUNE),
     "mtil_experiment.eval_batch_size": ({f"{DK}.eval_batch_size": 5}, DIKI),
     "mtil_experiment.gpu_precision": ({f"{DK}.gpu_precision": "fp32"}, DIKI),
     "mtil_experiment.image_cache": ({f"{DK}.image_cache": "deterministic"}, {"decode_images"} | DIKI),
@@ -151,9 +164,9 @@ READERS = {
 
 # Keys that no change of a tiny config can exercise, and why each still reaches every step that reads it.
 NOT_EXERCISED = {
-    # DIKI is the one MTIL method so far (the method key is audited on the class-incremental side); its optimiser
-    # has one value
-    "mtil_experiment.method": "one MTIL method",
+    # no two MTIL methods of the tiny run take the same keys (the method key is audited on the class-incremental
+    # side; it is in the `model` parameter of every MTIL training step); DIKI's optimiser has one value
+    "mtil_experiment.method": "no two MTIL methods with the same keys",
     "diki.train.optimizer": "always sgd",
     # the type chooses the rule that makes a dataset's manifests, or a backbone's weights: another type is another
     # rule, whose outputs are missing, so everything built on the dataset or backbone is made anew

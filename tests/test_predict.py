@@ -42,7 +42,8 @@ def write_plain_csv(path, rows) -> None:
         writer.writerows(rows)
 
 
-@pytest.mark.parametrize("experiment, task", [("tiny_inflora-ca", 2), ("tiny_seq-lora", 1), ("tiny_diki", 1)])
+@pytest.mark.parametrize("experiment, task", [("tiny_inflora-ca", 2), ("tiny_seq-lora", 1), ("tiny_diki", 1),
+                                              ("tiny_wise-ft", 1), ("tiny_lwf-vr", 0)])
 def test_evaluate_gives_the_runs_eval_json(in_tiny_run, capsys, experiment, task):
     """On the run's test set (class-incremental: the classes seen through the task; DIKI: every dataset) every
     figure of eval.json, exactly; the command prints the accuracy beside eval.json's."""
@@ -197,3 +198,20 @@ def test_predict_names_an_unreadable_image_or_a_missing_path(in_tiny_run, tmp_pa
         ifcl_run(capsys, *args, str(tmp_path / "nothing.png"))
     assert f"no such image, folder or list file: {tmp_path / 'nothing.png'}" in str(exit.value)
     assert not (tmp_path / "p.csv").exists()
+
+
+def test_predict_with_a_fine_tuned_clip_gives_the_evaluations_argmax(in_tiny_run, tmp_path, capsys):
+    """The MTIL full fine-tuning family: with --dataset, each image among that dataset's classes, whose accuracy on
+    its test images is eval.json's; without, among every class of the sequence."""
+    manifest = "data/prepared/tc_textures/test.csv"
+    rows = read_manifest(manifest)
+    out_csv = tmp_path / "predictions.csv"
+    ifcl_run(capsys, "predict", "--configfile", CONFIG, "tiny_wise-ft", "0", "1", manifest, "--dataset",
+             "tc_textures", "--out", str(out_csv))
+    columns, predicted = read_rows(out_csv)
+    assert columns == ["path", "predicted_class", "score", "task", "task_dataset", "lambda"][:3]
+    correct = sum(r["predicted_class"] == name for r, (_, _, name) in zip(predicted, rows))
+    assert 100.0 * correct / len(rows) == read_json("results/runs/tiny_wise-ft/seed0/task1/eval.json")["accuracy"][1]
+    ifcl_run(capsys, "predict", "--configfile", CONFIG, "tiny_wise-ft", "0", "1", manifest, "--out", str(out_csv))
+    every = {name for ds in ("tc_shapes", "tc_textures") for _, _, name in read_manifest(f"data/prepared/{ds}/test.csv")}
+    assert {r["predicted_class"] for r in read_rows(out_csv)[1]} <= every

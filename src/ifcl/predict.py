@@ -268,10 +268,12 @@ def evaluation_lines(result: dict, recorded: dict | None, evaluated: list[str]) 
         return f"{value:.2f}%" + ("" if was is None else f" (eval.json {was:.2f}%)")
 
     lines = []
-    if isinstance(result["accuracy"], list):  # DIKI: one accuracy per dataset
+    if isinstance(result["accuracy"], list):  # MTIL: one accuracy per dataset (DIKI: and its mean λ)
         was = recorded["accuracy"] if recorded else [None] * len(result["accuracy"])
-        for name, value, prior, weight in zip(evaluated, result["accuracy"], was, result["mean_weight"]):
-            lines.append(f"{name}: accuracy {accuracy(value, prior)}, mean λ {weight:.3f}")
+        weights = result.get("mean_weight") or [None] * len(result["accuracy"])
+        for name, value, prior, weight in zip(evaluated, result["accuracy"], was, weights):
+            lines.append(f"{name}: accuracy {accuracy(value, prior)}"
+                         + ("" if weight is None else f", mean λ {weight:.3f}"))
     else:
         was = recorded["accuracy"] if recorded else None
         lines.append(f"{', '.join(evaluated)}: accuracy {accuracy(result['accuracy'], was)} on "

@@ -42,7 +42,8 @@ CHAINS = {
         "lora": "tasks.smk",
     },
     # DIKI's: gaussian, train_prefix -> evaluate_diki, beside the protocol's frozen features
-    "mtil": {"prefix": "diki.smk"},
+    # the full fine-tuning family's (ZSCL's code): train_finetune (from the previous task's weights) -> evaluate_finetune
+    "mtil": {"prefix": "diki.smk", "finetune": "finetune.smk"},
 }
 STATE_STEPS = "ifcl.steps.state"  # the state chain's steps, shared by its methods
 

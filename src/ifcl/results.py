@@ -34,7 +34,8 @@ def aggregate_run(eval_files: list[str], matrix_out: str, metrics_out: str, prot
         zero_shot = [load_state(f)[1]["zero_shot_accuracy"] for f in zero_shot_files]
         metrics["zero_shot_per_task"] = zero_shot
         metrics["zero_shot"] = float(np.mean(zero_shot))
-        metrics["mean_weight_last_row"] = evals[-1]["mean_weight"]
+        if "mean_weight" in evals[-1]:  # DIKI: the mean λ per dataset
+            metrics["mean_weight_last_row"] = evals[-1]["mean_weight"]
     else:
         for i, e in enumerate(evals):
             acc[i, : i + 1] = e["per_task_accuracy"]

@@ -469,6 +469,12 @@ def log_columns(wildcards_or_exp):
     return {name: m.log_column(name) for name in ("epoch", "loss", "accuracy")}
 
 
+def method_settings(wildcards):
+    """Params function: the experiment's own keys of its method (its settings class: ifcl.registry.Method.keys)."""
+    spec = EXPERIMENTS[wildcards.exp]
+    return canonical({k: spec[k] for k in method_of(spec).keys() if k in spec})
+
+
 # ---- the MTIL protocol (mtil.smk) ----
 
 def sequence_dataset(wildcards):
@@ -538,6 +544,19 @@ def diki_train_inputs(wildcards):
     t = int(wildcards.t)
     if spec["rng"] == "sequential" and t > 0:  # the random stream continues from the previous task
         inputs["previous"] = run_file(wildcards, t - 1, layout.PREFIX)
+    return inputs
+
+
+# ---- the MTIL full fine-tuning family's chain (finetune.smk; ifcl.catalog.zscl) ----
+
+def finetune_train_inputs(wildcards):
+    spec = EXPERIMENTS[wildcards.exp]
+    ds, t = sequence_dataset(wildcards), int(wildcards.t)
+    inputs = {"weights": backbone_weights(spec["backbone"]), "manifest": manifest(ds, "train")}
+    if t > 0:
+        inputs["previous"] = run_file(wildcards, t - 1, layout.STATE)
+    if spec["image_cache"] != "none":
+        inputs["decoded"] = decoded_images(wildcards.exp, ds, "train", "clip")
     return inputs
 
 

@@ -126,7 +126,7 @@ def _cycle(passes: Callable[[], Iterable]) -> Iterator:
 
 def finetune(clip: torch.nn.Module, batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]],
              tokens: torch.Tensor, recipe: Recipe, reference: Reference | None = None,
-             log: Callable[[int, float, float], None] | None = None) -> dict[str, torch.Tensor]:
+             log: Callable[[int, float, float, float], None] | None = None) -> dict[str, torch.Tensor]:
     """Fine-tune every parameter of an open_clip ``clip`` but ``logit_scale`` on one task, as `finetune.py` does,
     and return the task's weights (a state dict): the last ones, or the weight ensemble's average.
 
@@ -134,7 +134,7 @@ def finetune(clip: torch.nn.Module, batches: Callable[[], Iterable[tuple[torch.T
     ``recipe.iterations + 1`` AdamW steps, each at :func:`lr_at` of its index. The loss of a step: the
     label-smoothed cross-entropy of :func:`clip_logits` over the task's class prompts (``tokens``), plus
     :func:`zscl_distillation` on the next reference batch when ``reference`` is given, plus ``recipe.l2`` times
-    :func:`l2_anchor` to the starting weights. ``log(step, loss, lr)`` after every step."""
+    :func:`l2_anchor` to the starting weights. ``log(step, loss, lr, batch accuracy in %)`` after every step."""
     params = {name: p for name, p in clip.named_parameters() if name != "logit_scale"}
     optimizer = torch.optim.AdamW(params.values(), lr=recipe.lr, weight_decay=recipe.weight_decay,
                                   betas=(0.9, recipe.beta2))
@@ -169,5 +169,5 @@ def finetune(clip: torch.nn.Module, batches: Callable[[], Iterable[tuple[torch.T
         if average is not None and step % recipe.average_every == 0:
             running_average(average, dict(clip.named_parameters()), step // recipe.average_every + 1)
         if log is not None:
-            log(step, float(loss.detach()), lr)
+            log(step, float(loss.detach()), lr, 100.0 * float((logits.argmax(1) == y.to(logits.device)).float().mean()))
     return {name: (average or {}).get(name, value).detach().clone() for name, value in clip.state_dict().items()}

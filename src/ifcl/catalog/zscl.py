@@ -1,0 +1,96 @@
+"""The MTIL methods that fine-tune the whole CLIP, as ZSCL's official code runs them (``Thunderbeee/ZSCL``
+``mtil/src/models/finetune.py`` and the shell scripts of its ``mtil`` folder): Continual-FT, WiSE-FT, LwF and
+LwF-VR. Implementation: :mod:`ifcl.steps.zscl` (its rule chain ``finetune``: train_finetune ->
+evaluate_finetune, each task starting from the previous task's weights), losses and loop in
+:mod:`ifcl.methods.zscl`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .. import layout
+from ..config import ConfigError
+from ..registry import Method
+from ..settings import setting
+
+
+@dataclass(frozen=True, kw_only=True)
+class Train:
+    """AdamW (β₂ as given) over every CLIP weight but logit_scale, the learning rate set before each of the
+    iterations + 1 steps: a linear warm-up, then a cosine to 0; label-smoothed cross-entropy over the dataset's class
+    prompts (official: 1000 iterations of batch 64, warm-up 100, smoothing 0.2, weight decay 0)"""
+
+    lr: list[float] = setting(doc="one per dataset of the sequence, in its order (official: 1e-5; 5e-5 for Aircraft "
+                                  "and MNIST)", items_minimum=0, min_items=1)
+    iterations: int = setting(1000, minimum=1)
+    warmup: int = setting(100, minimum=0)
+    batch_size: int = setting(64, minimum=1)
+    weight_decay: float = setting(0.0, minimum=0)
+    beta2: float = setting(0.999, exclusive_minimum=0, exclusive_maximum=1)
+    label_smoothing: float = setting(0.2, minimum=0, maximum=1)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ContinualFT:
+    train: Train = setting()
+
+
+@dataclass(frozen=True, kw_only=True)
+class WiSEFT:
+    train: Train = setting()
+    wise_alpha: float = setting(0.8, "the task's weights = α · fine-tuned + (1 − α) · the weights it started from "
+                                "(official 0.8)", minimum=0, maximum=1)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LwF:
+    train: Train = setting()
+    temperature: float = setting(2.0, "of the distillation (official 2)", exclusive_minimum=0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LwFVR:
+    train: Train = setting()
+    temperature: float = setting(2.0, "of the distillation (official 2)", exclusive_minimum=0)
+    vocabulary_size: int = setting(1000, "random token sequences distilled on (official 1000)", minimum=1)
+    vocabulary_length: int = setting(10, "tokens in each, between the start and end tokens (official 10)",
+                                     minimum=1)
+
+
+def check(key: str, spec: dict, config: dict) -> None:
+    train = spec["train"]
+    if len(train["lr"]) != len(spec["sequence"]):
+        raise ConfigError(f"{key}.train.lr: {len(train['lr'])} learning rates for a sequence of "
+                          f"{len(spec['sequence'])} datasets (one per dataset, in its order)")
+    if train["warmup"] >= train["iterations"]:
+        raise ConfigError(f"{key}.train.warmup: {train['warmup']} steps, not fewer than the "
+                          f"{train['iterations']} iterations")
+    backbone = config["backbones"][spec["backbone"]]
+    context = backbone["arch"]["text"]["context_length"] if backbone["type"] == "pretrain_clip" else 77
+    if spec.get("vocabulary_length", 0) + 2 > context:
+        raise ConfigError(f"{key}.vocabulary_length: {spec['vocabulary_length']} tokens and the start and end "
+                          f"tokens do not fit the text context of '{spec['backbone']}' ({context})")
+
+
+def task_files(spec: dict, t: int) -> tuple[str, ...]:
+    return layout.STATE, layout.TRAIN_LOG, layout.EVAL
+
+
+_SOURCE = "Thunderbeee/ZSCL mtil/src/models/finetune.py"
+_COMMON = dict(protocol="mtil", chain="finetune", steps="ifcl.steps.zscl", task_files=task_files, check=check,
+               group="zscl", log_fields={"accuracy": "train_accuracy"})
+
+METHODS = (
+    Method(name="continual-ft", title="Continual-FT", settings=ContinualFT,
+           description="every CLIP weight fine-tuned on each dataset in turn, the text classifier from the dataset's "
+                       f"class prompts ({_SOURCE})", **_COMMON),
+    Method(name="wise-ft", title="WiSE-FT", settings=WiSEFT,
+           description="Continual-FT whose weights after each task are interpolated with those the task started "
+                       f"from ({_SOURCE}: --wise_merge)", **_COMMON),
+    Method(name="lwf", title="LwF", settings=LwF,
+           description="Continual-FT plus the distillation, in both directions, of the previous task's model on the "
+                       f"task's own images and class prompts ({_SOURCE})", **_COMMON),
+    Method(name="lwf-vr", title="LwF-VR", settings=LwFVR,
+           description="LwF distilling on random token sequences instead of the class prompts (a virtual "
+                       f"vocabulary; {_SOURCE}: --ref-sentences random)", **_COMMON),
+)
