@@ -80,12 +80,19 @@ SDLORA = {f"{b}_sdlora": (ds, tasks, lr, None) for b, ds, tasks, lr in (
     ("mimg20", "imagenet-r", 20, 1e-2))}
 SDLORA |= {"cifar100_sdlorarr": ("cifar100", 10, 8e-3, ([10, 8, 6], [0, 4, 8])),
            "mimg10_sdlorarr": ("imagenet-r", 10, 1e-2, ([10, 8, 6], [0, 4, 8]))}
+# the full fine-tuning baselines of DIKI's MTIL tables, as ZSCL's scripts run them (Thunderbeee/ZSCL mtil/scripts/
+# finetune.sh, WiSE_finetune.sh, lwf.sh, lwf_vr.sh; order II: ZSCL_minus.sh): name -> (method, the method's own keys)
+ZSCL_FT = {f"mtil_order{o}_{stem}": (method, keys) for o in (1, 2) for stem, method, keys in (
+    ("continualft", "continual-ft", {}), ("wiseft", "wise-ft", {"wise_alpha": 0.8}),
+    ("lwf", "lwf", {"temperature": 2.0}),
+    ("lwfvr", "lwf-vr", {"temperature": 2.0, "vocabulary_size": 1000, "vocabulary_length": 10}))}
 # the upper bounds: one task of every class, with the optimisation of an InfLoRA config of the benchmark
 JOINT = {"cifar100_joint": "cifar100_inflora", "mimg_joint": "mimg10_inflora", "domainnet_joint": "domainnet_inflora"}
 
 
 def test_one_file_per_released_config_and_the_papers_own_included_by_default():
-    assert [p.stem for p in EXPERIMENT_FILES] == sorted(RELEASED | RELEASED_DIKI | BASELINES | JOINT | SDLORA | dict.fromkeys(RANPAC))
+    assert [p.stem for p in EXPERIMENT_FILES] == sorted(RELEASED | RELEASED_DIKI | BASELINES | JOINT | SDLORA | ZSCL_FT
+                                                        | dict.fromkeys(RANPAC))
     default = load_yaml(REPO / "config" / "config.yaml")
     assert sorted(Path(p).stem for p in default["include"]) == sorted(RELEASED | RELEASED_DIKI)
     tables = load_yaml(REPO / "config" / "comparisons" / "inflora_tables.yaml")
@@ -167,6 +174,26 @@ def test_official_diki_config_is_valid_and_faithful(path):
     assert (backbone["type"], backbone["name"], backbone["pretrained"], backbone["quick_gelu"], backbone["image_size"]) == \
         ("open_clip", "ViT-B-16", "openai", True, 224)
     assert backbone["mean"] == [0.48145466, 0.4578275, 0.40821073] and backbone["std"] == [0.26862954, 0.26130258, 0.27577711]
+
+
+@pytest.mark.parametrize("name", sorted(ZSCL_FT))
+def test_zscl_baseline_config_is_the_official_script_on_dikis_sequence(name):
+    """The sequence, datasets and CLIP of the DIKI config of the same order; the scripts' optimisation (Aircraft and
+    MNIST at 5e-5, every other dataset at 1e-5), seed 42 and the method's own settings."""
+    config = load(REPO / "config" / "experiments" / f"{name}.yaml")
+    (exp_name, exp), = config["experiments"].items()
+    method, keys = ZSCL_FT[name]
+    diki = load(REPO / "config" / "experiments" / f"{name.rsplit('_', 1)[0]}_diki.yaml")
+    (diki_exp,) = diki["experiments"].values()
+    assert exp_name == name and exp["method"] == method
+    assert exp["sequence"] == diki_exp["sequence"] and exp["backbone"] == diki_exp["backbone"]
+    assert {ds: config["datasets"][ds] for ds in exp["sequence"]} == {ds: diki["datasets"][ds] for ds in exp["sequence"]}
+    assert exp["train"]["lr"] == [5e-5 if ds in ("mtil_aircraft", "mtil_mnist") else 1e-5 for ds in exp["sequence"]]
+    assert {k: v for k, v in exp["train"].items() if k != "lr"} == {
+        "iterations": 1000, "warmup": 100, "batch_size": 64, "weight_decay": 0.0, "beta2": 0.999, "label_smoothing": 0.2}
+    assert exp["seeds"] == [42] and {k: exp[k] for k in keys} == keys
+    assert not set(exp) - {"method", "sequence", "backbone", "seeds", "train", "eval_batch_size", "gpu_precision",
+                           "loader_workers", "image_cache", *keys}
 
 
 @pytest.mark.parametrize("path", [p for p in EXPERIMENT_FILES if p.stem in RELEASED], ids=lambda p: p.stem)
@@ -274,8 +301,8 @@ def test_the_diki_ablations_are_the_official_order_i_config_but_for_the_ablated_
 @pytest.mark.parametrize("path", [*sorted((REPO / "config" / "comparisons").glob("*.yaml")),
                                   REPO / "config" / "demo_comparison.yaml"], ids=lambda p: p.stem)
 def test_dry_run_of_each_comparison_config(path, tmp_path):
-    """`snakemake -n` over each comparison config (inflora_tables, sdlora_tables: every baseline and upper-bound
-    paper config) and the comparison demo: every task of every experiment in it is planned, by its family's rules."""
+    """`snakemake -n` over each comparison config (inflora_tables, sdlora_tables, diki_tables: every baseline and
+    upper-bound paper config) and the comparison demo: every task of every experiment in it is planned, by its family's rules."""
     from ifcl.config import load_config
     from ifcl.registry import method_of, num_tasks
 
@@ -287,7 +314,11 @@ def test_dry_run_of_each_comparison_config(path, tmp_path):
     counts = {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", proc.stdout + proc.stderr, re.M)}
     experiments = load_config(path, REPO)["experiments"]
     tasks = sum(num_tasks(spec) * len(spec["seeds"]) for spec in experiments.values())
-    assert counts.get("evaluate_diki", 0) + counts.get("evaluate_task", 0) + counts.get("evaluate_state", 0) == tasks
+    evaluations = ("evaluate_diki", "evaluate_finetune", "evaluate_task", "evaluate_state")
+    assert sum(counts.get(rule, 0) for rule in evaluations) == tasks
+    finetune_tasks = sum(num_tasks(spec) * len(spec["seeds"]) for spec in experiments.values()
+                         if method_of(spec).chain == "finetune")
+    assert counts.get("train_finetune", 0) == counts.get("evaluate_finetune", 0) == finetune_tasks
     baseline_tasks = sum(num_tasks(spec) * len(spec["seeds"]) for spec in experiments.values()
                          if method_of(spec).chain == "state")
     assert counts.get("train_state", 0) == counts.get("evaluate_state", 0) == baseline_tasks
