@@ -341,6 +341,18 @@ def predictions(config: dict, spec: dict, model: DIKIModel, loader, device, data
                                   None if dataset is None else sequence.index(dataset))
 
 
+def evaluation_sets(config: dict, spec: dict, manifest: str | None) -> tuple[list[str], list[dict]]:
+    """What an MTIL run's evaluation reads again (``ifcl run evaluate``): the test manifests of its sequence with
+    their prompt templates, or ``manifest`` with the template of the sequence's dataset of the same classes (else
+    the default)."""
+    if manifest is None:
+        return ([layout.manifest_file(ds, "test") for ds in spec["sequence"]],
+                [{"template": config["datasets"][ds].get("template")} for ds in spec["sequence"]])
+    names = class_names_of(read_manifest(manifest))
+    same = [ds for ds in spec["sequence"] if class_names_of(read_manifest(layout.manifest_file(ds, "test"))) == names]
+    return [manifest], [{"template": config["datasets"][same[0]].get("template") if same else None}]
+
+
 def evaluate_run(config: dict, spec: dict, model: dict, run: str | Path, task: int, manifest: str | None,
                  tmp: str) -> None:
     """Rule evaluate_diki's step on a run folder's files (``ifcl run evaluate``): on the sequence's test sets, or on
@@ -349,15 +361,11 @@ def evaluate_run(config: dict, spec: dict, model: dict, run: str | Path, task: i
     experiment's model settings, as the rule's (:func:`ifcl.registry.model_settings`)."""
     backbone = config["backbones"][spec["backbone"]]
     weights = backbone_weights_file(spec["backbone"], backbone)
+    tests, prompts = evaluation_sets(config, spec, manifest)
     if manifest is None:
-        tests = [layout.manifest_file(ds, "test") for ds in spec["sequence"]]
         features = [layout.features_file(spec["backbone"], ds, "test") for ds in spec["sequence"]]
-        prompts = [{"template": config["datasets"][ds].get("template")} for ds in spec["sequence"]]
     else:
-        names = class_names_of(read_manifest(manifest))
-        same = [ds for ds in spec["sequence"] if class_names_of(read_manifest(layout.manifest_file(ds, "test"))) == names]
-        prompts = [{"template": config["datasets"][same[0]].get("template") if same else None}]
-        tests, features = [manifest], [f"{tmp}/features.safetensors"]
+        features = [f"{tmp}/features.safetensors"]
         frozen_features(FrozenFeatures(backbone=backbone, dataset=prompts[0], weights=weights,
                                                  manifest=manifest, out=features[0]))
     evaluate(Evaluate(

@@ -24,7 +24,7 @@ from ..models.weights import backbone_weights_file
 from ..progress import epoch_done
 from ..runtime import derive_seed, seed_everything, start
 from ..state import load_state, save_state
-from .diki import _batches, _prompt_tokens
+from .diki import _batches, _prompt_tokens, evaluation_sets
 
 
 def finetuned_clip(backbone: dict, weights: str, state: str | None) -> torch.nn.Module:
@@ -91,23 +91,25 @@ def train(step: Train) -> None:
     recipe = Recipe(lr=cfg["lr"][step.t], iterations=cfg["iterations"], warmup=cfg["warmup"],
                     weight_decay=cfg["weight_decay"], beta2=cfg["beta2"], label_smoothing=cfg["label_smoothing"],
                     distill_T=settings.get("temperature", 2.0))
-    per_pass, rows, sums = len(loader), [], [0.0, 0.0, 0, 0.0]
+    per_pass, rows = len(loader), []
+    passes = -(-(cfg["iterations"] + 1) // per_pass)
+    current = {"loss": 0.0, "accuracy": 0.0, "steps": 0}  # the pass under way
     print(f"task {step.t}: {len(loader.dataset)} images, {per_pass} batches a pass, {cfg['iterations'] + 1} steps, "
           f"lr {recipe.lr:g}")
     began = time.perf_counter()
 
     def log(n: int, loss: float, lr: float, accuracy: float) -> None:
-        sums[0] += loss
-        sums[1] += accuracy
-        sums[2] += 1
-        sums[3] = lr
+        """A row of the log per pass over the dataset (the last one may be partial)."""
+        current["loss"] += loss
+        current["accuracy"] += accuracy
+        current["steps"] += 1
         if (n + 1) % per_pass == 0 or n == cfg["iterations"]:
-            epoch = len(rows)
-            rows.append({"epoch": epoch, "loss": sums[0] / sums[2], "train_accuracy": sums[1] / sums[2],
+            k = current["steps"]
+            rows.append({"epoch": len(rows), "loss": current["loss"] / k, "train_accuracy": current["accuracy"] / k,
                          "lr_last": lr})
-            epoch_done(f"task {step.t}", epoch, -(-(cfg["iterations"] + 1) // per_pass),
-                       time.perf_counter() - began, sums[2], loss=sums[0] / sums[2], accuracy=sums[1] / sums[2], lr=lr)
-            sums[:] = [0.0, 0.0, 0, 0.0]
+            epoch_done(f"task {step.t}", rows[-1]["epoch"], passes, time.perf_counter() - began, k,
+                       loss=rows[-1]["loss"], accuracy=rows[-1]["train_accuracy"], lr=lr)
+            current.update(loss=0.0, accuracy=0.0, steps=0)
 
     weights = finetune(clip, lambda: iter(loader), tokens, recipe, reference, log)
     if name == "wise-ft":
@@ -163,13 +165,7 @@ def evaluate_run(config: dict, spec: dict, model: dict, run: str | Path, task: i
     """Rule evaluate_finetune's step on a run folder's files (``ifcl run evaluate``): on the sequence's test sets, or
     on ``manifest`` (with the template of the sequence's dataset of the same classes, else the default)."""
     backbone = config["backbones"][spec["backbone"]]
-    if manifest is None:
-        tests = [layout.manifest_file(ds, "test") for ds in spec["sequence"]]
-        prompts = [{"template": config["datasets"][ds].get("template")} for ds in spec["sequence"]]
-    else:
-        names = class_names_of(read_manifest(manifest))
-        same = [ds for ds in spec["sequence"] if class_names_of(read_manifest(layout.manifest_file(ds, "test"))) == names]
-        tests, prompts = [manifest], [{"template": config["datasets"][same[0]].get("template") if same else None}]
+    tests, prompts = evaluation_sets(config, spec, manifest)
     evaluate(Evaluate(t=task, eval_batch_size=spec["eval_batch_size"], datasets=prompts, backbone=backbone,
                       weights=backbone_weights_file(spec["backbone"], backbone),
                       state=str(layout.in_run(run, task, layout.STATE)), tests=tests, out=f"{tmp}/{layout.EVAL}"))
