@@ -80,6 +80,14 @@ TINY_CONFIG = {
         "tiny_lwf-vr": {"method": "lwf-vr", "sequence": ["tc_shapes", "tc_textures"], "backbone": "tiny_clip",
                         "seeds": [0], "train": {"lr": [1e-4, 1e-4], "iterations": 5, "warmup": 2, "batch_size": 8},
                         "vocabulary_size": 20, "vocabulary_length": 4, "eval_batch_size": 8},
+        # ZSCL (reference images and texts: the pretraining set's images and class prompts) and iCaRL (6 exemplars)
+        "tiny_zscl": {"method": "zscl", "sequence": ["tc_shapes", "tc_textures"], "backbone": "tiny_clip",
+                      "seeds": [0], "train": {"lr": [1e-4, 1e-4], "iterations": 5, "warmup": 2, "batch_size": 8},
+                      "reference": {"images": "tc_pretrain", "texts": "tc_pretrain"}, "average_every": 2,
+                      "eval_batch_size": 8},
+        "tiny_icarl": {"method": "icarl", "sequence": ["tc_shapes", "tc_textures"], "backbone": "tiny_clip",
+                       "seeds": [0], "train": {"lr": [1e-4, 1e-4], "iterations": 5, "warmup": 2, "batch_size": 8},
+                       "memory_size": 6, "candidates": 20, "eval_batch_size": 8},
     },
 }
 CIL_EXPERIMENTS = ("tiny_seq-lora", "tiny_inflora", "tiny_inflora-ca")

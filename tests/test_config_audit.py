@@ -37,6 +37,7 @@ FINETUNE = {"train_finetune", "evaluate_finetune"}  # a task's weights, then its
 CA, VIT, CLIP, SEQ = "experiments.tiny_inflora-ca", "backbones.tiny_vit", "backbones.tiny_clip", "experiments.tiny_seq-lora"
 IL, DK, SH, TS = "experiments.tiny_inflora", "experiments.tiny_diki", "datasets.tiny_shapes", "datasets.tc_shapes"
 WF, VR = "experiments.tiny_wise-ft", "experiments.tiny_lwf-vr"
+ZS, IC = "experiments.tiny_zscl", "experiments.tiny_icarl"
 SECOND_VIT = {"backbones.tiny_vit2": TINY_CONFIG["backbones"]["tiny_vit"]}
 SECOND_CLIP = {"backbones.tiny_clip2": TINY_CONFIG["backbones"]["tiny_clip"]}
 
@@ -105,6 +106,14 @@ READERS = {
     "zscl.temperature": ({f"{VR}.temperature": 1.0}, FINETUNE),
     "zscl.vocabulary_size": ({f"{VR}.vocabulary_size": 10}, FINETUNE),
     "zscl.vocabulary_length": ({f"{VR}.vocabulary_length": 3}, FINETUNE),
+    "zscl.l2": ({f"{ZS}.l2": 0.5}, FINETUNE),
+    "zscl.average_every": ({f"{ZS}.average_every": 3}, FINETUNE),
+    "zscl.reference.images": ({f"{ZS}.reference.images": "tc_textures"}, FINETUNE),
+    "zscl.reference.texts": ({f"{ZS}.reference.texts": "tc_shapes"}, FINETUNE),
+    "zscl.memory_size": ({f"{IC}.memory_size": 4}, {"select_memory", "train_finetune", "evaluate_finetune"}),
+    "zscl.candidates": ({f"{IC}.candidates": 10}, {"select_memory", "train_finetune", "evaluate_finetune"}),
+    "zscl.herding_indices": ({f"{IC}.herding_indices": "picked"},
+                             {"select_memory", "train_finetune", "evaluate_finetune"}),
     "mtil_experiment.eval_batch_size": ({f"{DK}.eval_batch_size": 5}, DIKI),
     "mtil_experiment.gpu_precision": ({f"{DK}.gpu_precision": "fp32"}, DIKI),
     "mtil_experiment.image_cache": ({f"{DK}.image_cache": "deterministic"}, {"decode_images"} | DIKI),
@@ -185,6 +194,7 @@ NOT_EXERCISED = {
     "dataset[mtil].name": "manifest rule parameter",
     "dataset[mtil].shots": "manifest rule parameter",
     "dataset[mtil].split_seed": "manifest rule parameter",
+    "dataset[captions].name": "manifest rule parameter",
     # keys of hub backbones (the tiny run pretrains its own): the whole backbone spec is the `backbone` parameter
     # of every step that loads it (exercised above with image_size, mean and std), and `weights` is its input file,
     # compared by content

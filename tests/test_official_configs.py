@@ -80,12 +80,16 @@ SDLORA = {f"{b}_sdlora": (ds, tasks, lr, None) for b, ds, tasks, lr in (
     ("mimg20", "imagenet-r", 20, 1e-2))}
 SDLORA |= {"cifar100_sdlorarr": ("cifar100", 10, 8e-3, ([10, 8, 6], [0, 4, 8])),
            "mimg10_sdlorarr": ("imagenet-r", 10, 1e-2, ([10, 8, 6], [0, 4, 8]))}
-# the full fine-tuning baselines of DIKI's MTIL tables, as ZSCL's scripts run them (Thunderbeee/ZSCL mtil/scripts/
-# finetune.sh, WiSE_finetune.sh, lwf.sh, lwf_vr.sh; order II: ZSCL_minus.sh): name -> (method, the method's own keys)
+# the full fine-tuning baselines of DIKI's MTIL tables and ZSCL, as ZSCL's scripts run them (Thunderbeee/ZSCL
+# mtil/scripts/finetune.sh, WiSE_finetune.sh, lwf.sh, lwf_vr.sh, ZSCL.sh; iCaRL: icarl.py with the other scripts'
+# optimisation; order II: ZSCL_minus.sh): name -> (method, the method's own keys)
 ZSCL_FT = {f"mtil_order{o}_{stem}": (method, keys) for o in (1, 2) for stem, method, keys in (
     ("continualft", "continual-ft", {}), ("wiseft", "wise-ft", {"wise_alpha": 0.8}),
     ("lwf", "lwf", {"temperature": 2.0}),
-    ("lwfvr", "lwf-vr", {"temperature": 2.0, "vocabulary_size": 1000, "vocabulary_length": 10}))}
+    ("lwfvr", "lwf-vr", {"temperature": 2.0, "vocabulary_size": 1000, "vocabulary_length": 10}),
+    ("icarl", "icarl", {"temperature": 2.0, "memory_size": 10000, "candidates": 30000, "herding_indices": "official"}),
+    ("zscl", "zscl", {"temperature": 2.0, "l2": 1.0, "average_every": 100,
+                      "reference": {"images": "imagenet", "texts": "conceptual_captions"}}))}
 # the upper bounds: one task of every class, with the optimisation of an InfLoRA config of the benchmark
 JOINT = {"cifar100_joint": "cifar100_inflora", "mimg_joint": "mimg10_inflora", "domainnet_joint": "domainnet_inflora"}
 
@@ -319,6 +323,11 @@ def test_dry_run_of_each_comparison_config(path, tmp_path):
     finetune_tasks = sum(num_tasks(spec) * len(spec["seeds"]) for spec in experiments.values()
                          if method_of(spec).chain == "finetune")
     assert counts.get("train_finetune", 0) == counts.get("evaluate_finetune", 0) == finetune_tasks
+    memory_tasks = sum(num_tasks(spec) * len(spec["seeds"]) for spec in experiments.values()
+                       if method_of(spec).chain == "finetune" and "memory.safetensors" in method_of(spec).task_files(spec, 0))
+    assert counts.get("select_memory", 0) == memory_tasks
+    if any("reference" in spec for spec in experiments.values()):  # ZSCL's reference texts are prepared once
+        assert counts["prepare_captions"] == 1
     baseline_tasks = sum(num_tasks(spec) * len(spec["seeds"]) for spec in experiments.values()
                          if method_of(spec).chain == "state")
     assert counts.get("train_state", 0) == counts.get("evaluate_state", 0) == baseline_tasks

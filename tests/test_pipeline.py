@@ -56,8 +56,8 @@ def test_every_run_has_per_task_files_matrix_and_metrics(workdir):
     # the two seeds use different class orders (shuffled) and different random reductions
     assert read_json(run_dir(workdir, 0) / "tasks.json") != read_json(run_dir(workdir, 1) / "tasks.json")
     summary = pd.read_csv(workdir / "results" / "summary" / "summary.csv")  # one row per (experiment, metric)
-    assert sorted(summary.experiment.unique()) == ["tiny_diki", "tiny_inflora", "tiny_inflora-ca", "tiny_lwf-vr",
-                                                   EXP, "tiny_wise-ft"]
+    assert sorted(summary.experiment.unique()) == ["tiny_diki", "tiny_icarl", "tiny_inflora", "tiny_inflora-ca",
+                                                   "tiny_lwf-vr", EXP, "tiny_wise-ft", "tiny_zscl"]
     final = summary[(summary.experiment == EXP) & (summary.metric == "final")].iloc[0]
     finals = [read_json(run_dir(workdir, s) / "metrics.json")["final"] for s in (0, 1)]
     assert final.seeds == 2 and pd.isna(final.paper)  # nothing published for the tiny experiments

@@ -19,7 +19,8 @@ def test_the_built_in_methods_their_protocols_and_chains():
                      "inflora-ca": ("cil", "lora"), "l2p": ("cil", "state"), "dualprompt": ("cil", "state"),
                      "coda-prompt": ("cil", "state"), "sd-lora": ("cil", "state"), "ranpac": ("cil", "state"),
                      "diki": ("mtil", "prefix"), "continual-ft": ("mtil", "finetune"), "wise-ft": ("mtil", "finetune"),
-                     "lwf": ("mtil", "finetune"), "lwf-vr": ("mtil", "finetune")}
+                     "lwf": ("mtil", "finetune"), "lwf-vr": ("mtil", "finetune"),
+                     "icarl": ("mtil", "finetune"), "zscl": ("mtil", "finetune")}
 
 
 @pytest.mark.parametrize("fields, message", [

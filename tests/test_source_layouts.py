@@ -30,6 +30,7 @@ import yaml
 from PIL import Image
 
 from ifcl.data.benchmarks import benchmark_manifests
+from ifcl.data.captions import read_captions, source_captions, write_captions
 from ifcl.data.manifest import read_manifest
 from ifcl.data.prepare import prepare_dataset
 from ifcl.data.mtil import DATASETS as MTIL_DATASETS, mtil_manifests
@@ -420,11 +421,36 @@ def mnist_case() -> Case:
                         "mtil-fs_mnist": check_few_shot("mtil_mnist", 2, content=pixels)})
 
 
+def imagenet_case() -> Case:
+    """ZSCL's reference images: no download, train/<wnid>/<image>.JPEG and val/<wnid>/<image>.JPEG placed by hand;
+    classes in wnid order, named by their wnid; no val split."""
+    wnids, placed = ["n01440764", "n01443537"], {}
+    for part, folder in (("train", "train"), ("test", "val")):
+        for label, wnid in enumerate(wnids):
+            for i in range(2 if part == "train" else 1):
+                placed[f"{folder}/{wnid}/{wnid}_{i}.JPEG"] = picture(f"{folder}{wnid}{i}")
+    root = f"{RAW}/mtil-imagenet"
+    expect = {part: sorted((f"{root}/{rel}", wnids.index(rel.split("/")[1]), rel.split("/")[1]) for rel in placed
+                           if rel.startswith(folder + "/"))
+              for part, folder in (("train", "train"), ("test", "val"))}
+    return Case(served={}, by_hand={"mtil-imagenet": placed}, datasets={"imagenet": mtil("imagenet")},
+                expect={"imagenet": {**expect, "val": []}}, files={f"{root}/{rel}": b for rel, b in placed.items()})
+
+
+def conceptual_captions_case() -> Case:
+    """ZSCL's reference texts: GCC-1.1.0-Validation.tsv, caption<TAB>URL per line, kept as downloaded."""
+    tsv = "a dog runs on the beach\thttp://example.com/1.jpg\nan \"old\" house, at night\thttp://example.com/2.jpg\n"
+    return Case(served={"conceptual-captions": {"GCC-1.1.0-Validation.tsv": tsv.encode()}},
+                datasets={"conceptual_captions": {"type": "captions", "name": "conceptual_captions"}},
+                expect={"conceptual_captions": ["a dog runs on the beach", 'an "old" house, at night']})
+
+
 FAMILIES = {
     "cifar100": cifar100_case, "imagenet-r": imagenet_r_case, "domainnet": domainnet_case,
     "mtil-aircraft": aircraft_case, "mtil-caltech101": caltech101_case, "mtil-dtd": dtd_case,
     "mtil-eurosat": eurosat_case, "mtil-flowers": flowers_case, "mtil-food": food_case, "mtil-mnist": mnist_case,
     "mtil-oxford_pet": oxford_pet_case, "mtil-stanford_cars": stanford_cars_case, "mtil-sun397": sun397_case,
+    "mtil-imagenet": imagenet_case, "conceptual-captions": conceptual_captions_case,
 }
 
 
@@ -432,7 +458,7 @@ def test_every_source_and_mtil_dataset_has_a_fabricated_layout():
     cases = [make() for make in FAMILIES.values()]
     assert sorted(s for c in cases for s in c.sources) == sorted(SOURCES)  # each source in exactly one family
     assert {spec["name"] for c in cases for spec in c.datasets.values() if spec["type"] == "mtil"} == set(MTIL_DATASETS)
-    assert len(SOURCES) == 15
+    assert len(SOURCES) == 17
 
 
 # --- the run ------------------------------------------------------------------------------------------------------
@@ -489,6 +515,10 @@ def prepare(case: Case) -> dict[str, dict[str, Rows]]:
     built = {}
     for name, spec in case.datasets.items():
         out = f"data/prepared/{name}"
+        if spec["type"] == "captions":  # prepare_captions: the source's captions, in order
+            write_captions(f"{out}/captions.csv", source_captions(spec, RAW))
+            assert read_captions(f"{out}/captions.csv") == case.expect[name]
+            continue
         decoded, has_val = spec["type"] in ("cifar100", "mtil"), spec["type"] == "mtil"
         images = f"{out}/images" if decoded else None
         prepare_dataset(spec, f"{out}/train.csv", f"{out}/test.csv", images, RAW, f"{out}/val.csv" if has_val else None)
@@ -498,7 +528,7 @@ def prepare(case: Case) -> dict[str, dict[str, Rows]]:
         assert parts == {p: direct[p] for p in splits}
 
         for part, rows in parts.items():
-            assert rows and rows == sorted(rows), (name, part)
+            assert (rows or (spec["name"], part) == ("imagenet", "val")) and rows == sorted(rows), (name, part)
             for path, label, cname in rows:
                 assert Path(path).is_file() and not Path(path).is_absolute()
                 if path in case.files:  # a fabricated raw image, listed where it was unpacked
@@ -527,7 +557,7 @@ def test_fabricated_source_fetches_into_a_correct_manifest(family, server, monke
         written[run] = {str(p): p.read_bytes() for p in sorted(Path("data/prepared").rglob("*")) if p.is_file()}
     csvs = {p for p in written["first"] if p.endswith(".csv")}
     assert csvs == {f"data/prepared/{d}/{p}.csv" for d, s in case.datasets.items()
-                    for p in (("train", "val", "test") if s["type"] == "mtil" else ("train", "test"))}
+                    for p in {"mtil": ("train", "val", "test"), "captions": ("captions",)}.get(s["type"], ("train", "test"))}
     assert {p: written["second"].get(p) for p in csvs} == {p: written["first"][p] for p in csvs}
     assert written["second"] == written["first"]  # decoded images too
 

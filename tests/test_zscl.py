@@ -158,3 +158,82 @@ def test_one_task_of_zscl_as_the_official_loop_computes_it():
     moved = {name for name in ours if not torch.equal(ours[name], start[name])}
     params = {name for name, _ in tiny_clip(0).named_parameters()}
     assert moved == params - {"logit_scale"}
+
+
+def _official_herding(features, m):
+    """dynamic_dataset.constructExampleSet's loop written out with NumPy, as the official code runs it: returns the
+    positions it indexes the image list with, and the candidates whose features it picked."""
+    import numpy as np
+
+    feats, ids = features.numpy().copy(), np.arange(len(features))
+    mean = feats.mean(axis=0)
+    positions, picked, total = [], [], None
+    for k in range(min(m, len(features))):
+        cur = feats if total is None else (feats + total) / (k + 1)
+        index = int(np.argmin(np.sum((mean - cur) ** 2, axis=1)))
+        total = feats[index].copy() if total is None else total + feats[index]
+        positions.append(index)
+        picked.append(int(ids[index]))
+        feats, ids = np.delete(feats, index, axis=0), np.delete(ids, index)
+    return positions, picked
+
+
+def test_herding_picks_by_hand_and_keeps_the_images_the_official_code_keeps():
+    """Three unit vectors, by hand: μ = (0.533, 0.6); the first pick is (0.6, 0.8) (distance 0.045), then (1, 0)
+    (0.111 against 0.144), then (0, 1). The official code indexes the image list with the position in the shortened
+    feature array: images 2, 0, 0."""
+    from ifcl.methods.zscl import herding
+
+    features = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
+    assert herding(features, 3, official_indexing=False) == [2, 0, 1]
+    assert herding(features, 3) == [2, 0, 0]
+    assert herding(features, 5, official_indexing=False) == [2, 0, 1]  # never more than the candidates
+    g = torch.Generator().manual_seed(0)
+    random = torch.nn.functional.normalize(torch.randn(40, 6, generator=g), dim=1)
+    positions, picked = _official_herding(random, 25)
+    assert herding(random, 25) == positions
+    assert herding(random, 25, official_indexing=False) == picked
+    assert positions != picked  # the two differ: the test can tell them apart
+
+
+def test_the_memory_shares_as_dynamic_dataset_updates_them():
+    """After task 0 the first K candidates; after task t each earlier dataset keeps its first K // (t + 1) and the
+    new one brings its herding picks (K − K // (t + 1))."""
+    from ifcl.methods.zscl import memory_after_task
+
+    first = memory_after_task([], 0, 10, 30, [])
+    assert first == [list(range(10))]
+    assert memory_after_task([], 0, 10, 4, []) == [[0, 1, 2, 3]]
+    second = memory_after_task(first, 1, 10, 30, [7, 3, 9, 1, 0])
+    assert second == [[0, 1, 2, 3, 4], [7, 3, 9, 1, 0]]
+    third = memory_after_task(second, 2, 10, 30, [5, 6, 7, 8, 9, 10, 11])
+    assert third == [[0, 1, 2], [7, 3, 9], [5, 6, 7, 8, 9, 10, 11]]
+
+
+def test_captions_are_read_from_the_conceptual_captions_list_and_checked_when_read(tmp_path):
+    from ifcl.data.captions import read_captions, source_captions, write_captions
+    from ifcl.files import FileCheckError
+
+    raw = tmp_path / "raw" / "conceptual-captions"
+    raw.mkdir(parents=True)
+    (raw / "GCC-1.1.0-Validation.tsv").write_text('a dog, "running"\thttp://x/1.jpg\nthe sky\thttp://x/2.jpg\n\n')
+    captions = source_captions({"type": "captions", "name": "conceptual_captions"}, tmp_path / "raw")
+    assert captions == ['a dog, "running"', "the sky"]
+    write_captions(tmp_path / "captions.csv", captions)
+    assert read_captions(tmp_path / "captions.csv") == captions
+    (tmp_path / "captions.csv").write_text("caption\nsomething else\n")
+    with pytest.raises(FileCheckError):
+        read_captions(tmp_path / "captions.csv")
+
+
+def test_imagenet_is_read_as_class_folders_in_wnid_order(tmp_path):
+    from ifcl.data.mtil import mtil_manifests
+
+    raw = tmp_path / "mtil-imagenet"
+    for split, wnid, name in (("train", "n02", "b.JPEG"), ("train", "n01", "a.JPEG"), ("train", "n01", "c.txt"),
+                              ("val", "n01", "v.JPEG")):
+        (raw / split / wnid).mkdir(parents=True, exist_ok=True)
+        (raw / split / wnid / name).write_bytes(b"")
+    parts = mtil_manifests({"type": "mtil", "name": "imagenet", "split_seed": 0}, tmp_path, None)
+    assert parts["train"] == [(str(raw / "train/n01/a.JPEG"), 0, "n01"), (str(raw / "train/n02/b.JPEG"), 1, "n02")]
+    assert parts["test"] == [(str(raw / "val/n01/v.JPEG"), 0, "n01")] and parts["val"] == []

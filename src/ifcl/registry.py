@@ -81,6 +81,8 @@ class Method:
     check: Callable[[str, dict, dict], None] | None = None  # (key, experiment, config): raise ConfigError
     run_figures: Callable[[dict], tuple[str, ...]] | None = None  # extra per-run figures ("memory", "lambda")
     log_fields: dict = field(default_factory=dict)  # LOG_COLUMNS name -> its train_log.csv column, where it differs
+    # configured datasets its runs read beside those its protocol learns (ZSCL's reference images and texts)
+    reference_datasets: Callable[[dict], tuple[str, ...]] | None = None
     group: str = ""  # its settings' section in config/README.md and the config audit (default: its name; variants
     # of one declaration share one)
 
@@ -97,6 +99,10 @@ class Method:
         if self.chain != "state" and (self.steps == STATE_STEPS or self.task_files is None):
             raise ValueError(f"method {self.name!r}: the {self.chain} chain needs `steps` (its steps module) and "
                              f"`task_files`")
+
+    def datasets_read(self, spec: dict) -> tuple[str, ...]:
+        """The configured datasets an experiment of this method reads beside those its protocol learns."""
+        return tuple(self.reference_datasets(spec)) if self.reference_datasets else ()
 
     def keys(self) -> dict:
         """The JSON-schema properties of its own experiment keys (:func:`ifcl.settings.properties`)."""

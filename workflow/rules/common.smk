@@ -161,7 +161,7 @@ def names_of_type(registry, kind):
 
 
 # the manifests each type of dataset has (the others: train and test)
-DATASET_SPLITS = {"mtil": ("train", "val", "test"), "generated": ("train", "val", "test")}
+DATASET_SPLITS = {"mtil": ("train", "val", "test"), "generated": ("train", "val", "test"), "captions": ("captions",)}
 
 NON_CONTENT_KEYS = ("train_transform", "test_transform", "crop_scale", "template")
 
@@ -331,7 +331,8 @@ def data_targets():
     pretrained backbone uses (with the images and raw sources they are made from) and the fetched weights. The
     target `snakemake data`, which `dvc add data` then tracks as data.dvc."""
     used = {EXPERIMENTS[exp]["backbone"] for exp in EXPERIMENTS}
-    datasets = {ds for spec in EXPERIMENTS.values() for ds in protocol_of(spec).datasets(spec)}
+    datasets = {ds for spec in EXPERIMENTS.values()
+                for ds in protocol_of(spec).datasets(spec) + list(method_of(spec).datasets_read(spec))}
     datasets |= {BACKBONES[b]["pretrain"]["dataset"] for b in used if "pretrain" in BACKBONES[b]}
     manifests = [manifest(ds, split) for ds in sorted(datasets)
                  for split in DATASET_SPLITS.get(DATASETS[ds]["type"], ("train", "test"))]
@@ -348,7 +349,8 @@ def shared_inputs():
     mtil = [spec for spec in EXPERIMENTS.values() if protocol_of(spec).name == "mtil"]
     files += [features(spec["backbone"], ds, split) for spec in mtil for ds in protocol_of(spec).datasets(spec)
               for split in ("train", "test")]
-    datasets = {ds for spec in EXPERIMENTS.values() for ds in protocol_of(spec).datasets(spec)}
+    datasets = {ds for spec in EXPERIMENTS.values()
+                for ds in protocol_of(spec).datasets(spec) + list(method_of(spec).datasets_read(spec))}
     files += [f"{RAW}/{s}/{SOURCE_MARKER}" for ds in datasets for s in sources_of(DATASETS[ds])]
     return files
 
@@ -557,7 +559,21 @@ def finetune_train_inputs(wildcards):
         inputs["previous"] = run_file(wildcards, t - 1, layout.STATE)
     if spec["image_cache"] != "none":
         inputs["decoded"] = decoded_images(wildcards.exp, ds, "train", "clip")
+    if "reference" in spec:  # ZSCL: its reference images and texts
+        images, texts = spec["reference"]["images"], spec["reference"]["texts"]
+        inputs["reference_images"] = manifest(images, "train")
+        inputs["reference_texts"] = manifest(texts, "captions" if DATASETS[texts]["type"] == "captions" else "train")
+    if t > 0 and layout.MEMORY in task_files(spec, t - 1):  # iCaRL: the exemplars of the earlier datasets, and where
+        # their images are
+        inputs["memory"] = run_file(wildcards, t - 1, layout.MEMORY)
+        inputs["memory_manifests"] = [manifest(d, "train") for d in spec["sequence"][:t]]
     return inputs
+
+
+def reference_template(wildcards):
+    """ZSCL: the prompt template of its reference texts when they are an image dataset's class prompts."""
+    spec = EXPERIMENTS[wildcards.exp]
+    return prompt_spec(spec["reference"]["texts"]) if "reference" in spec else None
 
 
 def diki_eval_inputs(wildcards):

@@ -84,6 +84,26 @@ rule prepare_mtil:
         "../../scripts/prepare_dataset.py"
 
 
+rule prepare_captions:
+    """A captions dataset (ZSCL's reference texts): its source's captions, one per row of captions.csv."""
+    input:
+        source_markers,
+    output:
+        captions="data/prepared/{dataset}/captions.csv",
+    params:
+        code=code("prepare_captions"),
+        spec=dataset_content,
+        raw=RAW,
+    wildcard_constraints:
+        dataset=names_of_type(DATASETS, "captions"),
+    conda:
+        CONDA_ENV
+    log:
+        "logs/prepare_captions/{dataset}.log",
+    script:
+        "../../scripts/prepare_captions.py"
+
+
 rule list_benchmark:
     """ImageNet-R / DomainNet: manifests from the split lists (or the seeded split) over the raw images."""
     input:

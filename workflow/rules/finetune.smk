@@ -1,8 +1,12 @@
 # The MTIL full fine-tuning family's rule chain ("finetune", ifcl.catalog.zscl; steps in ifcl.steps.zscl): beside the
 # MTIL protocol's frozen features (mtil.smk, for the zero-shot accuracy), per task t: train_finetune_t (from the
-# weights of task t-1, the zero-shot CLIP for task 0) -> evaluate_finetune_t (every dataset of the sequence).
+# weights of task t-1, the zero-shot CLIP for task 0) -> evaluate_finetune_t (every dataset of the sequence);
+# iCaRL also select_memory_t (its exemplars after task t, which train_finetune_{t+1} distils on).
 
 FINETUNE_EXPERIMENTS = chain_experiments("mtil", "finetune")
+# the methods of the chain that keep an exemplar memory (iCaRL): a task file memory.safetensors
+EXEMPLAR_EXPERIMENTS = experiments_where(lambda spec: method_of(spec).chain == "finetune" and
+                                         layout.MEMORY in task_files(spec, 0))
 
 
 rule train_finetune:
@@ -18,6 +22,7 @@ rule train_finetune:
         method=method_settings,
         backbone=exp_backbone,
         dataset=lambda wildcards: prompt_spec(sequence_dataset(wildcards)),
+        reference_template=reference_template,
         loader_workers=exp_setting("loader_workers"),
     wildcard_constraints:
         exp=FINETUNE_EXPERIMENTS,
@@ -30,6 +35,36 @@ rule train_finetune:
         "logs/train_finetune/{exp}/seed{seed}/task{t}.log",
     script:
         "../../scripts/train_finetune.py"
+
+
+rule select_memory:
+    """iCaRL: the exemplar memory after task t (the earlier datasets' shares cut, dataset t's chosen by herding on
+    the features of the model after task t)."""
+    input:
+        weights=exp_backbone_weights,
+        state=layout.task_pattern(layout.STATE),
+        manifest=lambda wildcards: manifest(sequence_dataset(wildcards), "train"),
+        previous=lambda wildcards: run_file(wildcards, int(wildcards.t) - 1, layout.MEMORY)
+        if int(wildcards.t) > 0 else [],
+    output:
+        out=layout.task_pattern(layout.MEMORY),
+    params:
+        code=method_code("select_memory"),
+        method=method_settings,
+        backbone=exp_backbone,
+        eval_batch_size=exp_setting("eval_batch_size"),
+        loader_workers=exp_setting("loader_workers"),
+    wildcard_constraints:
+        exp=EXEMPLAR_EXPERIMENTS,
+    threads: 1
+    resources:
+        gpu=1,
+    conda:
+        CONDA_ENV
+    log:
+        "logs/select_memory/{exp}/seed{seed}/task{t}.log",
+    script:
+        "../../scripts/select_memory.py"
 
 
 rule evaluate_finetune:

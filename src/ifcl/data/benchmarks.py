@@ -16,6 +16,7 @@ import numpy as np
 import yaml
 
 from .manifest import DatasetError, IMAGE_SUFFIXES
+from .captions import sources_of as caption_sources
 
 Rows = list[tuple[str, int, str]]
 
@@ -142,4 +143,6 @@ def sources_of(spec: dict) -> list[str]:
         return ["domainnet", "coda-prompt-domainnet"]
     if spec["type"] == "mtil":  # MTIL's CIFAR100 is read from the same download as the InfLoRA benchmark
         return ["cifar100"] if spec["name"] == "cifar100" else [f"mtil-{spec['name']}"]
+    if spec["type"] == "captions":
+        return caption_sources(spec)
     return []

@@ -12,13 +12,11 @@ from .manifest import read_manifest, selected_rows
 from .transforms import make_transform, read_image
 
 
-class ManifestDataset(Dataset):
-    """Images of the manifest whose label is in ``classes``, decoded from their files and transformed."""
+class ImageList(Dataset):
+    """Image files with their targets, decoded and transformed."""
 
-    def __init__(self, manifest: str, classes: Sequence[int], class_order: Sequence[int], transform):
-        rows = read_manifest(manifest)
-        self.items = [(rows[i][0], target) for i, target in selected_rows(rows, classes, class_order, manifest)]
-        self.transform = transform
+    def __init__(self, items: list[tuple[str, int]], transform):
+        self.items, self.transform = items, transform
 
     def __len__(self) -> int:
         return len(self.items)
@@ -26,6 +24,15 @@ class ManifestDataset(Dataset):
     def __getitem__(self, i: int):
         path, target = self.items[i]
         return self.transform(read_image(path)), target
+
+
+class ManifestDataset(ImageList):
+    """Images of the manifest whose label is in ``classes``, decoded from their files and transformed."""
+
+    def __init__(self, manifest: str, classes: Sequence[int], class_order: Sequence[int], transform):
+        rows = read_manifest(manifest)
+        super().__init__([(rows[i][0], target) for i, target in selected_rows(rows, classes, class_order, manifest)],
+                         transform)
 
 
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0, num_workers: int = 0,

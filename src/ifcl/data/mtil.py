@@ -1,4 +1,5 @@
-"""The eleven MTIL datasets as DIKI reads them (lloongx/DIKI): raw layout, splits, class names.
+"""The eleven MTIL datasets as DIKI reads them (lloongx/DIKI), and ImageNet, ZSCL's reference images
+(Thunderbeee/ZSCL mtil/src/datasets/imagenet.py): raw layout, splits, class names.
 
 Each dataset's raw folder ``data/raw/mtil-<name>/`` has the layout of the matching folder of DIKI's
 ``dataset_root`` (so an existing DIKI data root can be linked or copied in by hand); CIFAR100 alone is read from
@@ -10,6 +11,10 @@ the ``cifar100`` source (the binary version, which needs no unpickling). Splits:
 * CIFAR100 and MNIST: the official test set, and the official training set split 80/20 per class into train / val
   with a recorded seed (DIKI redraws this split with an unseeded ``random`` in every process, the official training log:
   a deliberate, documented deviation).
+
+* ImageNet (placed by hand: it has no public download): ``train/<wnid>/<image>`` (ILSVRC2012's training set, extracted
+  per class) is the train split, classes in sorted wnid order as torchvision's ImageFolder reads them, each named
+  by its wnid; ``val/<wnid>/<image>``, where present, the test split (ZSCL's ``val_in_folder``); no val split.
 
 Few-shot (MTIL-FS): ``shots`` training images per class and min(shots, 4) validation images per class, drawn once
 with the dataset's ``split_seed``; the test set stays whole.
@@ -23,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from .benchmarks import cifar100_manifests
-from .manifest import DatasetError
+from .manifest import IMAGE_SUFFIXES, DatasetError
 from .remote import RemoteFile, Source
 
 Rows = list[tuple[str, int, str]]
@@ -52,6 +57,7 @@ DATASETS = {
                           split="split_zhou_StanfordCars.json", images=""),
     "sun397": dict(folder="sun397", reader="coop", split="split_zhou_SUN397.json",
                    images="SUN397"),
+    "imagenet": dict(folder="imagenet", reader="imagenet"),
 }
 MNIST_NAMES = ["0 - zero", "1 - one", "2 - two", "3 - three", "4 - four", "5 - five", "6 - six", "7 - seven",
                "8 - eight", "9 - nine"]
@@ -107,6 +113,10 @@ SOURCES = {s.name: s for s in (
     _source("sun397", (RemoteFile("http://vision.princeton.edu/projects/2010/SUN/SUN397.tar.gz", None,
                                   "md5:8ca2778205c41d23104230ba66911c7a", extract=True), _coop_json("sun397")),
             ("SUN397", "split_zhou_SUN397.json"), "SUN397/<letter>/<class>/..., split_zhou_SUN397.json"),
+    _source("imagenet", (), ("train",),
+            "train/<wnid>/<image>.JPEG (ILSVRC2012_img_train.tar, https://image-net.org, with each class's tar "
+            "extracted into its wnid folder) and, optionally, val/<wnid>/<image>.JPEG; ImageNet needs an account at "
+            "image-net.org and has no direct download, so it is placed by hand"),
 )}
 
 
@@ -146,6 +156,20 @@ def _split_80_20(rows: Rows, seed: int) -> tuple[Rows, Rows]:
         val += [items[i] for i in sorted(order[:n_val])]
         train += [items[i] for i in sorted(order[n_val:])]
     return train, val
+
+
+def _image_folder_rows(root: Path) -> Rows:
+    """Every image of a class-folder tree, labels by sorted folder name, each class named by its folder."""
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+    return [(str(path), label, name) for label, name in enumerate(classes)
+            for path in sorted((root / name).iterdir()) if path.suffix.lower() in IMAGE_SUFFIXES]
+
+
+def _imagenet_rows(raw: Path) -> dict[str, Rows]:
+    if not (raw / "train").is_dir():
+        raise DatasetError(f"ImageNet's training set {raw / 'train'} is missing (train/<wnid>/<image>.JPEG)")
+    test = _image_folder_rows(raw / "val") if (raw / "val").is_dir() else []
+    return {"train": _image_folder_rows(raw / "train"), "val": [], "test": test}
 
 
 def _idx_images(path: Path) -> np.ndarray:
@@ -190,6 +214,8 @@ def mtil_manifests(spec: dict, raw_root: str | Path, images_dir: str | Path | No
         parts = _coop_rows(raw, info)
     elif info["reader"] == "aircraft":
         parts = _aircraft_rows(raw)
+    elif info["reader"] == "imagenet":
+        parts = _imagenet_rows(raw)
     else:
         if info["reader"] == "cifar100":  # the InfLoRA benchmark's download (source `cifar100`)
             parts = cifar100_manifests(Path(raw_root) / "cifar100", images_dir)

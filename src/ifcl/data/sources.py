@@ -87,7 +87,10 @@ SOURCES: dict[str, Source] = {s.name: s for s in (
 
 from .mtil import SOURCES as _MTIL_SOURCES  # noqa: E402  (the MTIL datasets' sources, defined with their readers)
 
+from .captions import SOURCES as _CAPTION_SOURCES  # noqa: E402
+
 SOURCES.update(_MTIL_SOURCES)
+SOURCES.update(_CAPTION_SOURCES)
 
 
 def source_dir(raw_root: str | Path, name: str) -> Path:

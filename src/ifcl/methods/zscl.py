@@ -16,6 +16,11 @@ of :func:`lr_at` set before each step. They differ in what is added:
 - **ZSCL**: :func:`zscl_distillation` on reference images (ImageNet) and reference texts (Conceptual Captions),
   the teacher the zero-shot CLIP; plus :func:`l2_anchor` to the weights the task started from (weight 1), and the
   weight ensemble (:func:`running_average` every 100 iterations, the average being the task's result) (`ZSCL.sh`).
+- **iCaRL** (`icarl.py`, `dynamic_dataset.py`): from task 1 on, :func:`zscl_distillation` on an exemplar memory of
+  the earlier datasets' images against the task's class prompts, the teacher the zero-shot CLIP. The memory holds
+  ``K`` images (10,000): after task 0 the dataset's first ``K`` training images; after task t ≥ 1 each earlier
+  dataset keeps its first ``K // (t + 1)`` and dataset t adds ``K − K // (t + 1)`` chosen by :func:`herding` among
+  its first 30,000 training images, on the image features of the model after task t.
 """
 from __future__ import annotations
 
@@ -92,6 +97,41 @@ def virtual_vocabulary(generator: torch.Generator, vocab_size: int, start: int, 
     tokens = torch.randint(0, vocab_size, (count, length), generator=generator)
     return torch.cat([torch.full((count, 1), start), tokens, torch.full((count, 1), end),
                       torch.zeros((count, context - length - 2), dtype=torch.long)], dim=1)
+
+
+@torch.no_grad()
+def herding(features: torch.Tensor, m: int, official_indexing: bool = True) -> list[int]:
+    """iCaRL's exemplar choice (`dynamic_dataset.constructExampleSet`) among N candidates whose image features
+    ``features`` [N, D] are L2-normalised: the k-th pick (k = 0 … min(m, N) − 1) is the remaining candidate φ that
+    brings the mean of the picks closest to the mean μ of all N, ``argmin ‖μ − (φ + Σ picks) / (k + 1)‖²``.
+
+    The official code deletes each pick from the feature array but not from the image list, and takes the image at
+    the pick's position in the shortened array: ``official_indexing`` returns those images' indices (from the second
+    pick on, usually not the image whose feature was picked), as the official memory holds; False returns the
+    picked candidates themselves."""
+    n = features.shape[0]
+    mean = features.mean(0)
+    remaining = torch.ones(n, dtype=torch.bool, device=features.device)
+    total = torch.zeros_like(mean)
+    picks = []
+    for k in range(min(m, n)):
+        distance = ((mean - (features + total) / (k + 1)) ** 2).sum(1)
+        distance[~remaining] = float("inf")
+        i = int(distance.argmin())
+        picks.append(int(remaining[:i].sum()) if official_indexing else i)
+        total += features[i]
+        remaining[i] = False
+    return picks
+
+
+def memory_after_task(memory: list[list[int]], t: int, size: int, candidates: int, chosen: list[int]
+                      ) -> list[list[int]]:
+    """iCaRL's memory after task t as the candidate indices kept per dataset 0 … t (`dynamic_dataset.update`):
+    after task 0 the first ``size`` of dataset 0's ``candidates`` (``chosen`` ignored); after task t ≥ 1 each earlier
+    dataset's first ``size // (t + 1)`` and dataset t's ``chosen`` (:func:`herding` of ``size − size // (t + 1)``)."""
+    if t == 0:
+        return [list(range(min(size, candidates)))]
+    return [kept[:size // (t + 1)] for kept in memory] + [list(chosen)]
 
 
 @dataclass(frozen=True)
