@@ -102,6 +102,8 @@ READERS = {
     "zscl.train.weight_decay": ({f"{WF}.train.weight_decay": 0.1}, FINETUNE),
     "zscl.train.beta2": ({f"{WF}.train.beta2": 0.98}, FINETUNE),
     "zscl.train.label_smoothing": ({f"{WF}.train.label_smoothing": 0.0}, FINETUNE),
+    "zscl.train.transform": ({f"{WF}.train.transform": "clip"}, FINETUNE),
+    "zscl.train.crop_scale": ({f"{WF}.train.crop_scale": [0.5, 1.0]}, FINETUNE),
     "zscl.wise_alpha": ({f"{WF}.wise_alpha": 0.5}, FINETUNE),
     "zscl.temperature": ({f"{VR}.temperature": 1.0}, FINETUNE),
     "zscl.vocabulary_size": ({f"{VR}.vocabulary_size": 10}, FINETUNE),

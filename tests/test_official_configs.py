@@ -194,7 +194,8 @@ def test_zscl_baseline_config_is_the_official_script_on_dikis_sequence(name):
     assert {ds: config["datasets"][ds] for ds in exp["sequence"]} == {ds: diki["datasets"][ds] for ds in exp["sequence"]}
     assert exp["train"]["lr"] == [5e-5 if ds in ("mtil_aircraft", "mtil_mnist") else 1e-5 for ds in exp["sequence"]]
     assert {k: v for k, v in exp["train"].items() if k != "lr"} == {
-        "iterations": 1000, "warmup": 100, "batch_size": 64, "weight_decay": 0.0, "beta2": 0.999, "label_smoothing": 0.2}
+        "iterations": 1000, "warmup": 100, "batch_size": 64, "weight_decay": 0.0, "beta2": 0.999, "label_smoothing": 0.2,
+        "transform": "clip-train", "crop_scale": [0.9, 1.0]}
     assert exp["seeds"] == [42] and {k: exp[k] for k in keys} == keys
     assert not set(exp) - {"method", "sequence", "backbone", "seeds", "train", "eval_batch_size", "gpu_precision",
                            "loader_workers", "image_cache", *keys}

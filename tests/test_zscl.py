@@ -237,3 +237,14 @@ def test_imagenet_is_read_as_class_folders_in_wnid_order(tmp_path):
     parts = mtil_manifests({"type": "mtil", "name": "imagenet", "split_seed": 0}, tmp_path, None)
     assert parts["train"] == [(str(raw / "train/n01/a.JPEG"), 0, "n01"), (str(raw / "train/n02/b.JPEG"), 1, "n02")]
     assert parts["test"] == [(str(raw / "val/n01/v.JPEG"), 0, "n01")] and parts["val"] == []
+
+
+def test_zscls_training_transform_is_a_bicubic_random_resized_crop_without_flip():
+    """mtil/clip/clip.py _transform(is_train=True): RandomResizedCrop(n_px, scale=(0.9, 1.0), bicubic), no flip."""
+    from torchvision import transforms as T
+
+    from ifcl.data.transforms import geometric_ops
+
+    (crop,) = geometric_ops("clip-train", 16, (0.9, 1.0))
+    assert isinstance(crop, T.RandomResizedCrop) and crop.size == (16, 16) and crop.scale == (0.9, 1.0)
+    assert crop.interpolation == T.InterpolationMode.BICUBIC

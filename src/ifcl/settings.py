@@ -16,7 +16,7 @@ The class is the one source of the method's part of the config schema (:func:`sc
 ``bool``, ``int``, ``float``, ``str``, ``Literal[...]`` (a choice), ``list[int]`` or ``list[float]``, ``X | None``
 (null allowed), ``Literal["all"] | list[int]`` (a keyword or a list) and another settings class. Constraints are
 keyword arguments of :func:`setting`: ``minimum``, ``maximum``, ``exclusive_minimum``, ``exclusive_maximum``, ``multiple_of`` (numbers),
-``items_minimum`` (list items), ``min_items``, ``unique_items`` (lists). A class may add JSON-schema keywords to
+``items_minimum`` (list items), ``min_items``, ``max_items``, ``unique_items`` (lists). A class may add JSON-schema keywords to
 its object with a class attribute ``SCHEMA`` (e.g. ``{"dependentRequired": {...}}``).
 """
 from __future__ import annotations
@@ -30,7 +30,7 @@ OPTIONAL = object()  # a key that may be absent (its field is then None); not th
 
 _CONSTRAINTS = {"minimum": "minimum", "maximum": "maximum", "exclusive_minimum": "exclusiveMinimum",
                 "exclusive_maximum": "exclusiveMaximum", "multiple_of": "multipleOf"}
-_LIST_CONSTRAINTS = {"min_items": "minItems", "unique_items": "uniqueItems"}
+_LIST_CONSTRAINTS = {"min_items": "minItems", "max_items": "maxItems", "unique_items": "uniqueItems"}
 
 
 def setting(default=dataclasses.MISSING, doc: str = "", **constraints):

@@ -557,7 +557,7 @@ def finetune_train_inputs(wildcards):
     inputs = {"weights": backbone_weights(spec["backbone"]), "manifest": manifest(ds, "train")}
     if t > 0:
         inputs["previous"] = run_file(wildcards, t - 1, layout.STATE)
-    if spec["image_cache"] != "none":
+    if spec["image_cache"] != "none" and spec["train"]["transform"] == "clip":  # clip-train reads the image files
         inputs["decoded"] = decoded_images(wildcards.exp, ds, "train", "clip")
     if "reference" in spec:  # ZSCL: its reference images and texts
         images, texts = spec["reference"]["images"], spec["reference"]["texts"]

@@ -29,6 +29,12 @@ class Train:
     weight_decay: float = setting(0.0, minimum=0)
     beta2: float = setting(0.999, exclusive_minimum=0, exclusive_maximum=1)
     label_smoothing: float = setting(0.2, minimum=0, maximum=1)
+    transform: Literal["clip-train", "clip"] = setting(
+        "clip-train", "the training images' transform: clip-train, the official bicubic RandomResizedCrop of scale "
+                      "crop_scale without flip (read from the image files: a decoded-image cache is used for clip only); "
+                      "clip, CLIP's test preprocessing (resize, centre crop)")
+    crop_scale: list[float] = setting([0.9, 1.0], "clip-train's area range (official 0.9-1)", items_minimum=0,
+                                      min_items=2, max_items=2)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -98,6 +104,9 @@ def check(key: str, spec: dict, config: dict) -> None:
     if len(train["lr"]) != len(spec["sequence"]):
         raise ConfigError(f"{key}.train.lr: {len(train['lr'])} learning rates for a sequence of "
                           f"{len(spec['sequence'])} datasets (one per dataset, in its order)")
+    low, high = train.get("crop_scale", (0.9, 1.0))
+    if not 0 < low <= high <= 1:
+        raise ConfigError(f"{key}.train.crop_scale: {[low, high]} is not an area range 0 < low <= high <= 1")
     if train["warmup"] >= train["iterations"]:
         raise ConfigError(f"{key}.train.warmup: {train['warmup']} steps, not fewer than the "
                           f"{train['iterations']} iterations")

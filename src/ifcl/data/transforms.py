@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 # would add seconds to every Snakemake start.
 
 # Every transform name, the random training augmentation first.
-TRANSFORMS = ("random-resized-crop-flip", "resize", "resize-center-crop", "clip")
+TRANSFORMS = ("random-resized-crop-flip", "resize", "resize-center-crop", "clip", "clip-train")
 
 # Transforms without randomness: a decoded-image cache (ifcl.data.decoded) can store their output.
 DETERMINISTIC = ("resize", "resize-center-crop", "clip")
@@ -39,6 +39,8 @@ def geometric_ops(name: str, size: int, crop_scale: Sequence[float] = (0.08, 1.0
         return [T.Resize(int(size * 256 / 224)), T.CenterCrop(size)]
     if name == "clip":  # CLIP's own preprocessing (lloongx/DIKI): bicubic shorter side, centre crop
         return [T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size)]
+    if name == "clip-train":  # ZSCL's training transform (Thunderbeee/ZSCL mtil/clip/clip.py, _transform): no flip
+        return [T.RandomResizedCrop(size, scale=tuple(crop_scale), interpolation=T.InterpolationMode.BICUBIC)]
     raise ValueError(f"unknown transform {name!r}")
 
 
@@ -46,7 +48,8 @@ def make_transform(name: str, size: int, mean: Sequence[float], std: Sequence[fl
                    crop_scale: Sequence[float] = (0.08, 1.0)):
     """``random-resized-crop-flip``: RandomResizedCrop(size, scale=crop_scale) (official: 0.08-1, bilinear) + flip;
     ``resize``: Resize to size x size; ``resize-center-crop``: Resize(size * 256 / 224) + CenterCrop(size);
-    ``clip``: bicubic Resize(size) + CenterCrop(size), for training and testing alike (DIKI).
+    ``clip``: bicubic Resize(size) + CenterCrop(size), for training and testing alike (DIKI); ``clip-train``: a
+    bicubic RandomResizedCrop(size, scale=crop_scale) without flip (ZSCL's training images, scale 0.9-1).
     Then ToTensor (pixels in [0, 1]) and Normalize(mean, std); the official InfLoRA code uses mean 0, std 1."""
     from torchvision import transforms as T
 

@@ -33,12 +33,13 @@ WEIGHT_BINS = 20  # eval.json's histogram of the per-image λ: equal bins on [0,
 
 
 def _batches(manifest: str, backbone: dict, batch_size: int, device, shuffle: bool = False, seed: int = 0,
-             decoded: str | None = None, workers: int = 0):
-    """Every image of a manifest with its dataset-local label, under CLIP's preprocessing (no augmentation), in
-    batches on ``device``; ``decoded``: read from that decoded-image cache."""
+             decoded: str | None = None, workers: int = 0, transform: str = "clip",
+             crop_scale: tuple = (0.08, 1.0)):
+    """Every image of a manifest with its dataset-local label, under CLIP's preprocessing (no augmentation; or
+    ``transform``), in batches on ``device``; ``decoded``: read from that decoded-image cache."""
     labels = sorted({label for _, label, _ in read_manifest(manifest)})
-    return image_batches(manifest, labels, labels, "clip", backbone, batch_size, shuffle, seed, device,
-                         decoded=decoded, workers=workers)
+    return image_batches(manifest, labels, labels, transform, backbone, batch_size, shuffle, seed, device,
+                         crop_scale=crop_scale, decoded=decoded, workers=workers)
 
 
 def _prompt_tokens(manifest: str, dataset: dict, clip) -> torch.Tensor:

@@ -84,7 +84,7 @@ def train(step: Train) -> None:
     tokens = _prompt_tokens(step.manifest, step.dataset, clip).to(device)
     loader = _batches(step.manifest, step.backbone, cfg["batch_size"], device, shuffle=True,
                       seed=derive_seed(step.exp, step.seed, step.t, "data"), decoded=step.decoded,
-                      workers=step.loader_workers)
+                      workers=step.loader_workers, transform=cfg["transform"], crop_scale=cfg["crop_scale"])
     reference = _reference(step, clip, tokens, device)
     recipe = Recipe(lr=cfg["lr"][step.t], iterations=cfg["iterations"], warmup=cfg["warmup"],
                     weight_decay=cfg["weight_decay"], beta2=cfg["beta2"], label_smoothing=cfg["label_smoothing"],
