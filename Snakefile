@@ -21,6 +21,7 @@ include: "workflow/rules/tasks.smk"
 include: "workflow/rules/state.smk"
 include: "workflow/rules/diki.smk"
 include: "workflow/rules/finetune.smk"
+include: "workflow/rules/moe.smk"
 include: "workflow/rules/results.smk"
 include: "workflow/rules/figures.smk"
 

@@ -88,6 +88,17 @@ TINY_CONFIG = {
         "tiny_icarl": {"method": "icarl", "sequence": ["tc_shapes", "tc_textures"], "backbone": "tiny_clip",
                        "seeds": [0], "train": {"lr": [1e-4, 1e-4], "iterations": 5, "warmup": 2, "batch_size": 8},
                        "memory_size": 6, "candidates": 20, "eval_batch_size": 8},
+        # MoE-Adapters: 4 experts (top-2) in every block of both towers, DDAS on a seeded random AlexNet (64-px
+        # inputs: the tiny images are too small for AlexNet), the reference autoencoder on the pretraining set
+        # (trained less than the tasks' ones, so that DDAS sends the test batches to a router)
+        "tiny_moe-adapters": {"method": "moe-adapters", "sequence": ["tc_shapes", "tc_textures"],
+                              "backbone": "tiny_clip", "seeds": [0],
+                              "experts": {"count": 4, "top_k": 2, "bottleneck": 4, "routers": 2},
+                              "train": {"lr": [1e-2, 1e-2], "iterations": 5, "warmup": 2, "batch_size": 8},
+                              "ddas": {"extractor": "alexnet-random", "image_size": 64, "hidden": 4,
+                                       "reference": "tc_pretrain", "reference_iterations": 4, "iterations": 10,
+                                       "batch_size": 8, "lr": 0.05},
+                              "eval_batch_size": 8},
     },
 }
 CIL_EXPERIMENTS = ("tiny_seq-lora", "tiny_inflora", "tiny_inflora-ca")

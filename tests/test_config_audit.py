@@ -38,6 +38,9 @@ CA, VIT, CLIP, SEQ = "experiments.tiny_inflora-ca", "backbones.tiny_vit", "backb
 IL, DK, SH, TS = "experiments.tiny_inflora", "experiments.tiny_diki", "datasets.tiny_shapes", "datasets.tc_shapes"
 WF, VR = "experiments.tiny_wise-ft", "experiments.tiny_lwf-vr"
 ZS, IC = "experiments.tiny_zscl", "experiments.tiny_icarl"
+ME = "experiments.tiny_moe-adapters"
+MOE = {"train_moe", "evaluate_moe"}  # MoE-Adapters: a task's experts and routers, then its evaluation
+AUTOENCODERS = {"train_autoencoder", "train_reference_autoencoder", "evaluate_moe"}  # DDAS's autoencoders
 SECOND_VIT = {"backbones.tiny_vit2": TINY_CONFIG["backbones"]["tiny_vit"]}
 SECOND_CLIP = {"backbones.tiny_clip2": TINY_CONFIG["backbones"]["tiny_clip"]}
 
@@ -116,6 +119,37 @@ READERS = {
     "zscl.candidates": ({f"{IC}.candidates": 10}, {"select_memory", "train_finetune", "evaluate_finetune"}),
     "zscl.herding_indices": ({f"{IC}.herding_indices": "picked"},
                              {"select_memory", "train_finetune", "evaluate_finetune"}),
+    "moe-adapters.experts.count": ({f"{ME}.experts.count": 3}, MOE),
+    "moe-adapters.experts.top_k": ({f"{ME}.experts.top_k": 1}, MOE),
+    "moe-adapters.experts.bottleneck": ({f"{ME}.experts.bottleneck": 8}, MOE),
+    "moe-adapters.experts.routers": ({f"{ME}.experts.routers": 3}, MOE),
+    "moe-adapters.train.lr": ({f"{ME}.train.lr": [2e-2, 1e-2]}, MOE),
+    "moe-adapters.train.iterations": ({f"{ME}.train.iterations": 4}, MOE),
+    "moe-adapters.train.warmup": ({f"{ME}.train.warmup": 1}, MOE),
+    "moe-adapters.train.batch_size": ({f"{ME}.train.batch_size": 4}, MOE),
+    "moe-adapters.train.weight_decay": ({f"{ME}.train.weight_decay": 0.1}, MOE),
+    "moe-adapters.train.label_smoothing": ({f"{ME}.train.label_smoothing": 0.0}, MOE),
+    "moe-adapters.train.transform": ({f"{ME}.train.transform": "clip"}, MOE | AUTOENCODERS),
+    "moe-adapters.train.crop_scale": ({f"{ME}.train.crop_scale": [0.5, 1.0]}, MOE | AUTOENCODERS),
+    "moe-adapters.train.balance_loss": ({f"{ME}.train.balance_loss": True}, MOE),
+    "moe-adapters.train.freeze": ({f"{ME}.train.freeze": 1}, MOE),
+    "moe-adapters.ddas.extractor": ({f"{ME}.ddas.extractor": "alexnet-imagenet"},
+                                    {"fetch_torchvision_weights"} | AUTOENCODERS),
+    "moe-adapters.ddas.image_size": ({f"{ME}.ddas.image_size": 70}, AUTOENCODERS),
+    "moe-adapters.ddas.hidden": ({f"{ME}.ddas.hidden": 3}, AUTOENCODERS),
+    "moe-adapters.ddas.reference": ({f"{ME}.ddas.reference": "tc_shapes"},
+                                    {"train_reference_autoencoder", "evaluate_moe"}),
+    "moe-adapters.ddas.reference_iterations": ({f"{ME}.ddas.reference_iterations": 3},
+                                               {"train_reference_autoencoder", "evaluate_moe"}),
+    "moe-adapters.ddas.iterations": ({f"{ME}.ddas.iterations": 5}, {"train_autoencoder", "evaluate_moe"}),
+    "moe-adapters.ddas.batch_size": ({f"{ME}.ddas.batch_size": 4}, AUTOENCODERS),
+    "moe-adapters.ddas.lr": ({f"{ME}.ddas.lr": 0.02}, AUTOENCODERS),
+    "moe-adapters.ddas.lr_decay": ({f"{ME}.ddas.lr_decay": 0.5}, AUTOENCODERS),
+    "moe-adapters.ddas.lr_decay_epochs": ({f"{ME}.ddas.lr_decay_epochs": 1}, AUTOENCODERS),
+    "moe-adapters.ddas.weight_decay": ({f"{ME}.ddas.weight_decay": 0.0}, AUTOENCODERS),
+    "moe-adapters.ddas.threshold": ({f"{ME}.ddas.threshold": 0.001}, {"evaluate_moe"}),
+    "moe-adapters.ddas.batchwise": ({f"{ME}.ddas.batchwise": False}, {"evaluate_moe"}),
+    "moe-adapters.ddas.untrained_slots": ({f"{ME}.ddas.untrained_slots": "skip"}, {"evaluate_moe"}),
     "mtil_experiment.eval_batch_size": ({f"{DK}.eval_batch_size": 5}, DIKI),
     "mtil_experiment.gpu_precision": ({f"{DK}.gpu_precision": "fp32"}, DIKI),
     "mtil_experiment.image_cache": ({f"{DK}.image_cache": "deterministic"}, {"decode_images"} | DIKI),

@@ -90,13 +90,18 @@ ZSCL_FT = {f"mtil_order{o}_{stem}": (method, keys) for o in (1, 2) for stem, met
     ("icarl", "icarl", {"temperature": 2.0, "memory_size": 10000, "candidates": 30000, "herding_indices": "official"}),
     ("zscl", "zscl", {"temperature": 2.0, "l2": 1.0, "average_every": 100,
                       "reference": {"images": "imagenet", "texts": "conceptual_captions"}}))}
+# MoE-Adapters (JiazuoYu/MoE-Adapters4CL mtil/scripts/train/train_full_shot_router11_experts22_1000iters.sh): each
+# dataset's learning rate in the script (order I; order II has no script: the same rate per dataset)
+MOE = {f"mtil_order{o}_moeadapters" for o in (1, 2)}
+MOE_LR = {"aircraft": 5e-3, "caltech101": 1e-3, "cifar100": 5e-3, "dtd": 1e-3, "eurosat": 1e-4, "flowers": 1e-3,
+          "food": 1e-3, "mnist": 1e-4, "oxford_pet": 1e-3, "stanford_cars": 1e-3, "sun397": 1e-3}
 # the upper bounds: one task of every class, with the optimisation of an InfLoRA config of the benchmark
 JOINT = {"cifar100_joint": "cifar100_inflora", "mimg_joint": "mimg10_inflora", "domainnet_joint": "domainnet_inflora"}
 
 
 def test_one_file_per_released_config_and_the_papers_own_included_by_default():
     assert [p.stem for p in EXPERIMENT_FILES] == sorted(RELEASED | RELEASED_DIKI | BASELINES | JOINT | SDLORA | ZSCL_FT
-                                                        | dict.fromkeys(RANPAC))
+                                                        | dict.fromkeys(RANPAC) | dict.fromkeys(MOE))
     default = load_yaml(REPO / "config" / "config.yaml")
     assert sorted(Path(p).stem for p in default["include"]) == sorted(RELEASED | RELEASED_DIKI)
     tables = load_yaml(REPO / "config" / "comparisons" / "inflora_tables.yaml")
@@ -199,6 +204,36 @@ def test_zscl_baseline_config_is_the_official_script_on_dikis_sequence(name):
     assert exp["seeds"] == [42] and {k: exp[k] for k in keys} == keys
     assert not set(exp) - {"method", "sequence", "backbone", "seeds", "train", "eval_batch_size", "gpu_precision",
                            "loader_workers", "image_cache", *keys}
+
+
+@pytest.mark.parametrize("name", sorted(MOE))
+def test_moe_adapters_config_is_the_official_script_on_dikis_sequence(name):
+    """The sequence, datasets and CLIP of the DIKI config of the same order; the full-shot script's settings (22
+    experts, top-2, bottleneck 64, 11 routers, its learning rate per dataset, 1000 iterations of batch 64, warm-up
+    100, smoothing 0.2, 2 experts frozen per block and task, no balance loss), DDAS's (AlexNet with ImageNet weights,
+    code 100, TinyImageNet 1000 iterations then 300 per task, batch 64, lr 0.01, threshold 0.0655, per test batch of
+    128, every slot scored) and seed 42."""
+    config = load(REPO / "config" / "experiments" / f"{name}.yaml")
+    (exp_name, exp), = config["experiments"].items()
+    diki = load(REPO / "config" / "experiments" / f"{name.rsplit('_', 1)[0]}_diki.yaml")
+    (diki_exp,) = diki["experiments"].values()
+    assert exp_name == name and exp["method"] == "moe-adapters"
+    assert exp["sequence"] == diki_exp["sequence"] and exp["backbone"] == diki_exp["backbone"]
+    assert {ds: config["datasets"][ds] for ds in exp["sequence"]} == {ds: diki["datasets"][ds] for ds in exp["sequence"]}
+    assert exp["experts"] == {"count": 22, "top_k": 2, "bottleneck": 64, "routers": 11}
+    assert exp["train"]["lr"] == [MOE_LR[config["datasets"][ds]["name"]] for ds in exp["sequence"]]
+    assert {k: v for k, v in exp["train"].items() if k != "lr"} == {
+        "iterations": 1000, "warmup": 100, "batch_size": 64, "weight_decay": 0.0, "label_smoothing": 0.2,
+        "transform": "clip-train", "crop_scale": [0.9, 1.0], "balance_loss": False, "freeze": 2}
+    assert exp["ddas"] == {"extractor": "alexnet-imagenet", "image_size": None, "hidden": 100,
+                           "reference": "tinyimagenet", "reference_iterations": 1000, "iterations": 300,
+                           "batch_size": 64, "lr": 0.01, "lr_decay": 0.1, "lr_decay_epochs": 10,
+                           "weight_decay": 1e-4, "threshold": 0.0655, "batchwise": True, "untrained_slots": "score"}
+    reference = config["datasets"]["tinyimagenet"]
+    assert (reference["type"], reference["name"], reference.get("shots")) == ("mtil", "tinyimagenet", None)
+    assert exp["seeds"] == [42] and exp["eval_batch_size"] == 128
+    assert not set(exp) - {"method", "sequence", "backbone", "seeds", "experts", "train", "ddas", "eval_batch_size",
+                           "gpu_precision", "loader_workers", "image_cache"}
 
 
 @pytest.mark.parametrize("path", [p for p in EXPERIMENT_FILES if p.stem in RELEASED], ids=lambda p: p.stem)
@@ -304,10 +339,11 @@ def test_the_diki_ablations_are_the_official_order_i_config_but_for_the_ablated_
 
 
 @pytest.mark.parametrize("path", [*sorted((REPO / "config" / "comparisons").glob("*.yaml")),
-                                  REPO / "config" / "demo_comparison.yaml"], ids=lambda p: p.stem)
+                                  REPO / "config" / "demo_comparison.yaml", REPO / "config" / "demo_mtil.yaml"],
+                         ids=lambda p: p.stem)
 def test_dry_run_of_each_comparison_config(path, tmp_path):
     """`snakemake -n` over each comparison config (inflora_tables, sdlora_tables, diki_tables: every baseline and
-    upper-bound paper config) and the comparison demo: every task of every experiment in it is planned, by its family's rules."""
+    upper-bound paper config) and the comparison demos: every task of every experiment in it is planned, by its family's rules."""
     from ifcl.config import load_config
     from ifcl.registry import method_of, num_tasks
 
@@ -319,7 +355,7 @@ def test_dry_run_of_each_comparison_config(path, tmp_path):
     counts = {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", proc.stdout + proc.stderr, re.M)}
     experiments = load_config(path, REPO)["experiments"]
     tasks = sum(num_tasks(spec) * len(spec["seeds"]) for spec in experiments.values())
-    evaluations = ("evaluate_diki", "evaluate_finetune", "evaluate_task", "evaluate_state")
+    evaluations = ("evaluate_diki", "evaluate_finetune", "evaluate_moe", "evaluate_task", "evaluate_state")
     assert sum(counts.get(rule, 0) for rule in evaluations) == tasks
     finetune_tasks = sum(num_tasks(spec) * len(spec["seeds"]) for spec in experiments.values()
                          if method_of(spec).chain == "finetune")
@@ -327,8 +363,18 @@ def test_dry_run_of_each_comparison_config(path, tmp_path):
     memory_tasks = sum(num_tasks(spec) * len(spec["seeds"]) for spec in experiments.values()
                        if method_of(spec).chain == "finetune" and "memory.safetensors" in method_of(spec).task_files(spec, 0))
     assert counts.get("select_memory", 0) == memory_tasks
-    if any("reference" in spec for spec in experiments.values()):  # ZSCL's reference texts are prepared once
-        assert counts["prepare_captions"] == 1
+    config = load_config(path, REPO)
+    captions = {ds for spec in experiments.values() for ds in method_of(spec).datasets_read(spec)
+                if config["datasets"][ds]["type"] == "captions"}
+    assert counts.get("prepare_captions", 0) == len(captions)  # ZSCL's reference texts, prepared once
+    moe_tasks = sum(num_tasks(spec) * len(spec["seeds"]) for spec in experiments.values() if method_of(spec).chain == "moe")
+    assert (counts.get("train_moe", 0) == counts.get("train_autoencoder", 0) == counts.get("evaluate_moe", 0)
+            == moe_tasks)
+    assert counts.get("train_reference_autoencoder", 0) == sum(len(spec["seeds"]) for spec in experiments.values()
+                                                                if method_of(spec).chain == "moe")
+    if moe_tasks and any(spec["ddas"]["extractor"] == "alexnet-imagenet" for spec in experiments.values()
+                         if method_of(spec).chain == "moe"):  # AlexNet's weights are fetched once
+        assert counts["fetch_torchvision_weights"] == 1
     baseline_tasks = sum(num_tasks(spec) * len(spec["seeds"]) for spec in experiments.values()
                          if method_of(spec).chain == "state")
     assert counts.get("train_state", 0) == counts.get("evaluate_state", 0) == baseline_tasks

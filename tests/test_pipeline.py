@@ -57,7 +57,8 @@ def test_every_run_has_per_task_files_matrix_and_metrics(workdir):
     assert read_json(run_dir(workdir, 0) / "tasks.json") != read_json(run_dir(workdir, 1) / "tasks.json")
     summary = pd.read_csv(workdir / "results" / "summary" / "summary.csv")  # one row per (experiment, metric)
     assert sorted(summary.experiment.unique()) == ["tiny_diki", "tiny_icarl", "tiny_inflora", "tiny_inflora-ca",
-                                                   "tiny_lwf-vr", EXP, "tiny_wise-ft", "tiny_zscl"]
+                                                   "tiny_lwf-vr", "tiny_moe-adapters", EXP, "tiny_wise-ft",
+                                                   "tiny_zscl"]
     final = summary[(summary.experiment == EXP) & (summary.metric == "final")].iloc[0]
     finals = [read_json(run_dir(workdir, s) / "metrics.json")["final"] for s in (0, 1)]
     assert final.seeds == 2 and pd.isna(final.paper)  # nothing published for the tiny experiments
@@ -131,6 +132,40 @@ def test_a_task_level_change_reruns_only_that_task_and_its_dependants(copy_of_ti
     assert "Nothing to be done" in snakemake(workdir, config, "runs", "--dry-run").stdout
 
 
+def test_moe_adapters_run_has_its_experts_routers_frozen_set_and_autoencoders(workdir):
+    """Per task: the experts and the routers of the tasks so far with the experts frozen after it (state), its DDAS
+    autoencoder, its log and evaluation; the reference autoencoder once, in task 0. The frozen set grows by the
+    2 most chosen experts of every block and tower; DDAS sent every test image somewhere."""
+    spec = TINY_CONFIG["experiments"]["tiny_moe-adapters"]
+    run = workdir / "results" / "runs" / "tiny_moe-adapters" / "seed0"
+    assert sorted(p.name for p in (run / "task0").iterdir() if not p.name.endswith(".sha256")) == [
+        "autoencoder.safetensors", "eval.json", "reference_autoencoder.safetensors", "state.safetensors",
+        "train_log.csv"]
+    assert not (run / "task1" / "reference_autoencoder.safetensors").exists()
+    frozen_after = []
+    for t in (0, 1):
+        state, meta = load_state(run / f"task{t}" / "state.safetensors")
+        routers = {int(k.split(".")[3]) for k in state if ".router." in k}
+        assert routers == set(range(t + 1)) and meta["task"] == t
+        masks = {k: v for k, v in state.items() if k.startswith("frozen.")}
+        assert len(masks) == 2 * 2 and all(v.shape == (4,) and v.dtype == torch.bool for v in masks.values())
+        frozen_after.append({k: set(torch.nonzero(v).flatten().tolist()) for k, v in masks.items()})
+        assert meta["frozen_after"] == sum(len(v) for v in frozen_after[-1].values())
+        assert all(len(v) >= 2 for v in frozen_after[-1].values())  # at least the task's own top 2
+        counts = meta["selection_counts"]
+        assert all(len(c) == 4 and sum(c) > 0 for c in counts.values())
+        ae, ae_meta = load_state(run / f"task{t}" / "autoencoder.safetensors")
+        assert ae_meta["slot"] == t + 1 and ae_meta["iterations"] == spec["ddas"]["iterations"]
+        assert ae["encoder.0.weight"].shape == (spec["ddas"]["hidden"], ae_meta["input_dim"])
+        choices = read_json(run / f"task{t}" / "eval.json")["ddas_choices"]
+        assert [sum(c) for c in choices] == [9, 9] and all(len(c) == 3 for c in choices)
+    assert all(frozen_after[0][k] <= frozen_after[1][k] for k in frozen_after[0])
+    _, meta1 = load_state(run / "task1" / "state.safetensors")
+    assert meta1["frozen_before"] == sum(len(v) for v in frozen_after[0].values())
+    _, ref = load_state(run / "task0" / "reference_autoencoder.safetensors")
+    assert ref["slot"] == 0 and ref["iterations"] == spec["ddas"]["reference_iterations"]
+
+
 def test_inflora_run_has_designed_reductions_and_memories(workdir):
     from ifcl.steps.inflora import load_memory
 
@@ -171,6 +206,8 @@ RERUN = {
     ("tiny_inflora-ca", 0): ("task1/memory.safetensors", "task2/reduction.safetensors", "task2/adapter.safetensors",
                              "task2/class_stats.safetensors", "task2/aligned_heads.safetensors", "task2/eval.json"),
     ("tiny_diki", 0): ("task1/gaussian.safetensors", "task1/eval.json"),
+    ("tiny_moe-adapters", 0): ("task0/reference_autoencoder.safetensors", "task1/state.safetensors",
+                               "task1/autoencoder.safetensors", "task1/eval.json"),
 }
 
 

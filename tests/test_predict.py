@@ -43,7 +43,7 @@ def write_plain_csv(path, rows) -> None:
 
 
 @pytest.mark.parametrize("experiment, task", [("tiny_inflora-ca", 2), ("tiny_seq-lora", 1), ("tiny_diki", 1),
-                                              ("tiny_wise-ft", 1), ("tiny_lwf-vr", 0)])
+                                              ("tiny_wise-ft", 1), ("tiny_lwf-vr", 0), ("tiny_moe-adapters", 1)])
 def test_evaluate_gives_the_runs_eval_json(in_tiny_run, capsys, experiment, task):
     """On the run's test set (class-incremental: the classes seen through the task; DIKI: every dataset) every
     figure of eval.json, exactly; the command prints the accuracy beside eval.json's."""
@@ -213,5 +213,30 @@ def test_predict_with_a_fine_tuned_clip_gives_the_evaluations_argmax(in_tiny_run
     correct = sum(r["predicted_class"] == name for r, (_, _, name) in zip(predicted, rows))
     assert 100.0 * correct / len(rows) == read_json("results/runs/tiny_wise-ft/seed0/task1/eval.json")["accuracy"][1]
     ifcl_run(capsys, "predict", "--configfile", CONFIG, "tiny_wise-ft", "0", "1", manifest, "--out", str(out_csv))
+    every = {name for ds in ("tc_shapes", "tc_textures") for _, _, name in read_manifest(f"data/prepared/{ds}/test.csv")}
+    assert {r["predicted_class"] for r in read_rows(out_csv)[1]} <= every
+
+
+def test_predict_with_moe_adapters_gives_the_evaluations_accuracy(in_tiny_run, tmp_path, capsys):
+    """MoE-Adapters: the model after the task from its files (experts, routers, DDAS's autoencoders), each batch
+    through the router DDAS picks; on a dataset's test images in the evaluation's order and batches, with that
+    dataset's classes, the accuracy of eval.json; without --dataset, among every class of the sequence."""
+    from ifcl.runs import load_model
+
+    config = load_config(TINY_CONFIG)
+    model = load_model(config, "tiny_moe-adapters", 0, 1)
+    assert model.moe.num_tasks == 2 and len(model.autoencoders) == 3  # the reference slot and one per task
+    for t, manifest in enumerate(["data/prepared/tc_shapes/test.csv", "data/prepared/tc_textures/test.csv"]):
+        rows = read_manifest(manifest)
+        out_csv = tmp_path / f"predictions{t}.csv"
+        ifcl_run(capsys, "predict", "--configfile", CONFIG, "tiny_moe-adapters", "0", "1", manifest, "--dataset",
+                 config["experiments"]["tiny_moe-adapters"]["sequence"][t], "--out", str(out_csv))
+        columns, predicted = read_rows(out_csv)
+        assert columns == ["path", "predicted_class", "score"] and len(predicted) == len(rows)
+        correct = sum(r["predicted_class"] == name for r, (_, _, name) in zip(predicted, rows))
+        eval_json = read_json("results/runs/tiny_moe-adapters/seed0/task1/eval.json")
+        assert 100.0 * correct / len(rows) == eval_json["accuracy"][t]
+    ifcl_run(capsys, "predict", "--configfile", CONFIG, "tiny_moe-adapters", "0", "1", manifest, "--out",
+             str(out_csv))
     every = {name for ds in ("tc_shapes", "tc_textures") for _, _, name in read_manifest(f"data/prepared/{ds}/test.csv")}
     assert {r["predicted_class"] for r in read_rows(out_csv)[1]} <= every

@@ -20,7 +20,8 @@ def test_the_built_in_methods_their_protocols_and_chains():
                      "coda-prompt": ("cil", "state"), "sd-lora": ("cil", "state"), "ranpac": ("cil", "state"),
                      "diki": ("mtil", "prefix"), "continual-ft": ("mtil", "finetune"), "wise-ft": ("mtil", "finetune"),
                      "lwf": ("mtil", "finetune"), "lwf-vr": ("mtil", "finetune"),
-                     "icarl": ("mtil", "finetune"), "zscl": ("mtil", "finetune")}
+                     "icarl": ("mtil", "finetune"), "zscl": ("mtil", "finetune"),
+                     "moe-adapters": ("mtil", "moe")}
 
 
 @pytest.mark.parametrize("fields, message", [

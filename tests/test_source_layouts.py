@@ -437,6 +437,35 @@ def imagenet_case() -> Case:
                 expect={"imagenet": {**expect, "val": []}}, files={f"{root}/{rel}": b for rel, b in placed.items()})
 
 
+def tinyimagenet_case() -> Case:
+    """MoE-Adapters' reference images: tiny-imagenet-200.zip, tiny-imagenet-200/{train/<wnid>/images/<wnid>_<n>.JPEG,
+    train/<wnid>/<wnid>_boxes.txt, val/images/val_<n>.JPEG, val/val_annotations.txt, test/images/, wnids.txt,
+    words.txt}; classes in wnid order, named by words.txt's first name; the official val images are the test split."""
+    wnids, names = ["n01443537", "n01629819"], ["goldfish", "European fire salamander"]
+    members, train, test, annotations = {}, [], [], []
+    root = f"{RAW}/mtil-tinyimagenet"
+    for label, wnid in enumerate(wnids):
+        for i in range(2):
+            rel = f"train/{wnid}/images/{wnid}_{i}.JPEG"
+            members[f"tiny-imagenet-200/{rel}"] = picture(rel)
+            train.append((f"{root}/{rel}", label, names[label]))
+        members[f"tiny-imagenet-200/train/{wnid}/{wnid}_boxes.txt"] = b"boxes\n"
+    for i, label in enumerate([1, 0, 1]):
+        rel = f"val/images/val_{i}.JPEG"
+        members[f"tiny-imagenet-200/{rel}"] = picture(rel)
+        annotations.append(f"val_{i}.JPEG\t{wnids[label]}\t0\t0\t10\t10\n")
+        test.append((f"{root}/{rel}", label, names[label]))
+    members["tiny-imagenet-200/val/val_annotations.txt"] = "".join(annotations).encode()
+    members["tiny-imagenet-200/test/images/test_0.JPEG"] = picture("test")
+    members["tiny-imagenet-200/wnids.txt"] = "".join(w + "\n" for w in reversed(wnids)).encode()
+    members["tiny-imagenet-200/words.txt"] = (b"n00001740\tentity\nn01443537\tgoldfish, Carassius auratus\n"
+                                              b"n01629819\tEuropean fire salamander, Salamandra salamandra\n")
+    return Case(served={"mtil-tinyimagenet": {"tiny-imagenet-200.zip": zip_archive(members)}},
+                datasets={"tinyimagenet": mtil("tinyimagenet")},
+                expect={"tinyimagenet": {"train": sorted(train), "val": [], "test": sorted(test)}},
+                files={path: members["tiny-imagenet-200/" + path[len(root) + 1:]] for path, _, _ in train + test})
+
+
 def conceptual_captions_case() -> Case:
     """ZSCL's reference texts: GCC-1.1.0-Validation.tsv, caption<TAB>URL per line, kept as downloaded."""
     tsv = "a dog runs on the beach\thttp://example.com/1.jpg\nan \"old\" house, at night\thttp://example.com/2.jpg\n"
@@ -450,7 +479,8 @@ FAMILIES = {
     "mtil-aircraft": aircraft_case, "mtil-caltech101": caltech101_case, "mtil-dtd": dtd_case,
     "mtil-eurosat": eurosat_case, "mtil-flowers": flowers_case, "mtil-food": food_case, "mtil-mnist": mnist_case,
     "mtil-oxford_pet": oxford_pet_case, "mtil-stanford_cars": stanford_cars_case, "mtil-sun397": sun397_case,
-    "mtil-imagenet": imagenet_case, "conceptual-captions": conceptual_captions_case,
+    "mtil-imagenet": imagenet_case, "mtil-tinyimagenet": tinyimagenet_case,
+    "conceptual-captions": conceptual_captions_case,
 }
 
 
@@ -458,7 +488,7 @@ def test_every_source_and_mtil_dataset_has_a_fabricated_layout():
     cases = [make() for make in FAMILIES.values()]
     assert sorted(s for c in cases for s in c.sources) == sorted(SOURCES)  # each source in exactly one family
     assert {spec["name"] for c in cases for spec in c.datasets.values() if spec["type"] == "mtil"} == set(MTIL_DATASETS)
-    assert len(SOURCES) == 17
+    assert len(SOURCES) == 18
 
 
 # --- the run ------------------------------------------------------------------------------------------------------
@@ -528,7 +558,8 @@ def prepare(case: Case) -> dict[str, dict[str, Rows]]:
         assert parts == {p: direct[p] for p in splits}
 
         for part, rows in parts.items():
-            assert (rows or (spec["name"], part) == ("imagenet", "val")) and rows == sorted(rows), (name, part)
+            assert (rows or (spec["name"], part) in (("imagenet", "val"), ("tinyimagenet", "val"))
+                    ) and rows == sorted(rows), (name, part)
             for path, label, cname in rows:
                 assert Path(path).is_file() and not Path(path).is_absolute()
                 if path in case.files:  # a fabricated raw image, listed where it was unpacked

@@ -80,3 +80,24 @@ def test_ranpac_task_state_at_vit_b16_is_its_gram_matrix():
     sizes = {name: t.numel() * t.element_size() / MB for name, t in model.task_state().items()}
     assert sizes["gram"] == 400.0 and sizes["projection"] == 30.72
     assert sizes["prototypes"] + sizes["weight"] == 0.8
+
+
+def test_moe_adapters_task_files_at_vit_b16():
+    """docs/methods.md: MoE-Adapters' state after task t holds every expert (22 per block of both towers, 174.5 MB),
+    the routers of tasks 0..t (2.7 MB each) and the frozen experts' masks: 177.2 MB after task 0, 204.2 MB after
+    task 10; each DDAS autoencoder 34.8 MB (counted from the tensors; writing them would only slow the suite)."""
+    import open_clip
+
+    from ifcl.methods.moe_adapters import DDASAutoencoder
+    from ifcl.models.clip_moe import CLIPMoE
+    from ifcl.steps.moe_adapters import moe_state
+
+    model = CLIPMoE(open_clip.create_model("ViT-B-16", force_quick_gelu=True))  # 22 experts, 11 router slots
+    sizes = {t: sum(v.numel() * v.element_size() for v in moe_state(model, t, {}).values()) / MB for t in (0, 10)}
+    experts = sum(v.numel() * v.element_size() for v in model.expert_state().values()) / MB
+    router = sum(v.numel() * v.element_size() for v in model.router_state(0).values()) / MB
+    assert (round(experts, 2), round(router, 2)) == (174.5, 2.7)
+    assert (round(sizes[0], 1), round(sizes[10], 1)) == (177.2, 204.2)
+    assert model.parameter_count(1) == 44_301_312  # trained in task 0: every expert and one task's routers
+    ae = DDASAutoencoder()
+    assert round(sum(v.numel() * v.element_size() for v in ae.state_dict().values()) / MB, 1) == 34.8

@@ -89,7 +89,7 @@ def test_status_of_a_half_finished_tree(tmp_path):
     report = status_report(config, tmp_path, now=now)
     assert re.search(r"^  tiny_inflora +seed 0  2/3 tasks$", report, flags=re.M), report
     assert re.search(r"^  tiny_seq-lora +seed 1  0/3 tasks$", report, flags=re.M), report
-    assert "0/7 runs finished, 2/18 tasks done" in report
+    assert "0/10 runs finished, 2/24 tasks done" in report
     assert "running jobs: 2" in report
     assert ("train_task  tiny_inflora/seed0/task2  epoch 4/10  batch 3/9  (epoch 3: loss 0.8123, acc 71.2%)  "
             "412.5 img/s  ETA 1:15  running 2:05") in report
@@ -110,7 +110,7 @@ def test_ifcl_status_on_the_finished_tiny_run_and_its_logs_read_as_text(tiny_run
     proc = subprocess.run([sys.executable, "-m", "ifcl.cli", "status", "--configfile", str(configfile), "-d",
                            str(tiny_run)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    assert "7/7 runs finished, 18/18 tasks done" in proc.stdout
+    assert "10/10 runs finished, 24/24 tasks done" in proc.stdout
     assert "running jobs: none" in proc.stdout and "no failed job" in proc.stdout
     logs = sorted((tiny_run / "logs").rglob("*.log"))
     assert logs and not [p for p in logs if "\r" in p.read_text()]

@@ -14,7 +14,11 @@ A run is ``results/runs/<experiment>/seed<k>/`` (which files a task of a method 
     task<t>/align_log.csv              InfLoRA+CA (t >= 1): one row per alignment epoch
     task<t>/gaussian.safetensors       DIKI: mean and covariance of dataset t's frozen training features
     task<t>/prefix.safetensors         DIKI: the trained key/value prefixes of task t
-    task<t>/state.safetensors          the state chain's methods: their model's task_state() after task t
+    task<t>/state.safetensors          the state chain's methods: their model's task_state() after task t;
+                                       the fine-tuning family: the CLIP's weights; MoE-Adapters: the experts, the
+                                       routers of tasks 0..t and the experts frozen for the later tasks
+    task<t>/autoencoder.safetensors    MoE-Adapters: task t's DDAS autoencoder
+    task0/reference_autoencoder.safetensors  MoE-Adapters: DDAS's reference autoencoder (the zero-shot slot)
     task<t>/eval.json                  accuracy after task t (a row of the accuracy matrix)
     acc_matrix.csv, metrics.json       the run's matrix and metrics
 
@@ -48,6 +52,8 @@ ALIGNED_HEADS = "aligned_heads.safetensors"
 ALIGN_LOG = "align_log.csv"
 GAUSSIAN = "gaussian.safetensors"
 PREFIX = "prefix.safetensors"
+AUTOENCODER = "autoencoder.safetensors"
+REFERENCE_AUTOENCODER = "reference_autoencoder.safetensors"
 STATE = "state.safetensors"
 EVAL = "eval.json"
 BACKBONE = "backbone.safetensors"
@@ -80,6 +86,17 @@ def run_pattern(name: str) -> str:
 def in_run(run: str | Path, t: int, name: str) -> Path:
     """A task file of the run folder ``run``."""
     return Path(run) / f"task{t}" / name
+
+
+def run_identity(run: str | Path) -> tuple[str, int]:
+    """(experiment, seed) of a run folder."""
+    run = Path(run)
+    return run.parent.name, int(run.name.removeprefix("seed"))
+
+
+def run_root(run: str | Path) -> Path:
+    """The working directory a run folder lies in (where its data/ and results/ are)."""
+    return Path(run).parents[RUN.count("/")]
 
 
 def pretrained_file(backbone: str, name: str) -> str:

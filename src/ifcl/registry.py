@@ -43,7 +43,9 @@ CHAINS = {
     },
     # DIKI's: gaussian, train_prefix -> evaluate_diki, beside the protocol's frozen features
     # the full fine-tuning family's (ZSCL's code): train_finetune (from the previous task's weights) -> evaluate_finetune
-    "mtil": {"prefix": "diki.smk", "finetune": "finetune.smk"},
+    # MoE-Adapters': train_moe (from the previous task's experts and routers), train_autoencoder,
+    # train_reference_autoencoder -> evaluate_moe
+    "mtil": {"prefix": "diki.smk", "finetune": "finetune.smk", "moe": "moe.smk"},
 }
 STATE_STEPS = "ifcl.steps.state"  # the state chain's steps, shared by its methods
 
@@ -83,6 +85,8 @@ class Method:
     log_fields: dict = field(default_factory=dict)  # LOG_COLUMNS name -> its train_log.csv column, where it differs
     # configured datasets its runs read beside those its protocol learns (ZSCL's reference images and texts)
     reference_datasets: Callable[[dict], tuple[str, ...]] | None = None
+    # files under data/weights/ its runs read beside their backbone's (MoE-Adapters' AlexNet), fetched by their rule
+    weights_read: Callable[[dict], tuple[str, ...]] | None = None
     group: str = ""  # its settings' section in config/README.md and the config audit (default: its name; variants
     # of one declaration share one)
 
@@ -103,6 +107,10 @@ class Method:
     def datasets_read(self, spec: dict) -> tuple[str, ...]:
         """The configured datasets an experiment of this method reads beside those its protocol learns."""
         return tuple(self.reference_datasets(spec)) if self.reference_datasets else ()
+
+    def weights(self, spec: dict) -> tuple[str, ...]:
+        """The files under data/weights/ an experiment of this method reads beside its backbone's weights."""
+        return tuple(self.weights_read(spec)) if self.weights_read else ()
 
     def keys(self) -> dict:
         """The JSON-schema properties of its own experiment keys (:func:`ifcl.settings.properties`)."""

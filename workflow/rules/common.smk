@@ -67,7 +67,7 @@ from ifcl.plots import experiment_colours, load_settings as figure_settings
 from ifcl.results import check_published, load_published, protocol_changes
 from ifcl.data.transforms import DETERMINISTIC, decoded_file
 from ifcl.data.sources import MARKER as SOURCE_MARKER, SOURCES
-from ifcl.models.weights import backbone_weights_file, weights_name
+from ifcl.models.weights import TORCHVISION as TORCHVISION_WEIGHTS, backbone_weights_file, weights_name
 
 # Includes merged, the schema's checks (defaults filled in) and the cross-checks: every error names the key (and
 # the closest valid name of a misspelled one), before any job runs.
@@ -337,6 +337,8 @@ def data_targets():
     manifests = [manifest(ds, split) for ds in sorted(datasets)
                  for split in DATASET_SPLITS.get(DATASETS[ds]["type"], ("train", "test"))]
     weights = sorted({backbone_weights(b) for b in used} & {layout.FETCHED.format(model=m) for m in fetched_weights()})
+    # and the files under data/weights/ a method reads beside its backbone's (ifcl.registry.Method.weights)
+    weights += sorted({w for spec in EXPERIMENTS.values() for w in method_of(spec).weights(spec)})
     return manifests + weights
 
 
@@ -585,6 +587,70 @@ def diki_eval_inputs(wildcards):
         "tests": [manifest(ds, "test") for ds in spec["sequence"]],
         "features": [features(spec["backbone"], ds, "test") for ds in spec["sequence"]],
         "decoded": [decoded_images(wildcards.exp, ds, "test", "clip") for ds in spec["sequence"]]
+        if spec["image_cache"] != "none" else [],
+    }
+
+
+# ---- MoE-Adapters' chain (moe.smk; ifcl.catalog.moe_adapters) ----
+
+from ifcl.catalog.moe_adapters import AUTOENCODER_KEYS
+
+
+def moe_decoded(wildcards, dataset, split):
+    """The decoded-image cache of a split the chain reads, when the images it reads are cached: the test images
+    (CLIP's preprocessing), the training images only under train.transform clip (clip-train reads the files)."""
+    spec = EXPERIMENTS[wildcards.exp]
+    if spec["image_cache"] == "none" or (split == "train" and spec["train"]["transform"] != "clip"):
+        return []
+    return decoded_images(wildcards.exp, dataset, split, "clip")
+
+
+def moe_extractor_weights(wildcards):
+    """The weights of DDAS's extractor, if it has any (ifcl.registry.Method.weights)."""
+    return list(method_of(EXPERIMENTS[wildcards.exp]).weights(EXPERIMENTS[wildcards.exp]))
+
+
+def moe_train_inputs(wildcards):
+    spec = EXPERIMENTS[wildcards.exp]
+    ds, t = sequence_dataset(wildcards), int(wildcards.t)
+    inputs = {"weights": backbone_weights(spec["backbone"]), "manifest": manifest(ds, "train"),
+              "decoded": moe_decoded(wildcards, ds, "train")}
+    if t > 0:
+        inputs["previous"] = run_file(wildcards, t - 1, layout.STATE)
+    return inputs
+
+
+def moe_autoencoder_inputs(dataset):
+    """Input function of an autoencoder rule: ``dataset(wildcards)``'s training images and the extractor's weights."""
+    def inputs(wildcards):
+        ds = dataset(wildcards)
+        return {"manifest": manifest(ds, "train"), "decoded": moe_decoded(wildcards, ds, "train"),
+                "extractor_weights": moe_extractor_weights(wildcards)}
+
+    return inputs
+
+
+def moe_autoencoder_settings(wildcards):
+    """What the autoencoders' training reads of the experiment's ddas (the threshold and the rest of the choice
+    only the evaluation reads)."""
+    return canonical({k: EXPERIMENTS[wildcards.exp]["ddas"][k] for k in AUTOENCODER_KEYS})
+
+
+def moe_training_images(wildcards):
+    train = EXPERIMENTS[wildcards.exp]["train"]
+    return canonical({"transform": train["transform"], "crop_scale": train["crop_scale"]})
+
+
+def moe_eval_inputs(wildcards):
+    spec = EXPERIMENTS[wildcards.exp]
+    return {
+        "weights": backbone_weights(spec["backbone"]),
+        "state": run_file(wildcards, int(wildcards.t), layout.STATE),
+        "autoencoders": tasks_through(layout.AUTOENCODER)(wildcards),
+        "reference": run_file(wildcards, 0, layout.REFERENCE_AUTOENCODER),
+        "extractor_weights": moe_extractor_weights(wildcards),
+        "tests": [manifest(ds, "test") for ds in spec["sequence"]],
+        "decoded": [moe_decoded(wildcards, ds, "test") for ds in spec["sequence"]]
         if spec["image_cache"] != "none" else [],
     }
 

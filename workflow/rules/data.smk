@@ -39,6 +39,25 @@ rule fetch_weights:
         "../../scripts/fetch_weights.py"
 
 
+rule fetch_torchvision_weights:
+    """Download torchvision weights a method reads beside its backbone once (MoE-Adapters' AlexNet), kept as
+    safetensors (ifcl.models.weights.TORCHVISION)."""
+    output:
+        layout.FETCHED,
+    params:
+        code=code("fetch_torchvision_weights"),
+        mirror=DOWNLOAD_MIRROR,
+    wildcard_constraints:
+        model="|".join(re.escape(m) for m in TORCHVISION_WEIGHTS),
+    localrule: True
+    conda:
+        CONDA_ENV
+    log:
+        "logs/fetch_torchvision_weights/{model}.log",
+    script:
+        "../../scripts/fetch_torchvision_weights.py"
+
+
 rule decode_cifar100:
     """CIFAR-100's python arrays -> PNG files and manifests (decoded once; the raw files stay as they are)."""
     input:

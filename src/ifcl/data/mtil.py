@@ -1,5 +1,6 @@
-"""The eleven MTIL datasets as DIKI reads them (lloongx/DIKI), and ImageNet, ZSCL's reference images
-(Thunderbeee/ZSCL mtil/src/datasets/imagenet.py): raw layout, splits, class names.
+"""The eleven MTIL datasets as DIKI reads them (lloongx/DIKI), ImageNet, ZSCL's reference images
+(Thunderbeee/ZSCL mtil/src/datasets/imagenet.py), and TinyImageNet, MoE-Adapters' (JiazuoYu/MoE-Adapters4CL):
+raw layout, splits, class names.
 
 Each dataset's raw folder ``data/raw/mtil-<name>/`` has the layout of the matching folder of DIKI's
 ``dataset_root`` (so an existing DIKI data root can be linked or copied in by hand); CIFAR100 alone is read from
@@ -12,6 +13,9 @@ the ``cifar100`` source (the binary version, which needs no unpickling). Splits:
   with a recorded seed (DIKI redraws this split with an unseeded ``random`` in every process, the official training log:
   a deliberate, documented deviation).
 
+* TinyImageNet, MoE-Adapters' reference images for DDAS (``JiazuoYu/MoE-Adapters4CL``
+  ``mtil/src/datasets/collections.py``): tiny-imagenet-200.zip, fetched; train/<wnid>/images/ the train split, the
+  official val/images/ (labelled by val/val_annotations.txt) the test split, classes in wnid order named by words.txt.
 * ImageNet (placed by hand: it has no public download): ``train/<wnid>/<image>`` (ILSVRC2012's training set, extracted
   per class) is the train split, classes in sorted wnid order as torchvision's ImageFolder reads them, each named
   by its wnid; ``val/<wnid>/<image>``, where present, the test split (ZSCL's ``val_in_folder``); no val split.
@@ -58,6 +62,7 @@ DATASETS = {
     "sun397": dict(folder="sun397", reader="coop", split="split_zhou_SUN397.json",
                    images="SUN397"),
     "imagenet": dict(folder="imagenet", reader="imagenet"),
+    "tinyimagenet": dict(folder="tinyimagenet", reader="tinyimagenet"),
 }
 MNIST_NAMES = ["0 - zero", "1 - one", "2 - two", "3 - three", "4 - four", "5 - five", "6 - six", "7 - seven",
                "8 - eight", "9 - nine"]
@@ -113,6 +118,11 @@ SOURCES = {s.name: s for s in (
     _source("sun397", (RemoteFile("http://vision.princeton.edu/projects/2010/SUN/SUN397.tar.gz", None,
                                   "md5:8ca2778205c41d23104230ba66911c7a", extract=True), _coop_json("sun397")),
             ("SUN397", "split_zhou_SUN397.json"), "SUN397/<letter>/<class>/..., split_zhou_SUN397.json"),
+    _source("tinyimagenet", (RemoteFile("http://cs231n.stanford.edu/tiny-imagenet-200.zip", None, None, extract=True,
+                                        strip="tiny-imagenet-200"),),
+            ("train", "val/images", "val/val_annotations.txt", "words.txt"),
+            "the tiny-imagenet-200/ folder of tiny-imagenet-200.zip: train/<wnid>/images/<wnid>_<n>.JPEG, "
+            "val/images/val_<n>.JPEG, val/val_annotations.txt, wnids.txt, words.txt"),
     _source("imagenet", (), ("train",),
             "train/<wnid>/<image>.JPEG (ILSVRC2012_img_train.tar, https://image-net.org, with each class's tar "
             "extracted into its wnid folder) and, optionally, val/<wnid>/<image>.JPEG; ImageNet needs an account at "
@@ -172,6 +182,29 @@ def _imagenet_rows(raw: Path) -> dict[str, Rows]:
     return {"train": _image_folder_rows(raw / "train"), "val": [], "test": test}
 
 
+def _tinyimagenet_rows(raw: Path) -> dict[str, Rows]:
+    """TinyImageNet as MoE-Adapters' ``TinyImageNet_dataset`` reads it (`mtil/src/datasets/collections.py`): the
+    training images of train/<wnid>/images/, classes in sorted wnid order; the test split is val/images/ labelled by
+    val/val_annotations.txt; each class named by the first name words.txt gives its wnid; no val split."""
+    if not (raw / "train").is_dir():
+        raise DatasetError(f"TinyImageNet's training set {raw / 'train'} is missing (train/<wnid>/images/<image>.JPEG)")
+    wnids = sorted(d.name for d in (raw / "train").iterdir() if d.is_dir())
+    words = {}
+    for line in (raw / "words.txt").read_text().splitlines():
+        if "\t" in line:
+            wnid, names = line.split("\t", 1)
+            words[wnid] = names.split(",")[0].strip()
+    index = {w: i for i, w in enumerate(wnids)}
+    train = [(str(path), index[w], words.get(w, w)) for w in wnids
+             for path in sorted((raw / "train" / w / "images").iterdir()) if path.suffix.lower() in IMAGE_SUFFIXES]
+    test = []
+    for line in (raw / "val" / "val_annotations.txt").read_text().splitlines():
+        if line.strip():
+            image, wnid = line.split("\t")[:2]
+            test.append((str(raw / "val" / "images" / image), index[wnid], words.get(wnid, wnid)))
+    return {"train": train, "val": [], "test": test}
+
+
 def _idx_images(path: Path) -> np.ndarray:
     data = path.read_bytes()
     n, h, w = (int.from_bytes(data[i:i + 4], "big") for i in (4, 8, 12))
@@ -216,6 +249,8 @@ def mtil_manifests(spec: dict, raw_root: str | Path, images_dir: str | Path | No
         parts = _aircraft_rows(raw)
     elif info["reader"] == "imagenet":
         parts = _imagenet_rows(raw)
+    elif info["reader"] == "tinyimagenet":
+        parts = _tinyimagenet_rows(raw)
     else:
         if info["reader"] == "cifar100":  # the InfLoRA benchmark's download (source `cifar100`)
             parts = cifar100_manifests(Path(raw_root) / "cifar100", images_dir)

@@ -142,3 +142,69 @@ def record_placed_weights(root: str | Path = ".") -> list[str]:
                                               "placed_by_hand": True, "sha256": file_sha256(path)})
             placed.append(str(path.relative_to(root)))
     return placed
+
+
+# ---- torchvision weights a method reads beside its backbone ----
+
+# file stem under data/weights/ -> (the URL torchvision loads the weights from, the first hex digits of the file's
+# sha256 that torchvision's file name carries and its loader checks, the prefix of the tensors kept). MoE-Adapters'
+# DDAS reads AlexNet's convolutional layers (torchvision's AlexNet_Weights.IMAGENET1K_V1, the official
+# `models.alexnet(pretrained=True)`).
+TORCHVISION = {
+    "torchvision.alexnet.imagenet1k_v1": ("https://download.pytorch.org/models/alexnet-owt-7be5be79.pth", "7be5be79",
+                                          "features."),
+}
+
+
+def fetch_torchvision_weights(name: str, out: str | Path, mirror: str | None = None) -> str:
+    """Download torchvision's weights file ``name`` (:data:`TORCHVISION`), check its sha256 against the prefix its
+    name carries, and write the tensors kept to ``out`` as safetensors (read with ``torch.load(weights_only=True)``,
+    PyTorch's restricted loader, here and only here: every job reads the safetensors file). A copy of the
+    ``.pth`` placed by hand beside ``out`` is used instead of a download. Returns the sha256 of ``out``, recorded
+    beside it as for the backbones' weights (:func:`check_weights`)."""
+    import torch
+    from safetensors.torch import save
+
+    from ..files import atomic_path
+
+    url, digest_prefix, keep = TORCHVISION[name]
+    out = Path(out)
+    record = weights_record(out)
+    source = url if mirror is None else mirror.rstrip("/") + "/" + url.split("://", 1)[1]
+    if not out.exists():
+        pth = out.with_name(url.rsplit("/", 1)[1])
+
+        def check(path: Path) -> None:
+            actual = file_sha256(path)
+            if not actual.startswith(digest_prefix):
+                raise FetchError(f"{path} has sha256 {actual}, not the {digest_prefix}… of torchvision's file name")
+
+        if pth.exists():
+            check(pth)
+        else:
+            try:
+                download(source, pth, RemoteFile(source, None, None), check=check)
+            except FetchError as e:
+                raise FetchError(f"{e}\nTo install the weights by hand, download {url} on a machine with internet "
+                                 f"and copy it to {pth}") from e
+        state = torch.load(pth, map_location="cpu", weights_only=True)
+        tensors = {k: v.contiguous() for k, v in state.items() if k.startswith(keep)}
+        if not tensors:
+            raise FetchError(f"{pth} holds no tensors named {keep}…")
+        with atomic_path(out) as f:
+            f.write(save(tensors, metadata={"source": url, "source_sha256": file_sha256(pth)}))
+        pth.unlink()
+    check_safetensors(out)
+    sha256 = file_sha256(out)
+    if record.exists() and read_json(record)["sha256"] != sha256:
+        raise FetchError(f"{out} differs from the file recorded in {record} (sha256 {sha256}); delete both to fetch again")
+    write_json(record, {"model": name, "url": url, "sha256": sha256})
+    return sha256
+
+
+def load_torchvision_weights(path: str | Path) -> dict:
+    """The tensors of a file :func:`fetch_torchvision_weights` wrote (checked against its record)."""
+    from safetensors.torch import load_file
+
+    check_weights(path)
+    return load_file(str(path))
