@@ -42,6 +42,7 @@ def test_per_task_files_and_a_complete_mtil_matrix(workdir):
     assert metrics["transfer"] == pytest.approx(acc[0, 1], abs=1e-3)  # the CSV keeps 4 decimals
     assert metrics["last"] == pytest.approx(acc[1].mean(), abs=1e-3) and metrics["average"] == pytest.approx(acc.mean(), abs=1e-3)
     assert len(metrics["zero_shot_per_task"]) == 2
+    assert metrics["zero_shot_transfer"] == metrics["zero_shot_per_task"][1]  # the frozen CLIP's Transfer
     summary = (workdir / "results" / "summary" / "summary.md").read_text()
     assert "| tiny_diki | diki | tc_shapes > tc_textures | 2 | 1 |" in summary and "Transfer" in summary
     assert "### tiny_diki: per dataset" in summary

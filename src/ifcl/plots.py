@@ -370,7 +370,8 @@ def plot_overview(benchmarks: list[dict], protocols: dict[str, str], colours: di
     """One row per benchmark: the accuracy after each task (mean over seeds with a band) and the final metrics
     (bars at the mean, error bars at the sample std, a black bar where a number is published), each experiment in
     its colour, a legend on every panel. Each benchmark: ``{"title", "metrics": [(key, label)],
-    "curves": {experiment: [curve per seed]}, "values": {experiment: {key: {"mean", "std", "paper"?}}}}``;
+    "curves": {experiment: [curve per seed]}, "values": {experiment: {key: {"mean", "std", "paper"?}}},
+    "reference"?: {key: value}}`` (MTIL: the zero-shot CLIP's, a dashed line across the metric's bars);
     ``protocols[experiment]`` is "cil" or "mtil"."""
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
@@ -396,8 +397,14 @@ def plot_overview(benchmarks: list[dict], protocols: dict[str, str], colours: di
                 if "paper" in v:
                     bar_ax.plot([x - width / 2, x + width / 2], [v["paper"]] * 2, color="black", linewidth=2,
                                 gid="published")
+        for g, (key, _) in enumerate(bench["metrics"]):
+            if key in bench.get("reference", {}):
+                bar_ax.plot([g - 0.45, g + 0.45], [bench["reference"][key]] * 2, color="dimgrey", linestyle="--",
+                            linewidth=1.2, gid="zero-shot")
         if any(line.get_gid() == "published" for line in bar_ax.lines):
             handles.append(Line2D([], [], color="black", linewidth=2, label="published"))
+        if any(line.get_gid() == "zero-shot" for line in bar_ax.lines):
+            handles.append(Line2D([], [], color="dimgrey", linestyle="--", linewidth=1.2, label="zero-shot CLIP"))
         bar_ax.set_xticks(range(len(bench["metrics"])), [label for _, label in bench["metrics"]])
         bar_ax.axhline(0, color="black", linewidth=0.8)
         bar_ax.set_ylabel("%")

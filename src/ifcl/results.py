@@ -21,7 +21,8 @@ def aggregate_run(eval_files: list[str], matrix_out: str, metrics_out: str, prot
     ``cil`` (InfLoRA): row i holds the seen tasks 0..i (NaN above the diagonal); A_T, Ā, forgetting, BWT, plus the
     task-aware accuracy and the task-id accuracy of the last row. ``mtil`` (DIKI): every row is complete (unseen
     datasets included); Transfer, Average, Last, and the frozen model's zero-shot accuracy per dataset, read from
-    the metadata of the frozen test features (``zero_shot_files``)."""
+    the metadata of the frozen test features (``zero_shot_files``), with its Transfer (the mean over datasets 1 …)
+    and its mean (its Average and Last)."""
     evals = [read_json(f) for f in eval_files]
     T = len(evals)
     acc = np.full((T, T), np.nan)
@@ -33,7 +34,9 @@ def aggregate_run(eval_files: list[str], matrix_out: str, metrics_out: str, prot
 
         zero_shot = [load_state(f)[1]["zero_shot_accuracy"] for f in zero_shot_files]
         metrics["zero_shot_per_task"] = zero_shot
-        metrics["zero_shot"] = float(np.mean(zero_shot))
+        metrics["zero_shot"] = float(np.mean(zero_shot))  # the frozen model's Average and Last
+        # the frozen model's Transfer: mean over datasets j >= 1 of its accuracy on j (the zero-shot row of the tables)
+        metrics["zero_shot_transfer"] = float(np.mean(zero_shot[1:])) if T > 1 else float("nan")
         if "mean_weight" in evals[-1]:  # DIKI: the mean λ per dataset
             metrics["mean_weight_last_row"] = evals[-1]["mean_weight"]
     else:
@@ -59,7 +62,7 @@ METRICS = {
     "cil": (("final", "A_T (%)"), ("average", "Ā (%)"), ("forgetting", "forgetting"), ("bwt", "BWT"),
             ("final_task_aware", "A_T task-aware (%)")),
     "mtil": (("transfer", "Transfer (%)"), ("average", "Average (%)"), ("last", "Last (%)"),
-             ("zero_shot", "zero-shot (%)")),
+             ("zero_shot_transfer", "zero-shot Transfer (%)"), ("zero_shot", "zero-shot (%)")),
 }
 # the metrics a paper reports (config/published.yaml may give them), and MTIL's per-dataset ones
 PUBLISHED_METRICS = {"cil": ("final", "average", "forgetting"), "mtil": ("transfer", "average", "last")}
@@ -380,9 +383,17 @@ def benchmark_groups(summary: dict) -> dict[str, list[str]]:
     return groups
 
 
+def _zero_shot_reference(row: dict) -> dict:
+    """MTIL: the frozen CLIP's Transfer, Average and Last (the zero-shot row of the papers' tables), where known."""
+    values = {"transfer": row.get("zero_shot_transfer_mean"), "average": row.get("zero_shot_mean"),
+              "last": row.get("zero_shot_mean")}
+    return {k: v for k, v in values.items() if v is not None}
+
+
 def overview_benchmarks(summary: dict, curves: dict[str, list[np.ndarray]]) -> list[dict]:
     """What ifcl.plots.plot_overview draws, from summary.json and each experiment's accuracy curves (one per seed): per
-    benchmark, the experiments' curves and the metrics a paper reports, with mean, std and the published number."""
+    benchmark, the experiments' curves and the metrics a paper reports, with mean, std and the published number;
+    MTIL's with the zero-shot CLIP's values (``reference``), the same for every run of a sequence and backbone."""
     benchmarks = []
     for title, names in benchmark_groups(summary).items():
         protocol = summary[names[0]]["protocol"]
@@ -391,5 +402,6 @@ def overview_benchmarks(summary: dict, curves: dict[str, list[np.ndarray]]) -> l
         benchmarks.append({
             "title": title, "metrics": [(k, labels[k]) for k in keys], "curves": {n: curves[n] for n in names},
             "values": {n: {k: {f: summary[n][f"{k}_{f}"] for f in ("mean", "std", "paper") if f"{k}_{f}" in summary[n]}
-                           for k in keys} for n in names}})
+                           for k in keys} for n in names},
+            "reference": _zero_shot_reference(summary[names[0]]) if protocol == "mtil" else {}})
     return benchmarks
