@@ -164,6 +164,27 @@ def _cycle(passes: Callable[[], Iterable]) -> Iterator:
         yield from passes()
 
 
+def step_loss(clip: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, tokens: torch.Tensor, recipe: Recipe,
+              start: dict[str, torch.Tensor] | None = None,
+              distill: tuple[torch.nn.Module, torch.Tensor, torch.Tensor] | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss of one step (and its logits): the label-smoothed cross-entropy of :func:`clip_logits` of the batch
+    over the class prompts ``tokens``; plus ``recipe.l2`` times :func:`l2_anchor` to ``start``; plus, with
+    ``distill`` = (teacher, the teacher's features of the reference texts, a batch of reference images),
+    :func:`zscl_distillation` on those images."""
+    logits = clip_logits(clip.encode_image(x), clip.encode_text(tokens), clip.logit_scale)
+    loss = F.cross_entropy(logits, y, label_smoothing=recipe.label_smoothing)
+    if start is not None:
+        loss = loss + recipe.l2 * l2_anchor({n: p for n, p in clip.named_parameters() if n in start}, start)
+    if distill is not None:
+        teacher, teacher_texts, images = distill
+        with torch.no_grad():
+            teacher_images = teacher.encode_image(images)
+        loss = loss + zscl_distillation(clip.encode_image(images), teacher_images, teacher_texts, clip.logit_scale,
+                                        recipe.distill_T)
+    return loss, logits
+
+
 def finetune(clip: torch.nn.Module, batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]],
              tokens: torch.Tensor, recipe: Recipe, reference: Reference | None = None,
              log: Callable[[int, float, float, float], None] | None = None) -> dict[str, torch.Tensor]:
@@ -193,16 +214,8 @@ def finetune(clip: torch.nn.Module, batches: Callable[[], Iterable[tuple[torch.T
         for group in optimizer.param_groups:
             group["lr"] = lr
         x, y = next(data)
-        logits = clip_logits(clip.encode_image(x), clip.encode_text(tokens), clip.logit_scale)
-        loss = F.cross_entropy(logits, y.to(logits.device), label_smoothing=recipe.label_smoothing)
-        if start is not None:
-            loss = loss + recipe.l2 * l2_anchor(params, start)
-        if reference is not None:
-            images = next(ref_images)
-            with torch.no_grad():
-                teacher_images = reference.teacher.encode_image(images)
-            loss = loss + zscl_distillation(clip.encode_image(images), teacher_images, teacher_texts,
-                                            clip.logit_scale, recipe.distill_T)
+        loss, logits = step_loss(clip, x, y.to(x.device), tokens, recipe, start,
+                                 None if reference is None else (reference.teacher, teacher_texts, next(ref_images)))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
