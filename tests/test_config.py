@@ -5,14 +5,14 @@ import pytest
 import yaml
 
 from conftest import REPO, TINY_CONFIG, only, snakemake
-from ifcl.config import ConfigError, check, load_yaml, merge_includes, task_train_params
+from ifcl.config import ConfigError, check, load_config, load_yaml, merge_includes, task_train_params
 from ifcl.runtime import derive_seed
 
 
 def test_check_accepts_the_tiny_and_demo_configs(tiny_config):
     check(tiny_config)
-    demo = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
-    check(demo)
+    for name in ("demo.yaml", "demo_comparison.yaml", "demo_mtil.yaml"):  # with their includes
+        check(load_config(REPO / "config" / name, REPO))
 
 
 @pytest.mark.parametrize("edit, key", [

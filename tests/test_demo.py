@@ -1,10 +1,11 @@
 """The whole offline demo (config/demo.yaml) from scratch, through `ifcl bench demo`, then the comparison demo
-(config/demo_comparison.yaml) in its directory: the README's demo and comparison tables are the summaries they
-write, within tolerance (`ifcl readme-tables --check`: another CPU gives other floats), and each claim the README
+(config/demo_comparison.yaml) in its directory, and the MTIL comparison demo (config/demo_mtil.yaml) from scratch:
+the README's demo, comparison and MTIL tables are the summaries they write, within tolerance (`ifcl readme-tables --check`: another CPU gives other floats), and each claim the README
 makes about them holds with a margin above the spread between seeds. Not in the default run (several minutes on 2 cores): `pytest -m demo`, which also
 runs the demo through the SLURM profile (tests/test_slurm.py)."""
 import json
 import shutil
+from pathlib import Path
 import subprocess
 import sys
 
@@ -89,6 +90,47 @@ def test_the_comparison_demo_gives_the_readme_table_and_its_claims_hold(demo):
         assert above(s, "demo_seq-lora", n, "forgetting"), n
     # SD-LoRA ends highest of the gradient-trained methods without classifier alignment
     assert all(above(s, "demo_sd-lora", n, "final") for n in trained if n not in ("demo_sd-lora", "demo_inflora-ca"))
+
+
+def test_the_mtil_demo_runs_from_scratch_gives_the_readme_table_and_its_claims_hold(tmp_path):
+    """config/demo_mtil.yaml from scratch (``ifcl bench demo``, the CLIP's pretraining included): the README's MTIL
+    table is its summary, and the README's claims about every MTIL method hold, each by more than the spread
+    between seeds plus a margin for other CPUs."""
+    work = tmp_path / "work"
+    proc = subprocess.run([sys.executable, "-m", "ifcl.cli", "bench", "demo", "--cores", "2", "--configfile",
+                           "config/demo_mtil.yaml", "--out", str(tmp_path / "demo_mtil.json"), "--keep", str(work)],
+                          cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    readme_holds(work / "results/summary/summary.md", "mtil")
+    s = json.loads((work / "results/summary/summary.json").read_text())
+
+    def spread(*names, metric="transfer"):
+        return max(s[n][f"{metric}_std"] for n in names)
+
+    zero_shot = s["demo_mtil_continual-ft"]["zero_shot_transfer_mean"]  # the same frozen CLIP in every run
+    assert all(s[n]["zero_shot_transfer_mean"] == zero_shot for n in s)
+    # Continual-FT's Transfer falls below the zero-shot CLIP's: fine-tuning every weight costs the unseen datasets
+    assert zero_shot - s["demo_mtil_continual-ft"]["transfer_mean"] > 2 * spread("demo_mtil_continual-ft") + 3
+    # DIKI keeps it at zero-shot (a small λ on what it has not learnt), MoE-Adapters (DDAS) and ZSCL close to it,
+    # each far above Continual-FT
+    assert abs(s["demo_mtil_diki"]["transfer_mean"] - zero_shot) < 2 * spread("demo_mtil_diki") + 1
+    for n in ("demo_mtil_moe-adapters", "demo_mtil_zscl"):
+        assert zero_shot - s[n]["transfer_mean"] < 2 * spread(n) + 2.5, n
+    for n in ("demo_mtil_diki", "demo_mtil_moe-adapters", "demo_mtil_zscl"):
+        gap = s[n]["transfer_mean"] - s["demo_mtil_continual-ft"]["transfer_mean"]
+        assert gap > 2 * spread(n, "demo_mtil_continual-ft") + 3, n
+    # ZSCL ends with the highest Average of the methods that fine-tune the whole CLIP
+    finetuned = ("demo_mtil_continual-ft", "demo_mtil_wise-ft", "demo_mtil_lwf", "demo_mtil_lwf-vr", "demo_mtil_icarl")
+    for n in finetuned:
+        assert s["demo_mtil_zscl"]["average_mean"] - s[n]["average_mean"] > 2 * spread(n, "demo_mtil_zscl",
+                                                                                        metric="average") + 1, n
+    # what a task learns and keeps: DIKI's prefixes are the smallest per-task file of learnt weights (MoE-Adapters':
+    # its experts and routers; the fine-tuning family's: the whole CLIP)
+    run = work / "results/runs/{}/seed0/task1"
+    diki = (Path(str(run).format("demo_mtil_diki")) / "prefix.safetensors").stat().st_size
+    others = {n: (Path(str(run).format(n)) / "state.safetensors").stat().st_size
+              for n in (*finetuned, "demo_mtil_zscl", "demo_mtil_moe-adapters")}
+    assert all(diki * 10 < size for size in others.values()), (diki, others)
 
 
 def test_the_demo_data_is_what_data_dvc_records(tmp_path):

@@ -182,8 +182,9 @@ def bench_check(args) -> dict:
 
 
 # the README's sections of tables: the demo's (config/demo.yaml), every table; the comparison demo's
-# (config/demo_comparison.yaml, run after it), the class-incremental table alone
-README_SECTIONS = {"demo": None, "comparison": "cil"}
+# (config/demo_comparison.yaml, run after it), the class-incremental table alone; the MTIL comparison demo's
+# (config/demo_mtil.yaml), the MTIL table alone
+README_SECTIONS = {"demo": None, "comparison": "cil", "mtil": "mtil"}
 
 
 def readme_markers(section: str) -> tuple[str, str]:
@@ -249,8 +250,8 @@ def table_differences(recorded: str, fresh: str, margin: float = README_MARGIN) 
 
 
 def readme_tables(args) -> None:
-    """Copy the tables of a summary.md between the README's markers of a section (the demo's, or the comparison
-    demo's), with the machine they came from; with --check, only say whether the README's tables agree with the
+    """Copy the tables of a summary.md between the README's markers of a section (the demo's, the comparison
+    demo's or the MTIL comparison demo's), with the machine they came from; with --check, only say whether the README's tables agree with the
     summary's within tolerance (:func:`table_differences`: float kernels differ between CPUs)."""
     begin, end = readme_markers(args.section)
     body = read_text(args.summary).split("\n\n", 1)[1].strip()  # without the introduction line
@@ -385,7 +386,7 @@ def main(argv: list[str] | None = None) -> None:
     tables = sub.add_parser("readme-tables", help="copy a summary's tables into a section of the README")
     tables.add_argument("summary", nargs="?", default="results/summary/summary.md")
     tables.add_argument("--section", choices=README_SECTIONS, default="demo",
-                        help="the demo's tables (default) or the comparison demo's")
+                        help="the demo's tables (default), the comparison demo's or the MTIL comparison demo's")
     tables.add_argument("--readme", default="README.md")
     tables.add_argument("--check", action="store_true", help="only check that the README's tables agree with the "
                         "summary's within tolerance (exit status 1 if not)")
