@@ -95,3 +95,23 @@ def test_bench_speed_writes_a_report_with_the_ratios(tmp_path):
     assert all(r["seconds_per_step"] > 0 and r["peak_memory_mb"] > 0 for r in report["results"])
     assert set(report["inflora_step_seconds_by_learnt_tasks"]["ifcl"]) == {"1", "10", "20"}
     assert "| inflora_step | 10 | ifcl |" in proc.stdout and "speed-up" in proc.stdout
+
+
+def test_the_fine_tuning_cases_compute_the_same_step_both_ways_and_moe_is_timed_alone():
+    """finetune_step / lwf_step / zscl_step: the official-style side re-encodes the teacher's reference texts in
+    every step, ifcl once; the weights after one step are the same. moe_step has no reference: ifcl alone."""
+    from ifcl.benchmark import CASES, IFCL_ONLY, PRESETS, run_benchmark
+
+    torch.manual_seed(0)
+    for case in ("finetune_step", "lwf_step", "zscl_step"):
+        after = []
+        for impl in ("official-style", "ifcl"):
+            _, step = CASES[case](PRESETS["tiny"], torch.device("cpu"), impl, 1)
+            step()
+            closure = {c.cell_contents for c in step.__closure__ if isinstance(c.cell_contents, torch.nn.Module)}
+            clip = next(m for m in closure if any(p.requires_grad for p in m.parameters()))
+            after.append(torch.cat([p.detach().flatten() for p in clip.parameters()]))
+        torch.testing.assert_close(after[0], after[1], rtol=1e-5, atol=1e-6)
+    assert IFCL_ONLY == {"moe_step"}
+    report = run_benchmark("tiny", repeats=1, warmup=0, cases=["moe_step"], log=lambda line: None)
+    assert [(r["case"], r["impl"]) for r in report["results"]] == [("moe_step", "ifcl")] and not report["speedups"]

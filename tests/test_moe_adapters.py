@@ -3,7 +3,6 @@ AutoEncoder.py, evaluation.py): gating, balance loss, activate-freeze, DDAS, and
 import copy
 import math
 
-import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,22 +12,12 @@ from ifcl.methods.moe_adapters import (
     classification_loss, cv_squared, ddas_lr, experts_to_freeze, noisy_top_k_gating, prob_in_top_k,
     reconstruction_errors, reconstruction_loss, select_task, selection_counts, update_frozen)
 from ifcl.models.clip_moe import CLIPMoE, Expert, MoELayer
+from test_diki import tiny_clip, tokens
 
 
 def phi(x):
     return 0.5 * (1 + math.erf(x / math.sqrt(2)))
 
-
-def tiny_clip(seed=0):
-    torch.manual_seed(seed)
-    clip = open_clip.CLIP(embed_dim=32, quick_gelu=True,
-                          vision_cfg=dict(image_size=32, layers=3, width=48, patch_size=8, head_width=16),
-                          text_cfg=dict(context_length=16, vocab_size=49408, width=32, heads=2, layers=3))
-    return clip.eval()
-
-
-def tokens(texts, length=16):
-    return open_clip.get_tokenizer("ViT-B-16")(texts, context_length=length)
 
 
 def randomise(model, seed=1, std=0.3):

@@ -171,3 +171,31 @@ def epoch_done(desc: str, epoch: int, epochs: int, seconds: float, images: int, 
                     last_epoch={"epoch": epoch + 1, **{k: round(float(v), 6) for k, v in metrics.items()}})
         _write(force=True)
     return line
+
+
+class PassLog:
+    """The ``log(step, loss, lr, accuracy %)`` callback of a training loop that counts steps, not epochs (the MTIL
+    fine-tuning family, MoE-Adapters): one row per pass of ``per_pass`` steps over the dataset (the last one may be
+    partial) in ``rows`` (epoch, mean loss, mean batch accuracy, the last learning rate), each announced by
+    :func:`epoch_done`."""
+
+    def __init__(self, desc: str, per_pass: int, steps: int):
+        self.desc, self.per_pass, self.steps = desc, per_pass, steps
+        self.passes = -(-steps // per_pass)
+        self.rows: list[dict] = []
+        self._loss = self._accuracy = 0.0
+        self._count = 0
+        self._began = time.perf_counter()
+
+    def __call__(self, n: int, loss: float, lr: float, accuracy: float) -> None:
+        self._loss += loss
+        self._accuracy += accuracy
+        self._count += 1
+        if (n + 1) % self.per_pass == 0 or n == self.steps - 1:
+            k = self._count
+            self.rows.append({"epoch": len(self.rows), "loss": self._loss / k, "train_accuracy": self._accuracy / k,
+                              "lr_last": lr})
+            epoch_done(self.desc, len(self.rows) - 1, self.passes, time.perf_counter() - self._began, k,
+                       loss=self.rows[-1]["loss"], accuracy=self.rows[-1]["train_accuracy"], lr=lr)
+            self._loss = self._accuracy = 0.0
+            self._count = 0

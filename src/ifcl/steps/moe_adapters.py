@@ -14,7 +14,6 @@ not read).
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from ..methods.moe_adapters import (DDASAutoencoder, Recipe, ddas_extractor, ext
 from ..models.clip_moe import CLIPMoE, DDASModel
 from ..models.clip_prefix import load_clip
 from ..models.weights import backbone_weights_file, load_torchvision_weights
-from ..progress import epoch_done
+from ..progress import PassLog
 from ..runtime import derive_seed, seed_everything, start
 from ..state import load_state, save_state
 from .diki import _batches, _prompt_tokens, evaluation_sets
@@ -165,31 +164,14 @@ def train(step: Train) -> None:
                     weight_decay=cfg["weight_decay"], label_smoothing=cfg["label_smoothing"],
                     balance_loss=cfg["balance_loss"])
     trainable = moe.parameter_count(1, frozen)
-    per_pass, rows = len(loader), []
-    passes = -(-(cfg["iterations"] + 1) // per_pass)
-    current = {"loss": 0.0, "accuracy": 0.0, "steps": 0}
-    print(f"task {step.t}: {len(loader.dataset)} images, {per_pass} batches a pass, {cfg['iterations'] + 1} steps, "
+    log = PassLog(f"task {step.t}", len(loader), cfg["iterations"] + 1)
+    print(f"task {step.t}: {len(loader.dataset)} images, {len(loader)} batches a pass, {cfg['iterations'] + 1} steps, "
           f"lr {recipe.lr:g}, {trainable} trainable parameters "
           f"({sum(len(v) for v in frozen.values())} experts frozen)")
-    began = time.perf_counter()
-
-    def log(n: int, loss: float, lr: float, accuracy: float) -> None:
-        """A row of the log per pass over the dataset (the last one may be partial)."""
-        current["loss"] += loss
-        current["accuracy"] += accuracy
-        current["steps"] += 1
-        if (n + 1) % per_pass == 0 or n == cfg["iterations"]:
-            k = current["steps"]
-            rows.append({"epoch": len(rows), "loss": current["loss"] / k, "train_accuracy": current["accuracy"] / k,
-                         "lr_last": lr})
-            epoch_done(f"task {step.t}", rows[-1]["epoch"], passes, time.perf_counter() - began, k,
-                       loss=rows[-1]["loss"], accuracy=rows[-1]["train_accuracy"], lr=lr)
-            current.update(loss=0.0, accuracy=0.0, steps=0)
-
     train_task(moe, step.t, lambda: iter(loader), tokens, recipe, frozen, log)
     counts = moe.selection_counts()
     after = update_frozen(frozen, counts, cfg["freeze"]) if cfg["freeze"] else frozen
-    write_csv(step.log_csv, rows)
+    write_csv(step.log_csv, log.rows)
     save_state(step.out, moe_state(moe, step.t, after),
                {"kind": "moe_adapters", "task": step.t, "trainable_parameters": trainable,
                 "frozen_before": sum(len(v) for v in frozen.values()),

@@ -11,7 +11,6 @@ DIKI's steps (the official code gives its reference and exemplar images CLIP's t
 from __future__ import annotations
 
 import copy
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from ..methods.zscl import (Recipe, Reference, clip_logits, finetune, herding, i
                             virtual_vocabulary)
 from ..models.clip_prefix import load_clip, prompts, tokenize
 from ..models.weights import backbone_weights_file
-from ..progress import epoch_done
+from ..progress import PassLog
 from ..runtime import derive_seed, seed_everything, start
 from ..state import load_state, save_state
 from .diki import _batches, _prompt_tokens, evaluation_sets
@@ -90,31 +89,14 @@ def train(step: Train) -> None:
                     weight_decay=cfg["weight_decay"], beta2=cfg["beta2"], label_smoothing=cfg["label_smoothing"],
                     distill_T=settings.get("temperature", 2.0), l2=settings.get("l2", 0.0),
                     average_every=settings.get("average_every"))
-    per_pass, rows = len(loader), []
-    passes = -(-(cfg["iterations"] + 1) // per_pass)
-    current = {"loss": 0.0, "accuracy": 0.0, "steps": 0}  # the pass under way
-    print(f"task {step.t}: {len(loader.dataset)} images, {per_pass} batches a pass, {cfg['iterations'] + 1} steps, "
+    log = PassLog(f"task {step.t}", len(loader), cfg["iterations"] + 1)
+    print(f"task {step.t}: {len(loader.dataset)} images, {len(loader)} batches a pass, {cfg['iterations'] + 1} steps, "
           f"lr {recipe.lr:g}")
-    began = time.perf_counter()
-
-    def log(n: int, loss: float, lr: float, accuracy: float) -> None:
-        """A row of the log per pass over the dataset (the last one may be partial)."""
-        current["loss"] += loss
-        current["accuracy"] += accuracy
-        current["steps"] += 1
-        if (n + 1) % per_pass == 0 or n == cfg["iterations"]:
-            k = current["steps"]
-            rows.append({"epoch": len(rows), "loss": current["loss"] / k, "train_accuracy": current["accuracy"] / k,
-                         "lr_last": lr})
-            epoch_done(f"task {step.t}", rows[-1]["epoch"], passes, time.perf_counter() - began, k,
-                       loss=rows[-1]["loss"], accuracy=rows[-1]["train_accuracy"], lr=lr)
-            current.update(loss=0.0, accuracy=0.0, steps=0)
-
     weights = finetune(clip, lambda: iter(loader), tokens, recipe, reference, log)
     if name == "wise-ft":
         weights = interpolate(weights, {k: v.to(weights[k].device) for k, v in started.items()},
                               settings["wise_alpha"])
-    write_csv(step.log_csv, rows)
+    write_csv(step.log_csv, log.rows)
     save_state(step.out, weights, {"kind": "finetuned_clip", "method": name, "task": step.t,
                                    "backbone_sha256": file_sha256(step.weights)})
 
