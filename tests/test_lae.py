@@ -1,5 +1,7 @@
 """LAE's rules (ifcl.methods.lae) against hand-computed cases of what its official code computes (gqk/LAE main.py,
 libml/model/pet/adapter.py, timm's ModelEmaV2, libml/optim/scheduler.py)."""
+import math
+
 import pytest
 import torch
 
@@ -72,3 +74,4 @@ def test_the_online_module_waits_three_epochs_from_the_second_task_on():
 def test_the_learning_rate_falls_linearly_to_its_floor():
     assert [linear_lr(s, 4, 1.0) for s in range(5)] == [1.0, 0.75, 0.5, 0.25, 0.0]
     assert linear_lr(4, 4, 2.0, floor=0.1) == pytest.approx(0.2)
+    assert linear_lr(1000, math.inf, 0.0028125) == 0.0028125  # the official configs: schedule_unit none
