@@ -122,9 +122,9 @@ def read_json(path: str | os.PathLike):
 
 
 def write_csv(path: str | os.PathLike, rows: list[dict]) -> None:
-    """Rows of equal keys as CSV (header from the first row)."""
+    """Rows as CSV: the header is every key in the order first met, a row's missing keys empty cells."""
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+    w = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for row in rows for k in row)), lineterminator="\n")
     w.writeheader()
     w.writerows(rows)
     write_text(path, buf.getvalue(), rows=len(rows))

@@ -106,10 +106,13 @@ def training_log(task_logs: list[list[dict]], columns: dict) -> list[dict]:
     """One run's training, one record per epoch of its tasks in order, from each task's train_log.csv rows
     (``columns``: the log's column of epoch, loss and accuracy, :meth:`ifcl.registry.Method.log_column`): task,
     epoch (within the task, from 0), global_epoch (running over the whole task sequence, from 0), loss, accuracy
-    (training, %) and, where the log has it, val_accuracy."""
+    (training, %) and, where the log has it, val_accuracy. Rows of a later stage (a ``stage`` cell, e.g. a classifier
+    alignment after the epochs) are left out."""
     records, global_epoch = [], 0
     for t, rows in enumerate(task_logs):
         for row in rows:
+            if row.get("stage"):
+                continue
             record = {"task": t, "epoch": int(row[columns["epoch"]]), "global_epoch": global_epoch,
                       "loss": float(row[columns["loss"]]), "accuracy": float(row[columns["accuracy"]])}
             if "val_accuracy" in row:

@@ -75,6 +75,9 @@ class Method:
     task_images: str = "train_transform"
     # "state" chain: whether the task's training loader drops its last partial batch, as the official one does
     drop_last: bool = False
+    # "state" chain: the transform of a pass over the task's training images after training (in manifest order, last
+    # batch kept) that the model's `end_task(batches, known)` reads (class statistics, prototypes, alignment); None: none
+    statistics_images: str | None = None
     # other chains: the module with the chain's step functions, `model_after_task` and (cil) `evaluate_run`
     steps: str = STATE_STEPS
     settings: type | None = None  # its own experiment keys: a settings dataclass (ifcl.settings)
@@ -100,6 +103,8 @@ class Method:
             raise ValueError(f"method {self.name!r}: the state chain needs `model` (module:function)")
         if self.task_images not in ("train_transform", "test_transform"):
             raise ValueError(f"method {self.name!r}: task_images is train_transform or test_transform")
+        if self.statistics_images not in (None, "train_transform", "test_transform"):
+            raise ValueError(f"method {self.name!r}: statistics_images is train_transform, test_transform or None")
         if self.chain != "state" and (self.steps == STATE_STEPS or self.task_files is None):
             raise ValueError(f"method {self.name!r}: the {self.chain} chain needs `steps` (its steps module) and "
                              f"`task_files`")

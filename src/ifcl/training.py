@@ -73,9 +73,13 @@ def train_classifier(
     desc: str = "train",
     head_params: list[nn.Parameter] | None = None,
     precision: str = "bf16",
+    on_epoch: Callable[[int], None] | None = None,
+    on_step: Callable[[], None] | None = None,
 ) -> list[dict]:
     """Minimise mean cross-entropy of ``logits_fn(x)`` against ``y - label_offset`` for ``cfg['epochs']`` epochs.
     A ``logits_fn`` that returns ``(logits, extra_loss)`` has ``extra_loss`` added (the prompt methods' key loss).
+    ``on_epoch(epoch)`` runs before each epoch, ``on_step()`` after each optimiser step (LAE's frozen first epochs
+    and its moving average).
 
     ``cfg``: optimizer, lr, weight_decay, (momentum, head_lr), epochs, schedule (milestones, gamma); ``precision``:
     see :func:`autocast`. Returns one
@@ -88,6 +92,8 @@ def train_classifier(
     for epoch, mult in enumerate(multipliers):
         for group in opt.param_groups:
             group["lr"] = group["base_lr"] * mult
+        if on_epoch is not None:
+            on_epoch(epoch)
         start, total_loss, correct, seen = time.perf_counter(), 0.0, 0, 0
         for x, y in track(loader, f"{desc} epoch {epoch + 1}/{cfg['epochs']}", epoch=epoch, epochs=cfg["epochs"]):
             x, y = x.to(device, non_blocking=True), (y - label_offset).to(device, non_blocking=True)
@@ -100,6 +106,8 @@ def train_classifier(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if on_step is not None:
+                on_step()
             total_loss += loss.item() * len(y)
             correct += (logits.argmax(1) == y).sum().item()
             seen += len(y)

@@ -262,6 +262,19 @@ def task_images_decoded(wildcards):
     return exp_decoded("train", task_images(wildcards))(wildcards)
 
 
+def statistics_images(wildcards):
+    """Params function of the state chain's training rule: the transform of the pass over the task's training images
+    after training that gives the model's ``end_task`` its class statistics (the method's ``statistics_images``;
+    None: no such pass)."""
+    return method_of(EXPERIMENTS[wildcards.exp]).statistics_images
+
+
+def statistics_images_decoded(wildcards):
+    """The decoded-image cache of the training images under that transform, if there is such a pass and a cache."""
+    transform = statistics_images(wildcards)
+    return [] if transform is None else exp_decoded("train", transform)(wildcards)
+
+
 def model_params(wildcards):
     """The experiment settings that shape the model: the method, backbone and the method's model keys (a change
     re-runs every task of the experiment; ifcl.registry.model_settings)."""

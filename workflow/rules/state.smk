@@ -16,6 +16,7 @@ rule train_state:
         manifest=exp_manifest("train"),
         previous=tasks_before(layout.STATE),
         decoded=task_images_decoded,
+        statistics_decoded=statistics_images_decoded,
     output:
         out=layout.task_pattern(layout.STATE),
         log_csv=layout.task_pattern(layout.TRAIN_LOG),
@@ -25,6 +26,7 @@ rule train_state:
         train=train_params,
         transform=task_images,
         drop_last=train_drop_last,
+        statistics=statistics_images,
         backbone=exp_backbone,
         dataset=exp_dataset,
         precision=exp_setting("gpu_precision"),

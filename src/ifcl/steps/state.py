@@ -18,6 +18,13 @@ task): the model after task t is the frozen backbone with the states of tasks 0.
 ``fit_task(batches, known)`` (RanPAC: :class:`ifcl.models.vit_ranpac.RanPACViT`) fits its task in closed form
 instead of being trained by an optimiser, on the images under its declaration's ``task_images`` transform; it
 returns the task's log rows.
+
+Optional hooks of such a model: ``begin_epoch(epoch)`` before each training epoch and ``end_step()`` after each
+optimiser step (LAE: the online module frozen in the first epochs, the offline module's moving average); and, for a
+method whose declaration names ``statistics_images``, ``end_task(batches, known)`` after the training pass and
+before ``task_state()``, on the task's training images under that transform in manifest order (class statistics,
+prototypes, a classifier alignment), returning extra rows of the task's training log, each with a ``stage`` (its
+name: the figures' training curves leave such rows out).
 """
 from __future__ import annotations
 
@@ -71,6 +78,8 @@ class Train:
     dataset: dict  # train_transform, test_transform, crop_scale
     transform: str = "train_transform"  # the key of dataset whose transform the task's pass applies
     drop_last: bool = False  # the task's loader drops its last partial batch (the method's official loader does)
+    statistics: str | None = None  # the key of dataset whose transform the pass for the model's end_task applies
+    statistics_decoded: str | None = None
     precision: str
     out: str
     log_csv: str
@@ -109,7 +118,13 @@ def train(step: Train) -> None:
     else:
         rows = train_classifier(params, lambda x: model.forward_current(x, step.t), loader, step.train,
                                 label_offset=known, device=device, desc=f"task {step.t}",
-                                head_params=list(model.heads[-1].parameters()), precision=step.precision)
+                                head_params=list(model.heads[-1].parameters()), precision=step.precision,
+                                on_epoch=getattr(model, "begin_epoch", None), on_step=getattr(model, "end_step", None))
+    if step.statistics is not None:  # class statistics after training (SLCA's, MOS's Gaussians; EASE's prototypes)
+        batches = task_loader(step.manifest, tasks["tasks"][step.t], tasks, step.dataset, step.backbone, False,
+                              step.train["batch_size"], device, decoded=step.statistics_decoded,
+                              workers=step.loader_workers, transform=step.statistics)
+        rows += model.end_task(batches, known)
     write_csv(step.log_csv, rows)
     save_state(step.out, model.task_state(), {
         "kind": "task_state", "method": step.model["method"], "task": step.t, "train": step.train,
