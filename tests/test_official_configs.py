@@ -95,17 +95,22 @@ ZSCL_FT = {f"mtil_order{o}_{stem}": (method, keys) for o in (1, 2) for stem, met
 MOE = {f"mtil_order{o}_moeadapters" for o in (1, 2)}
 MOE_LR = {"aircraft": 5e-3, "caltech101": 1e-3, "cifar100": 5e-3, "dtd": 1e-3, "eurosat": 1e-4, "flowers": 1e-3,
           "food": 1e-3, "mnist": 1e-4, "oxford_pet": 1e-3, "stanford_cars": 1e-3, "sun397": 1e-3}
+# LAE (gqk/LAE config/base/*_order1.yaml): per benchmark its dataset, tasks, epochs and Adam's lr (24 · base / 256)
+LAE = {f"{b}_lae": (ds, tasks, epochs, lr) for b, ds, tasks, epochs, lr in (
+    ("cifar100", "cifar100", 10, 5, 0.0028125), ("mimg5", "imagenet-r", 5, 50, 0.00046875),
+    ("mimg10", "imagenet-r", 10, 50, 0.00046875), ("mimg20", "imagenet-r", 20, 50, 0.00046875),
+    ("domainnet", "domainnet", 5, 50, 0.00046875))}
 # the upper bounds: one task of every class, with the optimisation of an InfLoRA config of the benchmark
 JOINT = {"cifar100_joint": "cifar100_inflora", "mimg_joint": "mimg10_inflora", "domainnet_joint": "domainnet_inflora"}
 
 
 def test_one_file_per_released_config_and_the_papers_own_included_by_default():
     assert [p.stem for p in EXPERIMENT_FILES] == sorted(RELEASED | RELEASED_DIKI | BASELINES | JOINT | SDLORA | ZSCL_FT
-                                                        | dict.fromkeys(RANPAC) | dict.fromkeys(MOE))
+                                                        | dict.fromkeys(RANPAC) | dict.fromkeys(MOE) | LAE)
     default = load_yaml(REPO / "config" / "config.yaml")
     assert sorted(Path(p).stem for p in default["include"]) == sorted(RELEASED | RELEASED_DIKI)
     tables = load_yaml(REPO / "config" / "comparisons" / "inflora_tables.yaml")
-    assert sorted(Path(p).stem for p in tables["include"]) == sorted(RELEASED | BASELINES | JOINT)
+    assert sorted(Path(p).stem for p in tables["include"]) == sorted(RELEASED | BASELINES | JOINT | LAE)
 
 
 @pytest.mark.parametrize("name", sorted(BASELINES))
@@ -121,6 +126,24 @@ def test_baseline_config_is_codas_recipe_on_the_inflora_benchmark(name):
     (theirs,) = inflora["experiments"].values()
     assert (exp["backbone"], exp["seeds"], exp["class_order"]) == (theirs["backbone"], theirs["seeds"], theirs["class_order"])
     assert config["datasets"][dataset] == inflora["datasets"][dataset]
+
+
+@pytest.mark.parametrize("name", sorted(LAE))
+def test_lae_config_is_the_official_recipe_on_the_inflora_benchmark(name):
+    config = load(REPO / "config" / "experiments" / f"{name}.yaml")
+    (got, exp), = config["experiments"].items()
+    dataset, tasks, epochs, lr = LAE[name]
+    assert got == name and (exp["method"], exp["dataset"], exp["num_tasks"]) == ("lae", dataset, tasks)
+    assert exp["lae"] == {"adapt_blocks": [0, 1, 2, 3, 4], "bottleneck": 5, "ema_decay": 0.9999, "freeze_epochs": 3,
+                          "only_offline": False}
+    # main.py / libml: Adam without weight decay, the linear scheduler over an infinite length, batch 24 (drop_last)
+    assert exp["train"] == {"optimizer": "adam", "lr": lr, "weight_decay": 0.0, "epochs": epochs, "batch_size": 24,
+                            "schedule": "constant"}
+    inflora = load(REPO / "config" / "experiments" / f"{name.split('_')[0]}_inflora.yaml")
+    (theirs,) = inflora["experiments"].values()
+    assert (exp["backbone"], exp["seeds"], exp["class_order"]) == (theirs["backbone"], theirs["seeds"], theirs["class_order"])
+    assert config["datasets"][dataset] == inflora["datasets"][dataset]
+    assert config["backbones"]["vit_b16_in21k_orig"]["name"] == "vit_base_patch16_224.orig_in21k"  # LAE's own
 
 
 @pytest.mark.parametrize("name", sorted(SDLORA))

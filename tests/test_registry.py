@@ -18,7 +18,7 @@ def test_the_built_in_methods_their_protocols_and_chains():
     assert known == {"seq-lora": ("cil", "lora"), "joint": ("cil", "lora"), "inflora": ("cil", "lora"),
                      "inflora-ca": ("cil", "lora"), "l2p": ("cil", "state"), "dualprompt": ("cil", "state"),
                      "coda-prompt": ("cil", "state"), "sd-lora": ("cil", "state"), "ranpac": ("cil", "state"),
-                     "diki": ("mtil", "prefix"), "continual-ft": ("mtil", "finetune"), "wise-ft": ("mtil", "finetune"),
+                     "lae": ("cil", "state"), "diki": ("mtil", "prefix"), "continual-ft": ("mtil", "finetune"), "wise-ft": ("mtil", "finetune"),
                      "lwf": ("mtil", "finetune"), "lwf-vr": ("mtil", "finetune"),
                      "icarl": ("mtil", "finetune"), "zscl": ("mtil", "finetune"),
                      "moe-adapters": ("mtil", "moe")}
@@ -117,7 +117,7 @@ def test_each_methods_training_loader_is_its_official_one():
     from ifcl.data.loader import make_loader
 
     dropping = {name for name, m in methods().items() if m.drop_last}
-    assert dropping == {"l2p", "dualprompt", "coda-prompt"}
+    assert dropping == {"l2p", "dualprompt", "coda-prompt", "lae"}
     data = TensorDataset(torch.arange(20.0), torch.zeros(20))
     assert [len(x) for x, _ in make_loader(data, 8, shuffle=True, drop_last=True)] == [8, 8]
     assert [len(x) for x, _ in make_loader(data, 8, shuffle=True)] == [8, 8, 4]

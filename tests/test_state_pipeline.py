@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from conftest import REPO, TINY_CONFIG, changed, scheduled_rules, snakemake, tree
@@ -37,13 +38,17 @@ EXPERIMENTS = {
     "tiny_ranpac": {"method": "ranpac", "ranpac": {"projection": 32, "ridges": [0.01, 1.0, 100.0],
                                                     "fit_fraction": 0.75}},
     "tiny_linear-probe": {"method": "linear-probe", "probe": {"normalize": True}},
+    "tiny_lae": {"method": "lae", "lae": {"adapt_blocks": [0, 1], "bottleneck": 3, "ema_decay": 0.9,
+                                          "freeze_epochs": 1, "only_offline": False},
+                 "train": {**TRAIN, "epochs": 2, "schedule": "constant"}},
 }
-BASELINES = ("tiny_l2p", "tiny_dualprompt", "tiny_coda-prompt", "tiny_sd-lora", "tiny_ranpac", "tiny_linear-probe")
+BASELINES = ("tiny_l2p", "tiny_dualprompt", "tiny_coda-prompt", "tiny_sd-lora", "tiny_ranpac", "tiny_linear-probe",
+             "tiny_lae")
 EXAMPLE = REPO / "examples" / "ifcl-linear-probe"
 
 # the compared methods' own keys (test_config_audit.py audits the rest): key -> (change, the rules that must re-run)
 STEPS = {"train_state", "evaluate_state"}
-L2P, DUAL, CODA, SD, RANPAC, PROBE = (f"experiments.{n}" for n in BASELINES)
+L2P, DUAL, CODA, SD, RANPAC, PROBE, LAE = (f"experiments.{n}" for n in BASELINES)
 READERS = {
     "prompts.prompt.pool_size": ({f"{L2P}.prompt.pool_size": 5}, STEPS),
     "prompts.prompt.length": ({f"{CODA}.prompt.length": 4}, STEPS),
@@ -62,6 +67,11 @@ READERS = {
     "ranpac.ranpac.projection": ({f"{RANPAC}.ranpac.projection": 0}, STEPS),
     "ranpac.ranpac.ridges": ({f"{RANPAC}.ranpac.ridges": [1.0]}, STEPS),
     "ranpac.ranpac.fit_fraction": ({f"{RANPAC}.ranpac.fit_fraction": 0.5}, STEPS),
+    "lae.lae.adapt_blocks": ({f"{LAE}.lae.adapt_blocks": [1]}, STEPS),
+    "lae.lae.bottleneck": ({f"{LAE}.lae.bottleneck": 2}, STEPS),
+    "lae.lae.ema_decay": ({f"{LAE}.lae.ema_decay": 0.5}, STEPS),
+    "lae.lae.freeze_epochs": ({f"{LAE}.lae.freeze_epochs": 0}, STEPS),
+    "lae.lae.only_offline": ({f"{LAE}.lae.only_offline": True}, STEPS),
 }
 # the example package's own key (audited here only: the other test modules run without the example installed)
 EXAMPLE_READERS = {"linear-probe.probe.normalize": ({f"{PROBE}.probe.normalize": False}, STEPS)}
@@ -144,6 +154,10 @@ def test_task_files_hold_what_each_method_adds(workdir):
     probe, meta = load_state(run / "tiny_linear-probe" / "seed0" / "task1" / "state.safetensors")
     assert meta["method"] == "linear-probe" and sorted(probe) == ["head.bias", "head.weight"]
     assert probe["head.weight"].shape == (2, 16)
+    lae = [load_state(run / "tiny_lae" / "seed0" / f"task{t}" / "state.safetensors")[0] for t in range(3)]
+    assert [any(k.startswith("offline.") for k in s) for s in lae] == [False, True, True]  # the average from task 1
+    assert lae[0]["online.0.up.weight"].shape == (16, 3) and lae[2]["online.0.up.weight"].abs().max() > 0
+    assert not torch.equal(lae[2]["offline.1.down.weight"], lae[2]["online.1.down.weight"])
 
 
 def test_a_method_from_its_own_package_is_validated_summarised_plotted_and_loadable(workdir, example_installed,

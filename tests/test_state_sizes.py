@@ -65,6 +65,22 @@ def test_compared_methods_task_files_at_vit_b16(tmp_path):
     assert sizes == {"l2p": 1.97, "dualprompt": 2.0, "coda-prompt": 15.39, "sd-lora": 1.51}
 
 
+def test_lae_task_files_at_vit_b16(tmp_path):
+    """docs/methods.md: LAE's task file holds head t and the adapters of blocks 0-4 after the task, online (task 0:
+    0.20 MB with a 10-class head) and, from task 1, offline too (0.37 MB)."""
+    from ifcl.models.vit_lae import ViTLAE
+
+    model = ViTLAE(timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0))
+    gen = torch.Generator().manual_seed(0)
+    for t in range(2):
+        model.begin_task(10, t, gen)
+        save_state(tmp_path / f"task{t}.safetensors", model.task_state(), {"kind": "task_state"})
+    sizes = [round((tmp_path / f"task{t}.safetensors").stat().st_size / MB, 2) for t in range(2)]
+    assert sizes == [0.20, 0.37]
+    adapter = 768 * 5 + 5 + 5 * 768 + 768 + 1  # down, its bias, up, its bias, the scale
+    assert sum(v.numel() for v in model.task_state().values()) == 10 * 769 + 2 * 5 * adapter
+
+
 def test_ranpac_task_state_at_vit_b16_is_its_gram_matrix():
     """docs/methods.md: RanPAC's task file holds G [M, M] (400 MB at M = 10000), Q and the head (0.8 MB per 10
     classes seen) and, in task 0's file, the projection W [768, M] (30.7 MB); counted from the tensors the task

@@ -573,13 +573,49 @@ def case_moe_step(p, device, impl, learnt):
     return n, step
 
 
+def state_chain_step(p, device, build, learnt, lr=1e-3):
+    """One training step of a state-chain model (ifcl.steps.state.train's loop body) on a fixed batch, after
+    ``learnt`` - 1 finished tasks of 10 classes: ``build(vit)`` makes the model around the frozen ViT; Adam over its
+    ``trainable_parameters()``, the model's ``end_step`` hook after the step, ifcl's precision."""
+    model = build(_vit(p).requires_grad_(False)).to(device)
+    gen = torch.Generator().manual_seed(7)
+    for t in range(learnt):
+        model.begin_task(10, t, gen)
+    opt = torch.optim.Adam(model.trainable_parameters(), lr=lr)
+    n = p["batch"][device.type]["train"]
+    x = torch.rand(n, 3, p["image_size"], p["image_size"], generator=gen).to(device)
+    y = torch.randint(0, 10, (n,), generator=gen).to(device)
+    after = getattr(model, "end_step", None)
+
+    def step():
+        with _autocast(device, "ifcl"):
+            out = model.forward_current(x, learnt - 1)
+            logits, extra = out if isinstance(out, tuple) else (out, None)
+            loss = F.cross_entropy(logits, y) + (0 if extra is None else extra)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if after is not None:
+            after()
+    return n, step
+
+
+def case_lae_step(p, device, impl, learnt):
+    """One LAE training step in task ``learnt`` - 1 (from task 1 on: the offline adapters' moving average after it):
+    the online adapters of blocks 0-4 (or every block of a shallower ViT) and the head trained."""
+    from .models.vit_lae import ViTLAE
+
+    return state_chain_step(p, device, lambda vit: ViTLAE(vit, adapt_blocks=range(min(5, len(vit.blocks)))),
+                            max(learnt, 2), lr=0.0028125)
+
+
 CASES = {"inflora_step": case_inflora_step, "inflora_train_e2e": case_inflora_train_e2e,
          "inflora_collect": case_inflora_collect,
          "dualgpm_update": case_dualgpm_update, "diki_step": case_diki_step, "diki_eval": case_diki_eval,
          "finetune_step": case_finetune_step, "lwf_step": case_lwf_step, "zscl_step": case_zscl_step,
-         "moe_step": case_moe_step}
+         "moe_step": case_moe_step, "lae_step": case_lae_step}
 # cases timed for ifcl alone (no official-style reference written for them)
-IFCL_ONLY = {"moe_step"}
+IFCL_ONLY = {"moe_step", "lae_step"}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -644,7 +680,7 @@ def run_isolated(*args) -> dict:
 PLAN = [("inflora_step", 1), ("inflora_step", 10), ("inflora_step", 20), ("inflora_train_e2e", 10),
         ("inflora_collect", 10),
         ("dualgpm_update", 10), ("diki_step", 1), ("diki_eval", 11), ("finetune_step", 1), ("lwf_step", 1),
-        ("zscl_step", 1), ("moe_step", 1)]
+        ("zscl_step", 1), ("moe_step", 1), ("lae_step", 2)]
 
 
 def _cpu_name() -> str:
