@@ -81,6 +81,8 @@ READERS = {
     "train.milestones": ({f"{CA}.train.schedule": "multistep", f"{CA}.train.milestones": [1]}, {"train_task"}),
     "train.gamma": ({f"{CA}.train.gamma": 0.5}, {"train_task"}),
     "train.head_lr": ({f"{CA}.train.head_lr": 0.05}, {"train_task"}),
+    "train.min_lr": ({f"{CA}.train.min_lr": 1e-4}, {"train_task"}),
+    "train.clip_grad_norm": ({f"{CA}.train.clip_grad_norm": 1.0}, {"train_task"}),
     "mtil_experiment.sequence": ({f"{DK}.sequence": ["tc_textures", "tc_shapes"]}, {"gaussian"} | DIKI),
     "mtil_experiment.backbone": ({**SECOND_CLIP, f"{DK}.backbone": "tiny_clip2"},
                                  {"pretrain_clip", "frozen_features", "gaussian"} | DIKI),

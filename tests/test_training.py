@@ -70,3 +70,61 @@ def test_task_aware_predictions_and_task_of():
     ])
     assert task_aware_predictions(logits, targets, sizes).tolist() == [1, 1, 3, 4]
     assert task_of(torch.tensor([0, 1, 2, 3, 4]), sizes).tolist() == [0, 0, 1, 1, 1]
+
+
+def test_timm_cosine_is_timms_scheduler_stepped_after_each_epoch_with_a_floor():
+    """thu-ml/HiDe-Prompt: timm's CosineLRScheduler(t_initial=K, lr_min) with ``step(epoch)`` after epoch ``epoch``,
+    so epoch e trains at the value for e - 1; min_lr is an absolute floor for every parameter group."""
+    from timm.scheduler.cosine_lr import CosineLRScheduler
+
+    from ifcl.training import train_classifier
+
+    epochs, base, head, floor = 6, 0.5, 0.05, 1e-2
+    w, h = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(3))
+    opt = torch.optim.SGD([{"params": [w], "lr": base}, {"params": [h], "lr": head}])
+    sched = CosineLRScheduler(opt, t_initial=epochs, lr_min=floor)
+    official = []
+    for epoch in range(epochs):
+        official.append([g["lr"] for g in opt.param_groups])
+        sched.step(epoch)
+    seen = []
+    model = torch.nn.Linear(2, 3)
+    x, y = torch.randn(4, 2), torch.tensor([0, 1, 2, 0])
+    cfg = {"optimizer": "sgd", "lr": base, "head_lr": head, "momentum": 0.0, "weight_decay": 0.0, "epochs": epochs,
+           "schedule": "timm-cosine", "min_lr": floor}
+    import ifcl.training as training
+
+    real = training.make_optimizer
+
+    def spy(*args, **kwargs):
+        opt = real(*args, **kwargs)
+        original = opt.step
+
+        def step(*a, **k):
+            seen.append([g["lr"] for g in opt.param_groups])
+            return original(*a, **k)
+        opt.step = step
+        return opt
+    training.make_optimizer = spy
+    try:
+        train_classifier([model.weight, model.bias], model, [(x, y)], cfg, head_params=[model.bias], precision="fp32")
+    finally:
+        training.make_optimizer = real
+    assert [pytest.approx(row) for row in official] == seen
+
+
+def test_clip_grad_norm_clips_the_step():
+    from ifcl.training import train_classifier
+
+    for clip, expected_norm in ((None, None), (1e-3, 1e-3)):
+        model = torch.nn.Linear(2, 3)
+        before = model.weight.detach().clone()
+        cfg = {"optimizer": "sgd", "lr": 1.0, "momentum": 0.0, "weight_decay": 0.0, "epochs": 1,
+               "schedule": "constant", **({"clip_grad_norm": clip} if clip else {})}
+        train_classifier([model.weight], model, [(torch.randn(8, 2) * 10, torch.zeros(8, dtype=torch.long))], cfg,
+                         precision="fp32")
+        step = (model.weight.detach() - before).norm().item()
+        if expected_norm is None:
+            assert step > 1e-2
+        else:
+            assert step == pytest.approx(expected_norm, rel=1e-4)

@@ -27,7 +27,11 @@ def lr_multipliers(epochs: int, schedule: str = "inflora-cosine", milestones: Se
       for 0-based epoch e of K (liangyanshuo/InfLoRA);
     - ``cosine``: ``CosineAnnealingLR(T_max=K)``: (1 + cos(π e / K)) / 2 (the official SGD branches);
     - ``multistep``: ``MultiStepLR``: γ to the number of milestones ≤ e (InfLoRA_CA1, DomainNet);
+    - ``timm-cosine``: timm's ``CosineLRScheduler`` stepped with ``step(epoch)`` after each epoch, as
+      thu-ml/HiDe-Prompt does: epoch e runs at the value of epoch e - 1, (1 + cos(π max(e - 1, 0) / K)) / 2;
     - ``constant``: 1 throughout.
+
+    With a ``min_lr`` (:func:`train_classifier`) a parameter group's rate is min_lr + (base - min_lr) × multiplier.
     """
     if epochs < 1:
         raise ValueError("epochs must be >= 1")
@@ -39,6 +43,8 @@ def lr_multipliers(epochs: int, schedule: str = "inflora-cosine", milestones: Se
         return [math.cos(99 * math.pi * max(e - 1, 0) / (200 * (epochs - 1))) for e in range(epochs)]
     if schedule == "cosine":
         return [(1 + math.cos(math.pi * e / epochs)) / 2 for e in range(epochs)]
+    if schedule == "timm-cosine":
+        return [(1 + math.cos(math.pi * max(e - 1, 0) / epochs)) / 2 for e in range(epochs)]
     if schedule == "multistep":
         return [gamma ** sum(m <= e for m in milestones) for e in range(epochs)]
     raise ValueError(f"unknown schedule {schedule!r}")
@@ -81,17 +87,19 @@ def train_classifier(
     ``on_epoch(epoch)`` runs before each epoch, ``on_step()`` after each optimiser step (LAE's frozen first epochs
     and its moving average).
 
-    ``cfg``: optimizer, lr, weight_decay, (momentum, head_lr), epochs, schedule (milestones, gamma); ``precision``:
-    see :func:`autocast`. Returns one
+    ``cfg``: optimizer, lr, weight_decay, (momentum, head_lr), epochs, schedule (milestones, gamma, min_lr: the
+    floor every group's rate is scheduled towards), clip_grad_norm (the norm of the gradient of ``params`` clipped
+    to it before each step, ``torch.nn.utils.clip_grad_norm_``); ``precision``: see :func:`autocast`. Returns one
     log row per epoch (epoch, lr, loss, train accuracy); the epoch's duration is printed, not returned, so that the
     rows are the same on every run.
     """
     opt = make_optimizer(params, cfg, head_params)
     multipliers = lr_multipliers(cfg["epochs"], cfg["schedule"], cfg.get("milestones", ()), cfg.get("gamma", 0.1))
     rows = []
+    floor, clip = cfg.get("min_lr", 0.0), cfg.get("clip_grad_norm")
     for epoch, mult in enumerate(multipliers):
         for group in opt.param_groups:
-            group["lr"] = group["base_lr"] * mult
+            group["lr"] = floor + (group["base_lr"] - floor) * mult
         if on_epoch is not None:
             on_epoch(epoch)
         start, total_loss, correct, seen = time.perf_counter(), 0.0, 0, 0
@@ -105,13 +113,15 @@ def train_classifier(
                     loss = loss + extra
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if clip is not None:
+                torch.nn.utils.clip_grad_norm_(params, clip)
             opt.step()
             if on_step is not None:
                 on_step()
             total_loss += loss.item() * len(y)
             correct += (logits.argmax(1) == y).sum().item()
             seen += len(y)
-        rows.append({"epoch": epoch, "lr": cfg["lr"] * mult, "loss": total_loss / seen,
+        rows.append({"epoch": epoch, "lr": floor + (cfg["lr"] - floor) * mult, "loss": total_loss / seen,
                      "train_acc": 100.0 * correct / seen})
         epoch_done(desc, epoch, cfg["epochs"], time.perf_counter() - start, seen, loss=rows[-1]["loss"],
                    accuracy=rows[-1]["train_acc"], lr=rows[-1]["lr"])
