@@ -100,17 +100,35 @@ LAE = {f"{b}_lae": (ds, tasks, epochs, lr) for b, ds, tasks, epochs, lr in (
     ("cifar100", "cifar100", 10, 5, 0.0028125), ("mimg5", "imagenet-r", 5, 50, 0.00046875),
     ("mimg10", "imagenet-r", 10, 50, 0.00046875), ("mimg20", "imagenet-r", 20, 50, 0.00046875),
     ("domainnet", "domainnet", 5, 50, 0.00046875))}
+# C-LoRA: the InfLoRA config of its benchmark with the method, λ its lamb
+CLORA = {f"{b}_clora" for b in ("cifar100", "mimg5", "mimg10", "mimg20", "domainnet")}
+# SLCA (GengDavid/SLCA exps/slca/slca_cifar.json, slca_imgnetr.json): epochs and the milestone
+SLCA = {"cifar100_slca": (20, 18), "mimg10_slca": (50, 40)}
+# EASE (sun-hailong/CVPR24-Ease exps/ease_cifar_in21k.json, ease_inr_in21k.json): lr, batch, weight decay
+EASE = {f"{b}_ease": (ds, tasks) + recipe for b, ds, tasks, recipe in (
+    ("cifar100", "cifar100", 10, (0.025, 48, 5e-4)), ("mimg5", "imagenet-r", 5, (0.05, 16, 5e-3)),
+    ("mimg10", "imagenet-r", 10, (0.05, 16, 5e-3)), ("mimg20", "imagenet-r", 20, (0.05, 16, 5e-3)))}
+# MOS (sun-hailong/AAAI25-MOS exps/mos_cifar_in21k.json, mos_inr_in21k.json): lr, batch, epochs, weight decay and
+# the statistics batch (3 x batch) and alignment samples (5 x batch)
+MOS = {f"{b}_mos": (ds, tasks) + recipe for b, ds, tasks, recipe in (
+    ("cifar100", "cifar100", 10, (0.03, 48, 20, 5e-4)), ("mimg5", "imagenet-r", 5, (0.05, 16, 10, 5e-3)),
+    ("mimg10", "imagenet-r", 10, (0.05, 16, 10, 5e-3)), ("mimg20", "imagenet-r", 20, (0.05, 16, 10, 5e-3)))}
+# HiDe-Prompt (thu-ml/HiDe-Prompt training_scripts/train_{cifar100,imr}_vit.sh): prompt length, reg, epochs, schedule
+HIDE = {"cifar100_hideprompt": ("cifar100", 5, 0.1, 50, {"schedule": "multistep", "milestones": [31], "gamma": 0.1}),
+        "mimg10_hideprompt": ("imagenet-r", 20, 0.5, 150, {"schedule": "timm-cosine", "min_lr": 1e-5})}
 # the upper bounds: one task of every class, with the optimisation of an InfLoRA config of the benchmark
 JOINT = {"cifar100_joint": "cifar100_inflora", "mimg_joint": "mimg10_inflora", "domainnet_joint": "domainnet_inflora"}
 
 
 def test_one_file_per_released_config_and_the_papers_own_included_by_default():
     assert [p.stem for p in EXPERIMENT_FILES] == sorted(RELEASED | RELEASED_DIKI | BASELINES | JOINT | SDLORA | ZSCL_FT
-                                                        | dict.fromkeys(RANPAC) | dict.fromkeys(MOE) | LAE)
+                                                        | dict.fromkeys(RANPAC) | dict.fromkeys(MOE) | LAE
+                                                        | dict.fromkeys(CLORA) | SLCA | EASE | MOS | HIDE)
     default = load_yaml(REPO / "config" / "config.yaml")
     assert sorted(Path(p).stem for p in default["include"]) == sorted(RELEASED | RELEASED_DIKI)
     tables = load_yaml(REPO / "config" / "comparisons" / "inflora_tables.yaml")
-    assert sorted(Path(p).stem for p in tables["include"]) == sorted(RELEASED | BASELINES | JOINT | LAE)
+    assert sorted(Path(p).stem for p in tables["include"]) == sorted(RELEASED | BASELINES | JOINT | LAE
+                                                                      | dict.fromkeys(CLORA) | SLCA | EASE | MOS | HIDE)
 
 
 @pytest.mark.parametrize("name", sorted(BASELINES))
@@ -144,6 +162,102 @@ def test_lae_config_is_the_official_recipe_on_the_inflora_benchmark(name):
     assert (exp["backbone"], exp["seeds"], exp["class_order"]) == (theirs["backbone"], theirs["seeds"], theirs["class_order"])
     assert config["datasets"][dataset] == inflora["datasets"][dataset]
     assert config["backbones"]["vit_b16_in21k_orig"]["name"] == "vit_base_patch16_224.orig_in21k"  # LAE's own
+
+
+@pytest.mark.parametrize("name", sorted(CLORA))
+def test_clora_config_is_its_inflora_config_with_the_penalty(name):
+    config = load(REPO / "config" / "experiments" / f"{name}.yaml")
+    (got, exp), = config["experiments"].items()
+    inflora = load(REPO / "config" / "experiments" / f"{name.split('_')[0]}_inflora.yaml")
+    (theirs,) = inflora["experiments"].values()
+    assert got == name and exp["method"] == "c-lora" and exp["lora_blocks"] == "all"
+    assert exp["clora"] == {"weight": theirs["lamb"], "projections": "kv"}
+    for key in ("dataset", "backbone", "seeds", "num_tasks", "class_order", "rank", "train", "eval_batch_size"):
+        assert exp[key] == theirs[key], key
+    assert config["datasets"][exp["dataset"]] == inflora["datasets"][exp["dataset"]]
+
+
+@pytest.mark.parametrize("name", sorted(SLCA))
+def test_slca_config_is_the_official_recipe_on_the_inflora_benchmark(name):
+    config = load(REPO / "config" / "experiments" / f"{name}.yaml")
+    (got, exp), = config["experiments"].items()
+    epochs, milestone = SLCA[name]
+    assert got == name and exp["method"] == "slca" and exp["num_tasks"] == 10
+    assert (exp["final_norm"], exp["freeze_backbone"]) == ("reset", False)
+    assert exp["ca"] == {"samples_per_class": 256, "epochs": 5, "lr": 0.01, "momentum": 0.9, "weight_decay": 0.0005,
+                         "logit_norm": 0.1, "covariance_eps": 0.0001}
+    # models/slca.py _stage1_training: backbone 0.01 x bcb_lrscale 1/100, head 0.01, MultiStepLR per epoch
+    assert exp["train"] == {"optimizer": "sgd", "lr": 1e-4, "head_lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4,
+                            "epochs": epochs, "batch_size": 128, "schedule": "multistep", "milestones": [milestone],
+                            "gamma": 0.1}
+    inflora = load(REPO / "config" / "experiments" / f"{name.split('_')[0]}_inflora.yaml")
+    (theirs,) = inflora["experiments"].values()
+    for key in ("dataset", "backbone", "seeds", "class_order"):
+        assert exp[key] == theirs[key], key
+
+
+@pytest.mark.parametrize("name", sorted(EASE))
+def test_ease_config_is_the_official_recipe_on_the_inflora_benchmark(name):
+    config = load(REPO / "config" / "experiments" / f"{name}.yaml")
+    (got, exp), = config["experiments"].items()
+    dataset, tasks, lr, batch, wd = EASE[name]
+    assert got == name and (exp["method"], exp["dataset"], exp["num_tasks"]) == ("ease", dataset, tasks)
+    assert exp["ease"] == {"bottleneck": 64, "adapter_scale": 0.1, "adapter_dropout": 0.1, "alpha": 0.1,
+                           "use_init_ptm": False, "beta": 0.0, "recalc_sim": True, "reweight": True}
+    # models/ease.py _train: SGD momentum 0.9, CosineAnnealingLR(T_max=epochs, eta_min 0) stepped per epoch
+    assert exp["train"] == {"optimizer": "sgd", "lr": lr, "momentum": 0.9, "weight_decay": wd, "epochs": 20,
+                            "batch_size": batch, "schedule": "cosine"}
+    inflora = load(REPO / "config" / "experiments" / f"{name.split('_')[0]}_inflora.yaml")
+    (theirs,) = inflora["experiments"].values()
+    for key in ("backbone", "seeds", "class_order"):
+        assert exp[key] == theirs[key], key
+    assert config["datasets"][dataset] == inflora["datasets"][dataset]
+
+
+@pytest.mark.parametrize("name", sorted(MOS))
+def test_mos_config_is_the_official_recipe_on_the_inflora_benchmark(name):
+    config = load(REPO / "config" / "experiments" / f"{name}.yaml")
+    (got, exp), = config["experiments"].items()
+    dataset, tasks, lr, batch, epochs, wd = MOS[name]
+    assert got == name and (exp["method"], exp["dataset"], exp["num_tasks"]) == ("mos", dataset, tasks)
+    assert exp["mos"] == {"bottleneck": 16, "adapter_scale": 0.1, "adapter_dropout": 0.1, "adapter_momentum": 0.1,
+                          "merge": "official", "ortho_weight": 0.1, "statistics_batch_size": 3 * batch,
+                          "prototype_dropout": True, "refine_steps": 4, "ensemble": True,
+                          "alignment": {"epochs": 30, "lr": 0.005, "momentum": 0.9, "weight_decay": wd,
+                                        "samples_per_class": 5 * batch}}
+    # models/mos.py _train: SGD momentum 0.9, the head at lr / 10, CosineAnnealingLR per epoch
+    assert exp["train"] == {"optimizer": "sgd", "lr": lr, "head_lr": lr / 10, "momentum": 0.9, "weight_decay": wd,
+                            "epochs": epochs, "batch_size": batch, "schedule": "cosine"}
+    inflora = load(REPO / "config" / "experiments" / f"{name.split('_')[0]}_inflora.yaml")
+    (theirs,) = inflora["experiments"].values()
+    for key in ("backbone", "seeds", "class_order"):
+        assert exp[key] == theirs[key], key
+    assert config["datasets"][dataset] == inflora["datasets"][dataset]
+
+
+@pytest.mark.parametrize("name", sorted(HIDE))
+def test_hide_prompt_config_is_the_official_script_on_the_inflora_benchmark(name):
+    config = load(REPO / "config" / "experiments" / f"{name}.yaml")
+    (got, exp), = config["experiments"].items()
+    dataset, length, reg, epochs, schedule = HIDE[name]
+    assert got == name and (exp["method"], exp["dataset"], exp["num_tasks"]) == ("hide-prompt", dataset, 10)
+    hide = exp["hide"]
+    assert hide["prompt"] == {"length": length, "layers": [0, 1, 2, 3, 4], "momentum": 0.01, "contrastive": reg,
+                              "temperature": 0.8, "layout": "official", "devices": 8, "device_batch": 24}
+    assert hide["tii"] == {"ratio": 2, "epochs": 20, "lr": 0.0005 * 24 / 256, "clip_grad": 1.0,
+                           "images": "train_transform"}
+    assert hide["tii_alignment"] == {"epochs": 30, "lr": 0.005 * 24 / 256, "samples": 24, "momentum": 0.9,
+                                     "weight_decay": 0.0}
+    assert hide["alignment"] == {"epochs": 30, "lr": 0.005, "samples": 120, "momentum": 0.9, "weight_decay": 0.0}
+    # 8 GPUs x 24, Adam at 0.03 x 24/256 (the head x 0.1), no weight decay, gradient norm clipped to 1
+    assert exp["train"] == {"optimizer": "adam", "lr": 0.03 * 24 / 256, "head_lr": 0.00028125,  # 0.003 x 24 / 256
+                            "weight_decay": 0.0, "epochs": epochs, "batch_size": 192, "clip_grad_norm": 1.0,
+                            **schedule}
+    inflora = load(REPO / "config" / "experiments" / f"{name.split('_')[0]}_inflora.yaml")
+    (theirs,) = inflora["experiments"].values()
+    for key in ("backbone", "seeds", "class_order"):
+        assert exp[key] == theirs[key], key
+    assert config["datasets"][dataset] == inflora["datasets"][dataset]
 
 
 @pytest.mark.parametrize("name", sorted(SDLORA))

@@ -18,7 +18,9 @@ def test_the_built_in_methods_their_protocols_and_chains():
     assert known == {"seq-lora": ("cil", "lora"), "joint": ("cil", "lora"), "inflora": ("cil", "lora"),
                      "inflora-ca": ("cil", "lora"), "l2p": ("cil", "state"), "dualprompt": ("cil", "state"),
                      "coda-prompt": ("cil", "state"), "sd-lora": ("cil", "state"), "ranpac": ("cil", "state"),
-                     "lae": ("cil", "state"), "diki": ("mtil", "prefix"), "continual-ft": ("mtil", "finetune"), "wise-ft": ("mtil", "finetune"),
+                     "lae": ("cil", "state"), "c-lora": ("cil", "state"),
+                     "slca": ("cil", "state"), "ease": ("cil", "state"),
+                     "mos": ("cil", "state"), "hide-prompt": ("cil", "state"), "diki": ("mtil", "prefix"), "continual-ft": ("mtil", "finetune"), "wise-ft": ("mtil", "finetune"),
                      "lwf": ("mtil", "finetune"), "lwf-vr": ("mtil", "finetune"),
                      "icarl": ("mtil", "finetune"), "zscl": ("mtil", "finetune"),
                      "moe-adapters": ("mtil", "moe")}

@@ -81,6 +81,46 @@ def test_lae_task_files_at_vit_b16(tmp_path):
     assert sum(v.numel() for v in model.task_state().values()) == 10 * 769 + 2 * 5 * adapter
 
 
+def test_clora_task_file_at_vit_b16(tmp_path):
+    """docs/methods.md: C-LoRA's task file holds task t's rank-10 factors on k and v of the 12 blocks and head t:
+    1.51 MB with 10 classes."""
+    from ifcl.models.vit_clora import ViTCLoRA
+
+    model = ViTCLoRA(timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0), rank=10)
+    model.begin_task(10, 0, torch.Generator().manual_seed(0))
+    save_state(tmp_path / "task0.safetensors", model.task_state(), {"kind": "task_state"})
+    assert round((tmp_path / "task0.safetensors").stat().st_size / MB, 2) == 1.51
+    assert sum(v.numel() for v in model.task_state().values()) == 12 * 2 * 2 * 10 * 768 + 10 * 769
+
+
+def test_ease_task_file_at_vit_b16(tmp_path):
+    """docs/methods.md: EASE's task file holds task t's adapters (width 64 beside the MLP of the 12 blocks), its
+    training head and its classes' prototypes: 4.82 MB at task 0 with 10 classes."""
+    from ifcl.models.vit_ease import ViTEASE
+
+    model = ViTEASE(timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0))
+    model.begin_task(10, 0, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        model.finish_task([(torch.rand(10, 3, 224, 224), torch.arange(10))], 0)  # one image per class
+    state = model.task_state()
+    save_state(tmp_path / "task0.safetensors", state, {"kind": "task_state"})
+    assert round((tmp_path / "task0.safetensors").stat().st_size / MB, 2) == 4.82
+    assert sum(v.numel() for k, v in state.items() if k.startswith("blocks.")) == 12 * (768 * 64 + 64 + 64 * 768 + 768)
+
+
+def test_mos_task_file_at_vit_b16(tmp_path):
+    """docs/methods.md: MOS's task file holds the adapter after task t (width 16 beside the 12 MLPs, 1.22 MB), the
+    head and its classes' prototypes, means and covariances: 24.9 MB with 10 classes (2.36 MB a covariance)."""
+    from ifcl.models.vit_mos import ViTMOS
+
+    model = ViTMOS(timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0), statistics_batch_size=20)
+    model.begin_task(10, 0, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        model.finish_task([(torch.rand(20, 3, 224, 224), torch.arange(10).repeat(2))], 0)  # two images per class
+    save_state(tmp_path / "task0.safetensors", model.task_state(), {"kind": "task_state"})
+    assert round((tmp_path / "task0.safetensors").stat().st_size / MB, 1) == 24.9
+
+
 def test_ranpac_task_state_at_vit_b16_is_its_gram_matrix():
     """docs/methods.md: RanPAC's task file holds G [M, M] (400 MB at M = 10000), Q and the head (0.8 MB per 10
     classes seen) and, in task 0's file, the projection W [768, M] (30.7 MB); counted from the tensors the task

@@ -76,7 +76,7 @@ class Method:
     # "state" chain: whether the task's training loader drops its last partial batch, as the official one does
     drop_last: bool = False
     # "state" chain: the transform of a pass over the task's training images after training (in manifest order, last
-    # batch kept) that the model's `end_task(batches, known)` reads (class statistics, prototypes, alignment); None: none
+    # batch kept) that the model's `finish_task(batches, known, train_batches)` reads (class statistics, prototypes, alignment); None: none
     statistics_images: str | None = None
     # other chains: the module with the chain's step functions, `model_after_task` and (cil) `evaluate_run`
     steps: str = STATE_STEPS

@@ -15,7 +15,7 @@ from ..settings import setting
 
 @dataclass(frozen=True, kw_only=True)
 class Ensemble:
-    """LAE's adapters, moving average and ensemble (gqk/LAE main.py MyModuleConf; gqk/LAE config/vit_adapter.yaml)"""
+    """LAE's adapters, moving average and ensemble (gqk/LAE main.py MyModuleConf and its adapter config, vit_adapter.yaml)"""
 
     adapt_blocks: list[int] = setting([0, 1, 2, 3, 4], "the blocks with an adapter beside their attention (official "
                                                        "[0, 1, 2, 3, 4])", items_minimum=0, min_items=1,

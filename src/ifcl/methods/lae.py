@@ -1,6 +1,6 @@
 """LAE's (Gao et al., ICCV 2023) learning and ensemble rules on tensors, as its official code computes them
 (`gqk/LAE main.py`, `libml/model/pet/adapter.py`, `libml/model/misc/scaler.py`, `libml/optim/scheduler.py`,
-`config/base/*.yaml`). Not yet a method of the registry: its step module and configs are still to come.
+its base configs). The model around these rules: :mod:`ifcl.models.vit_lae`.
 
 - The online module (a parameter-efficient module per adapted block: here the adapter) learns every task; its
   parallel adapter adds ``s · up(GELU(down(x)))`` to the attention's output, ``down`` Kaiming-uniform, ``up`` and

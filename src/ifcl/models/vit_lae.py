@@ -2,7 +2,7 @@
 moving average, and one linear head per task.
 
 What the official code runs (gqk/LAE ``main.py`` ``MyModule``, ``libml/model/pet/adapter.py``,
-``libml/model/head/dynamic_simple.py``, gqk/LAE ``config/vit_adapter.yaml``), for an adapted block with input x:
+``libml/model/head/dynamic_simple.py``, and the adapter config ``vit_adapter.yaml`` of gqk/LAE), for an adapted block with input x:
 
     x ← x + attn(norm1(x)) + s · up(GELU(down(norm1(x))))         (the adapter "parallel" to the attention)
 

@@ -21,10 +21,11 @@ returns the task's log rows.
 
 Optional hooks of such a model: ``begin_epoch(epoch)`` before each training epoch and ``end_step()`` after each
 optimiser step (LAE: the online module frozen in the first epochs, the offline module's moving average); and, for a
-method whose declaration names ``statistics_images``, ``end_task(batches, known)`` after the training pass and
-before ``task_state()``, on the task's training images under that transform in manifest order (class statistics,
-prototypes, a classifier alignment), returning extra rows of the task's training log, each with a ``stage`` (its
-name: the figures' training curves leave such rows out).
+method whose declaration names ``statistics_images``, ``finish_task(batches, known, train_batches)`` after the
+training pass and before ``task_state()``: ``batches`` the task's training images under that transform in manifest
+order (class statistics, prototypes, a classifier alignment: SLCA, EASE, MOS, HiDe-Prompt), ``train_batches`` the
+training pass's own loader, shuffled anew (HiDe-Prompt trains its task-identity model on it); it returns extra rows
+of the task's training log, each with a ``stage`` (its name: the figures' training curves leave such rows out).
 """
 from __future__ import annotations
 
@@ -78,7 +79,7 @@ class Train:
     dataset: dict  # train_transform, test_transform, crop_scale
     transform: str = "train_transform"  # the key of dataset whose transform the task's pass applies
     drop_last: bool = False  # the task's loader drops its last partial batch (the method's official loader does)
-    statistics: str | None = None  # the key of dataset whose transform the pass for the model's end_task applies
+    statistics: str | None = None  # the key of dataset whose transform the pass for the model's finish_task applies
     statistics_decoded: str | None = None
     precision: str
     out: str
@@ -124,7 +125,7 @@ def train(step: Train) -> None:
         batches = task_loader(step.manifest, tasks["tasks"][step.t], tasks, step.dataset, step.backbone, False,
                               step.train["batch_size"], device, decoded=step.statistics_decoded,
                               workers=step.loader_workers, transform=step.statistics)
-        rows += model.end_task(batches, known)
+        rows += model.finish_task(batches, known, loader)
     write_csv(step.log_csv, rows)
     save_state(step.out, model.task_state(), {
         "kind": "task_state", "method": step.model["method"], "task": step.t, "train": step.train,
