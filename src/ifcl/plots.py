@@ -413,8 +413,13 @@ def plot_overview(benchmarks: list[dict], protocols: dict[str, str], colours: di
         bar_ax.set_ylabel("%")
         bar_ax.set_title("the metrics papers report (mean ± std over seeds)", fontsize="medium")
         bar_ax.grid(axis="y", alpha=0.3)
-        _headroom(bar_ax, 0.2)
-        bar_ax.legend(handles=handles, fontsize="x-small", loc="upper center", ncol=min(len(handles), 3))
+        columns = min(len(handles), 3 if len(handles) <= 9 else 4)
+        rows = -(-len(handles) // columns)
+        _headroom(bar_ax, 0.2 if rows <= 2 else min(0.45, 0.2 + 0.06 * (rows - 2)))  # the legend above the bars
+        low, high = bar_ax.get_ylim()
+        bar_ax.set_yticks([y for y in bar_ax.get_yticks() if 0 <= y <= 100 and low <= y <= high])  # none in the legend's band
+        bar_ax.set_ylim(low, high)
+        bar_ax.legend(handles=handles, fontsize="x-small", loc="upper center", ncol=columns)
     return _write(fig, outputs, settings)
 
 
