@@ -99,7 +99,7 @@ def test_bench_speed_writes_a_report_with_the_ratios(tmp_path):
 
 def test_the_fine_tuning_cases_compute_the_same_step_both_ways_and_moe_is_timed_alone():
     """finetune_step / lwf_step / zscl_step: the official-style side re-encodes the teacher's reference texts in
-    every step, ifcl once; the weights after one step are the same. moe_step and lae_step have no reference: ifcl alone."""
+    every step, ifcl once; the weights after one step are the same. moe_step and the state-chain methods' steps have no reference: ifcl alone."""
     from ifcl.benchmark import CASES, IFCL_ONLY, PRESETS, run_benchmark
 
     torch.manual_seed(0)
@@ -112,7 +112,8 @@ def test_the_fine_tuning_cases_compute_the_same_step_both_ways_and_moe_is_timed_
             clip = next(m for m in closure if any(p.requires_grad for p in m.parameters()))
             after.append(torch.cat([p.detach().flatten() for p in clip.parameters()]))
         torch.testing.assert_close(after[0], after[1], rtol=1e-5, atol=1e-6)
-    assert IFCL_ONLY == {"moe_step", "lae_step"}
-    report = run_benchmark("tiny", repeats=1, warmup=0, cases=["moe_step", "lae_step"], log=lambda line: None)
-    assert [(r["case"], r["impl"]) for r in report["results"]] == [("moe_step", "ifcl"), ("lae_step", "ifcl")]
+    state_cases = ["lae_step", "clora_step", "slca_step", "ease_step", "mos_step", "hide_step"]
+    assert IFCL_ONLY == {"moe_step", *state_cases}
+    report = run_benchmark("tiny", repeats=1, warmup=0, cases=["moe_step", *state_cases], log=lambda line: None)
+    assert [(r["case"], r["impl"]) for r in report["results"]] == [(c, "ifcl") for c in ["moe_step", *state_cases]]
     assert not report["speedups"]

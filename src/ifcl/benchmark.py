@@ -38,6 +38,7 @@ the process; CUDA: peak allocated) is its own. Shapes: ``paper`` = ViT-B/16 at 2
 """
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing as mp
 import platform
 import resource
@@ -573,17 +574,30 @@ def case_moe_step(p, device, impl, learnt):
     return n, step
 
 
-def state_chain_step(p, device, build, learnt, lr=1e-3):
-    """One training step of a state-chain model (ifcl.steps.state.train's loop body) on a fixed batch, after
-    ``learnt`` - 1 finished tasks of 10 classes: ``build(vit)`` makes the model around the frozen ViT; Adam over its
-    ``trainable_parameters()``, the model's ``end_step`` hook after the step, ifcl's precision."""
+def state_chain_step(p, device, build, learnt, cfg=None):
+    """One training step of a state-chain model (ifcl.steps.state.train's loop body) on a fixed batch, in task
+    ``learnt`` - 1 of 10 classes each: ``build(vit)`` makes the model around the frozen ViT; earlier tasks are begun
+    and finished as the chain does (``finish_task`` on two random images a class, or ``end_task``); the optimiser of
+    ``cfg`` (``ifcl.training.make_optimizer``, default Adam 1e-3) over ``trainable_parameters()``, the model's
+    ``end_step`` hook after the step, ifcl's precision."""
+    from .training import make_optimizer
+
     model = build(_vit(p).requires_grad_(False)).to(device)
     gen = torch.Generator().manual_seed(7)
+    size = p["image_size"]
     for t in range(learnt):
         model.begin_task(10, t, gen)
-    opt = torch.optim.Adam(model.trainable_parameters(), lr=lr)
+        if t == learnt - 1:
+            break
+        if hasattr(model, "finish_task"):
+            images = [(torch.rand(20, 3, size, size, generator=gen).to(device), torch.arange(10).repeat(2) + 10 * t)]
+            model.finish_task(images, 10 * t, images)
+        elif hasattr(model, "end_task"):
+            model.end_task()
+    cfg = cfg or {"optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0}
+    opt = make_optimizer(model.trainable_parameters(), cfg, list(model.heads[-1].parameters()))
     n = p["batch"][device.type]["train"]
-    x = torch.rand(n, 3, p["image_size"], p["image_size"], generator=gen).to(device)
+    x = torch.rand(n, 3, size, size, generator=gen).to(device)
     y = torch.randint(0, 10, (n,), generator=gen).to(device)
     after = getattr(model, "end_step", None)
 
@@ -600,22 +614,88 @@ def state_chain_step(p, device, build, learnt, lr=1e-3):
     return n, step
 
 
+def _first_blocks(vit, n: int = 5) -> list[int]:
+    """The official first five blocks, or every block of a shallower ViT."""
+    return list(range(min(n, len(vit.blocks))))
+
+
 def case_lae_step(p, device, impl, learnt):
     """One LAE training step in task ``learnt`` - 1 (from task 1 on: the offline adapters' moving average after it):
-    the online adapters of blocks 0-4 (or every block of a shallower ViT) and the head trained."""
+    the online adapters of blocks 0-4 and the head trained (Adam, gqk/LAE's CIFAR-100 rate)."""
     from .models.vit_lae import ViTLAE
 
-    return state_chain_step(p, device, lambda vit: ViTLAE(vit, adapt_blocks=range(min(5, len(vit.blocks)))),
-                            max(learnt, 2), lr=0.0028125)
+    return state_chain_step(p, device, lambda vit: ViTLAE(vit, adapt_blocks=_first_blocks(vit)), max(learnt, 2),
+                            {"optimizer": "adam", "lr": 0.0028125, "weight_decay": 0.0})
+
+
+def case_clora_step(p, device, impl, learnt):
+    """One C-LoRA training step in task ``learnt`` - 1: task t's rank-10 LoRA on k and v of every block and its head,
+    the penalty against the earlier tasks' summed updates (Adam, the InfLoRA configs' rate)."""
+    from .models.vit_clora import ViTCLoRA
+
+    return state_chain_step(p, device, lambda vit: ViTCLoRA(vit, rank=p["rank"], weight=0.98), max(learnt, 2),
+                            {"optimizer": "adam", "lr": 5e-4, "weight_decay": 0.0})
+
+
+def case_slca_step(p, device, impl, learnt):
+    """One SLCA training step: every ViT parameter at 1e-4 and the new head at 1e-2 (SGD, GengDavid/SLCA)."""
+    from .catalog.slca import Alignment
+    from .models.vit_slca import SLCAViT
+
+    ca = dataclasses.asdict(Alignment())
+    return state_chain_step(p, device, lambda vit: SLCAViT(vit.requires_grad_(True), ca=ca), max(learnt, 2),
+                            {"optimizer": "sgd", "lr": 1e-4, "head_lr": 1e-2, "momentum": 0.9, "weight_decay": 5e-4})
+
+
+def case_ease_step(p, device, impl, learnt):
+    """One EASE training step: task t's adapters (width 64 beside every MLP; 8 in tiny) and cosine head (SGD, the
+    official ImageNet-R rate)."""
+    from .models.vit_ease import ViTEASE
+
+    width = 64 if p["embed_dim"] == 768 else 8
+    return state_chain_step(p, device, lambda vit: ViTEASE(vit, bottleneck=width), max(learnt, 2),
+                            {"optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-3})
+
+
+def case_mos_step(p, device, impl, learnt):
+    """One MOS training step from task 1 on: the adapter (width 16; 4 in tiny) with the official in-place merge
+    pulls and the contrastive term, the whole head at a tenth of the rate (SGD, the official ImageNet-R rates)."""
+    from .models.vit_mos import ViTMOS
+
+    width = 16 if p["embed_dim"] == 768 else 4
+    alignment = {"epochs": 1, "lr": 0.005, "momentum": 0.9, "weight_decay": 5e-3, "samples_per_class": 4}
+    return state_chain_step(p, device, lambda vit: ViTMOS(vit, bottleneck=width, statistics_batch_size=20,
+                                                          alignment=alignment), max(learnt, 2),
+                            {"optimizer": "sgd", "lr": 0.05, "head_lr": 0.005, "momentum": 0.9, "weight_decay": 5e-3})
+
+
+def case_hide_step(p, device, impl, learnt):
+    """One HiDe-Prompt training step from task 1 on: task t's prompt (length 20 at blocks 0-4, the official ImageNet-R
+    script) and head with the contrastive term against the earlier classes' centroids (Adam)."""
+    from .catalog.hide_prompt import Alignment, TaskIdentity
+    from .models.vit_hide_prompt import HiDePromptViT
+
+    prompt = {"length": 20, "layers": None, "momentum": 0.01, "contrastive": 0.5, "temperature": 0.8,
+              "layout": "official", "devices": 1, "device_batch": 24}
+    tii = {**dataclasses.asdict(TaskIdentity()), "epochs": 1}
+    align = {**dataclasses.asdict(Alignment(lr=0.005, samples=4)), "epochs": 1}
+
+    def build(vit):
+        return HiDePromptViT(vit, prompt={**prompt, "layers": _first_blocks(vit)}, tii=tii, tii_alignment=align,
+                             alignment=align, centroids=2)
+    return state_chain_step(p, device, build, max(learnt, 2),
+                            {"optimizer": "adam", "lr": 0.0028125, "head_lr": 0.00028125, "weight_decay": 0.0})
 
 
 CASES = {"inflora_step": case_inflora_step, "inflora_train_e2e": case_inflora_train_e2e,
          "inflora_collect": case_inflora_collect,
          "dualgpm_update": case_dualgpm_update, "diki_step": case_diki_step, "diki_eval": case_diki_eval,
          "finetune_step": case_finetune_step, "lwf_step": case_lwf_step, "zscl_step": case_zscl_step,
-         "moe_step": case_moe_step, "lae_step": case_lae_step}
+         "moe_step": case_moe_step, "lae_step": case_lae_step, "clora_step": case_clora_step,
+         "slca_step": case_slca_step, "ease_step": case_ease_step, "mos_step": case_mos_step,
+         "hide_step": case_hide_step}
 # cases timed for ifcl alone (no official-style reference written for them)
-IFCL_ONLY = {"moe_step", "lae_step"}
+IFCL_ONLY = {"moe_step", "lae_step", "clora_step", "slca_step", "ease_step", "mos_step", "hide_step"}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -680,7 +760,8 @@ def run_isolated(*args) -> dict:
 PLAN = [("inflora_step", 1), ("inflora_step", 10), ("inflora_step", 20), ("inflora_train_e2e", 10),
         ("inflora_collect", 10),
         ("dualgpm_update", 10), ("diki_step", 1), ("diki_eval", 11), ("finetune_step", 1), ("lwf_step", 1),
-        ("zscl_step", 1), ("moe_step", 1), ("lae_step", 2)]
+        ("zscl_step", 1), ("moe_step", 1), ("lae_step", 2), ("clora_step", 2),
+        ("slca_step", 2), ("ease_step", 2), ("mos_step", 2), ("hide_step", 2)]
 
 
 def _cpu_name() -> str:
