@@ -11,6 +11,14 @@ from ifcl.state import load_state, save_state
 MB = 1e6
 
 
+def vit_b16_widths():
+    """ViT-B/16's blocks (width 768, depth 12, 12 heads) on 32-px images: the same per-task tensors as at 224 px
+    (what a task adds depends on the widths, not on the number of tokens), its statistics pass 50 times cheaper."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    return VisionTransformer(img_size=32, patch_size=16, embed_dim=768, depth=12, num_heads=12, num_classes=0)
+
+
 def test_reduction_and_adapter_of_a_vit_b16_task_take_under_2_mb(tmp_path):
     vit = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0)
     model = ViTLoRA(vit, rank=10)
@@ -98,10 +106,10 @@ def test_ease_task_file_at_vit_b16(tmp_path):
     training head and its classes' prototypes: 4.82 MB at task 0 with 10 classes."""
     from ifcl.models.vit_ease import ViTEASE
 
-    model = ViTEASE(timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0))
+    model = ViTEASE(vit_b16_widths())
     model.begin_task(10, 0, torch.Generator().manual_seed(0))
     with torch.no_grad():
-        model.finish_task([(torch.rand(10, 3, 224, 224), torch.arange(10))], 0)  # one image per class
+        model.finish_task([(torch.rand(10, 3, 32, 32), torch.arange(10))], 0)  # one image per class
     state = model.task_state()
     save_state(tmp_path / "task0.safetensors", state, {"kind": "task_state"})
     assert round((tmp_path / "task0.safetensors").stat().st_size / MB, 2) == 4.82
@@ -113,12 +121,32 @@ def test_mos_task_file_at_vit_b16(tmp_path):
     head and its classes' prototypes, means and covariances: 24.9 MB with 10 classes (2.36 MB a covariance)."""
     from ifcl.models.vit_mos import ViTMOS
 
-    model = ViTMOS(timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0), statistics_batch_size=20)
+    model = ViTMOS(vit_b16_widths(), statistics_batch_size=20)
     model.begin_task(10, 0, torch.Generator().manual_seed(0))
     with torch.no_grad():
-        model.finish_task([(torch.rand(20, 3, 224, 224), torch.arange(10).repeat(2))], 0)  # two images per class
+        model.finish_task([(torch.rand(20, 3, 32, 32), torch.arange(10).repeat(2))], 0)  # two images per class
     save_state(tmp_path / "task0.safetensors", model.task_state(), {"kind": "task_state"})
     assert round((tmp_path / "task0.safetensors").stat().st_size / MB, 1) == 24.9
+
+
+def test_hide_prompt_task_file_at_vit_b16(tmp_path):
+    """docs/methods.md: HiDe-Prompt's task file holds the task's prompt, the task-identity model (its MLP changes every
+    task), the heads and the classes' centroid statistics: 12.13 MB at task 0 of CIFAR-100 (length 5, 10 classes)."""
+    import dataclasses
+
+    from ifcl.catalog.hide_prompt import Alignment, TaskIdentity
+    from ifcl.models.vit_hide_prompt import HiDePromptViT
+
+    prompt = {"length": 5, "layers": [0, 1, 2, 3, 4], "momentum": 0.01, "contrastive": 0.1, "temperature": 0.8,
+              "layout": "official", "devices": 1, "device_batch": 24}
+    model = HiDePromptViT(vit_b16_widths(), prompt=prompt, tii={**dataclasses.asdict(TaskIdentity()), "epochs": 1},
+                          tii_alignment=dataclasses.asdict(Alignment(lr=0.005, samples=24)),
+                          alignment=dataclasses.asdict(Alignment(lr=0.005, samples=120)), centroids=10)
+    model.begin_task(10, 0, torch.Generator().manual_seed(0))
+    batches = [(torch.rand(100, 3, 32, 32), torch.arange(10).repeat(10))]  # ten images a class: ten centroids
+    model.finish_task(batches, 0, batches)
+    save_state(tmp_path / "task0.safetensors", model.task_state(), {"kind": "task_state"})
+    assert round((tmp_path / "task0.safetensors").stat().st_size / MB, 2) == 12.13
 
 
 def test_ranpac_task_state_at_vit_b16_is_its_gram_matrix():
