@@ -199,11 +199,11 @@ class ViTCLoRA(nn.Module):
         head_bias = (torch.rand(num_classes, generator=generator) * 2 - 1) * bound
         self._append_task(factors, head_weight, head_bias)
 
-    def end_task(self, batches=None, known: int = 0) -> list[dict]:
+    def end_task(self) -> None:
         """Finish the current task: keep its factors, add its update to W and P, freeze its head. The function is
-        unchanged. ``batches`` and ``known`` (the state chain's statistics hook) are not read; no log rows."""
+        unchanged."""
         if not self.in_task:
-            return []
+            return
         self._factors.append({name: getattr(layer, kind)[p].detach().cpu().clone()
                               for name, layer, kind, p in self._names()})
         for layer in self.lora_layers:
@@ -211,7 +211,6 @@ class ViTCLoRA(nn.Module):
         self.heads[-1].requires_grad_(False)
         self.in_task = False
         self.set_trainable()
-        return []
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Task t's A and B of every adapted projection and head t (none between tasks)."""
