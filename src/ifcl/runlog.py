@@ -44,7 +44,7 @@ def job(snakemake):
     code = hand_over(sys.argv[0])
     if code is not None:
         os._exit(code)
-    from . import progress
+    from . import checkpoint, progress
 
     def terminated(signum, frame):  # Snakemake stops its jobs with SIGTERM (Ctrl-C, a failed job elsewhere)
         raise Terminated(f"stopped by signal {signal.Signals(signum).name}")
@@ -52,9 +52,14 @@ def job(snakemake):
     signal.signal(signal.SIGTERM, terminated)
     with logging_to(snakemake.log[0]):
         progress.start_job(snakemake.rule, dict(snakemake.wildcards.items()), snakemake.log[0])
+        checkpoint.start_job(snakemake)
         try:
             yield
         except BaseException as e:
+            if checkpoint.stop_message():
+                print(checkpoint.stop_message(), flush=True)
+            checkpoint.finish_job(success=False)
             progress.finish_job(e)
             raise
+        checkpoint.finish_job(success=True)
         progress.finish_job()

@@ -16,8 +16,10 @@ A job runs in its own process instead (nothing is handed over) when no server is
 Snakemake's local executor), under SLURM, with another Python (a conda environment or a container), or with
 ``IFCL_STEP_SERVER=off`` in the environment.
 Stopping: a job killed (SIGTERM, SIGINT) passes the signal on to its child; a job killed with SIGKILL closes its
-connection, and the server kills the child; the server exits when Snakemake does (or is killed), and its children
-with it (Linux: the parent-death signal).
+connection, and the server kills the child. The server ignores SIGINT (Ctrl-C reaches the jobs through their own
+processes); when Snakemake ends (or the server is stopped) it sends SIGTERM to the children left and gives them
+30 s to end (a training job writes its epoch checkpoint, ifcl.checkpoint) before SIGKILL; a server that is killed
+takes its children with it (Linux: the parent-death signal, SIGTERM).
 """
 from __future__ import annotations
 
@@ -112,12 +114,13 @@ def _child(request: dict, fds: list[int]) -> None:
     code = 1
     try:
         os.setpgid(0, 0)  # the job's signals reach the child and whatever it starts (data loader workers)
-        _die_with_parent()
+        _die_with_parent(signal.SIGTERM)
         for target, fd in zip((0, 1, 2), fds):
             os.dup2(fd, target)
             os.close(fd)
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD):
             signal.signal(sig, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # KeyboardInterrupt, as in a fresh interpreter
         os.chdir(request["cwd"])
         os.environ.clear()
         os.environ.update(request["env"], **{_CHILD: "1"})
@@ -144,11 +147,11 @@ def _child(request: dict, fds: list[int]) -> None:
             os._exit(code)
 
 
-def _die_with_parent() -> None:
+def _die_with_parent(sig: int = signal.SIGKILL) -> None:
     if sys.platform.startswith("linux"):
         import ctypes
 
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        ctypes.CDLL(None, use_errno=True).prctl(1, sig)  # PR_SET_PDEATHSIG
 
 
 def serve(path: str, parent: int) -> None:
@@ -164,6 +167,7 @@ def serve(path: str, parent: int) -> None:
         importlib.import_module(name)
     running: dict[socket.socket, int] = {}
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         while os.getppid() == parent:
             ready, _, _ = select.select([listener, *running], [], [], 0.05)
@@ -197,8 +201,7 @@ def serve(path: str, parent: int) -> None:
                     conn.close()
                     del running[conn]
     finally:
-        for pid in running.values():
-            _kill(pid)
+        _stop_children(list(running.values()))
         _remove(path)  # also when Snakemake was killed and stop() never ran
 
 
@@ -212,6 +215,27 @@ def _remove(path: str) -> None:
         os.rmdir(os.path.dirname(path))
     except OSError:
         pass
+
+
+def _stop_children(pids: list[int], grace: float = 30) -> None:
+    """SIGTERM to each child's process group, up to ``grace`` seconds for them to end, then SIGKILL."""
+    for pid in pids:
+        try:
+            os.killpg(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + grace
+    left = list(pids)
+    while left and time.monotonic() < deadline:
+        for pid in list(left):
+            try:
+                if os.waitpid(pid, os.WNOHANG)[0]:
+                    left.remove(pid)
+            except ChildProcessError:
+                left.remove(pid)
+        time.sleep(0.05)
+    for pid in left:
+        _kill(pid)
 
 
 def _kill(pid: int) -> None:

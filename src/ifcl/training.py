@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
+from .checkpoint import loader_generators, resumable
 from .progress import epoch_done, track
 from .runtime import autocast
 
@@ -81,6 +82,7 @@ def train_classifier(
     precision: str = "bf16",
     on_epoch: Callable[[int], None] | None = None,
     on_step: Callable[[], None] | None = None,
+    state: nn.Module | None = None,
 ) -> list[dict]:
     """Minimise mean cross-entropy of ``logits_fn(x)`` against ``y - label_offset`` for ``cfg['epochs']`` epochs.
     A ``logits_fn`` that returns ``(logits, extra_loss)`` has ``extra_loss`` added (the prompt methods' key loss).
@@ -92,39 +94,47 @@ def train_classifier(
     to it before each step, ``torch.nn.utils.clip_grad_norm_``); ``precision``: see :func:`autocast`. Returns one
     log row per epoch (epoch, lr, loss, train accuracy); the epoch's duration is printed, not returned, so that the
     rows are the same on every run.
+
+    In a workflow job the loop keeps an epoch checkpoint (:mod:`ifcl.checkpoint`) of ``state`` (the module whose
+    state_dict holds every tensor training changes: what hooks such as LAE's moving average change too; default:
+    ``params``), the optimiser, the generators and the rows; stopped, it writes it, and the job's next attempt
+    continues after the last finished epoch.
     """
     opt = make_optimizer(params, cfg, head_params)
     multipliers = lr_multipliers(cfg["epochs"], cfg["schedule"], cfg.get("milestones", ()), cfg.get("gamma", 0.1))
-    rows = []
     floor, clip = cfg.get("min_lr", 0.0), cfg.get("clip_grad_norm")
-    for epoch, mult in enumerate(multipliers):
-        for group in opt.param_groups:
-            group["lr"] = floor + (group["base_lr"] - floor) * mult
-        if on_epoch is not None:
-            on_epoch(epoch)
-        start, total_loss, correct, seen = time.perf_counter(), 0.0, 0, 0
-        for x, y in track(loader, f"{desc} epoch {epoch + 1}/{cfg['epochs']}", epoch=epoch, epochs=cfg["epochs"]):
-            x, y = x.to(device, non_blocking=True), (y - label_offset).to(device, non_blocking=True)
-            with autocast(device, precision):
-                out = logits_fn(x)
-                logits, extra = out if isinstance(out, tuple) else (out, None)
-                loss = F.cross_entropy(logits, y)
-                if extra is not None:
-                    loss = loss + extra
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if clip is not None:
-                torch.nn.utils.clip_grad_norm_(params, clip)
-            opt.step()
-            if on_step is not None:
-                on_step()
-            total_loss += loss.item() * len(y)
-            correct += (logits.argmax(1) == y).sum().item()
-            seen += len(y)
-        rows.append({"epoch": epoch, "lr": floor + (cfg["lr"] - floor) * mult, "loss": total_loss / seen,
-                     "train_acc": 100.0 * correct / seen})
-        epoch_done(desc, epoch, cfg["epochs"], time.perf_counter() - start, seen, loss=rows[-1]["loss"],
-                   accuracy=rows[-1]["train_acc"], lr=rows[-1]["lr"])
+    with resumable(desc, state if state is not None else params, opt, loader_generators(loader)) as checkpoint:
+        first, saved = checkpoint.resume()
+        rows = saved.get("rows", [])
+        for epoch in range(first, len(multipliers)):
+            for group in opt.param_groups:
+                group["lr"] = floor + (group["base_lr"] - floor) * multipliers[epoch]
+            if on_epoch is not None:
+                on_epoch(epoch)
+            start, total_loss, correct, seen = time.perf_counter(), 0.0, 0, 0
+            for x, y in track(loader, f"{desc} epoch {epoch + 1}/{cfg['epochs']}", epoch=epoch, epochs=cfg["epochs"]):
+                x, y = x.to(device, non_blocking=True), (y - label_offset).to(device, non_blocking=True)
+                with autocast(device, precision):
+                    out = logits_fn(x)
+                    logits, extra = out if isinstance(out, tuple) else (out, None)
+                    loss = F.cross_entropy(logits, y)
+                    if extra is not None:
+                        loss = loss + extra
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if clip is not None:
+                    torch.nn.utils.clip_grad_norm_(params, clip)
+                opt.step()
+                if on_step is not None:
+                    on_step()
+                total_loss += loss.item() * len(y)
+                correct += (logits.argmax(1) == y).sum().item()
+                seen += len(y)
+            rows.append({"epoch": epoch, "lr": floor + (cfg["lr"] - floor) * multipliers[epoch],
+                         "loss": total_loss / seen, "train_acc": 100.0 * correct / seen})
+            epoch_done(desc, epoch, cfg["epochs"], time.perf_counter() - start, seen, loss=rows[-1]["loss"],
+                       accuracy=rows[-1]["train_acc"], lr=rows[-1]["lr"])
+            checkpoint.epoch_done(epoch, rows=rows)
     return rows
 
 

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import layout
+from ..checkpoint import loader_generators, resumable
 from ..data.loader import image_batches
 from ..data.manifest import class_names_of, read_manifest
 from ..files import file_sha256, write_csv, write_json
@@ -190,31 +191,37 @@ def train(step: Train) -> None:
     scale = model.logit_scale().detach()
     print(f"task {step.t}: {len(loader.dataset)} images, {model.trainable_parameters()} trainable parameters, "
           f"validation on {len(val.dataset) if val else 0} images")
-    rows, best, best_acc, n_step = [], None, -1.0, 0
-    for epoch in range(cfg["epochs"]):
-        loss_sum = correct = seen = 0
-        began = time.perf_counter()
-        for x, y in track(loader, f"task {step.t} epoch {epoch + 1}/{cfg['epochs']}", epoch=epoch, epochs=cfg["epochs"]):
-            for group in optimizer.param_groups:
-                group["lr"] = lrs[n_step]
-            y = y.to(device)
-            with autocast(device, step.precision):
-                logits = scale * model.encode_image(x, prefix) @ model.encode_text(tokens, prefix).T
-                loss = F.cross_entropy(logits, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_sum += float(loss.detach()) * len(y)
-            correct += int((logits.argmax(1) == y).sum())
-            seen += len(y)
-            n_step += 1
-        val_acc = _accuracy(model, prefix, tokens, val, device, step.precision) if val else float("nan")
-        rows.append({"epoch": epoch, "loss": loss_sum / seen, "train_accuracy": 100.0 * correct / seen,
-                     "val_accuracy": val_acc, "lr_last": lrs[n_step - 1]})
-        epoch_done(f"task {step.t}", epoch, cfg["epochs"], time.perf_counter() - began, seen, loss=loss_sum / seen,
-                   accuracy=100.0 * correct / seen, val_accuracy=val_acc, lr=lrs[n_step - 1])
-        if val is None or val_acc > best_acc:  # strictly better; without validation the last epoch
-            best_acc, best = val_acc, {"epoch": epoch, "prefix": {k: v.detach().cpu().clone() for k, v in prefix.items()}}
+    with resumable(f"task {step.t}", list(prefix.values()), optimizer, loader_generators(loader) + [gen]) as checkpoint:
+        first, saved = checkpoint.resume()
+        rows, best, best_acc = saved.get("rows", []), saved.get("best"), saved.get("best_acc", -1.0)
+        n_step = first * len(loader)
+        for epoch in range(first, cfg["epochs"]):
+            loss_sum = correct = seen = 0
+            began = time.perf_counter()
+            for x, y in track(loader, f"task {step.t} epoch {epoch + 1}/{cfg['epochs']}", epoch=epoch,
+                              epochs=cfg["epochs"]):
+                for group in optimizer.param_groups:
+                    group["lr"] = lrs[n_step]
+                y = y.to(device)
+                with autocast(device, step.precision):
+                    logits = scale * model.encode_image(x, prefix) @ model.encode_text(tokens, prefix).T
+                    loss = F.cross_entropy(logits, y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                loss_sum += float(loss.detach()) * len(y)
+                correct += int((logits.argmax(1) == y).sum())
+                seen += len(y)
+                n_step += 1
+            val_acc = _accuracy(model, prefix, tokens, val, device, step.precision) if val else float("nan")
+            rows.append({"epoch": epoch, "loss": loss_sum / seen, "train_accuracy": 100.0 * correct / seen,
+                         "val_accuracy": val_acc, "lr_last": lrs[n_step - 1]})
+            epoch_done(f"task {step.t}", epoch, cfg["epochs"], time.perf_counter() - began, seen, loss=loss_sum / seen,
+                       accuracy=100.0 * correct / seen, val_accuracy=val_acc, lr=lrs[n_step - 1])
+            if val is None or val_acc > best_acc:  # strictly better; without validation the last epoch
+                best_acc, best = val_acc, {"epoch": epoch,
+                                           "prefix": {k: v.detach().cpu().clone() for k, v in prefix.items()}}
+            checkpoint.epoch_done(epoch, rows=rows, best=best, best_acc=best_acc)
     write_csv(step.log_csv, rows)
     tensors = dict(best["prefix"])
     if step.rng == "sequential":

@@ -120,7 +120,8 @@ def train(step: Train) -> None:
         rows = train_classifier(params, lambda x: model.forward_current(x, step.t), loader, step.train,
                                 label_offset=known, device=device, desc=f"task {step.t}",
                                 head_params=list(model.heads[-1].parameters()), precision=step.precision,
-                                on_epoch=getattr(model, "begin_epoch", None), on_step=getattr(model, "end_step", None))
+                                on_epoch=getattr(model, "begin_epoch", None), on_step=getattr(model, "end_step", None),
+                                state=model)
     if step.statistics is not None:  # class statistics after training (SLCA's, MOS's Gaussians; EASE's prototypes)
         batches = task_loader(step.manifest, tasks["tasks"][step.t], tasks, step.dataset, step.backbone, False,
                               step.train["batch_size"], device, decoded=step.statistics_decoded,
