@@ -1,5 +1,6 @@
 """GPU leasing (ifcl.gpu) with fake device ids: concurrent jobs under `--resources gpu=N` each get their own device,
-a killed holder frees its device at once, an inherited device list is respected, no GPU means CPU."""
+a killed holder frees its device at once, an inherited device list is respected (one device used as it is, one of
+several leased), no GPU means CPU."""
 import json
 import os
 import signal
@@ -74,6 +75,19 @@ def test_an_inherited_device_list_is_respected_and_no_gpu_means_cpu(tmp_path):
     out = subprocess.run([sys.executable, "-c", HOLD, str(tmp_path / "stop")], env=env(tmp_path, devices=""),
                          capture_output=True, text=True)
     assert "no GPU on this machine: running on CPU" in out.stdout and out.stdout.split()[-3:] == ["RESULT", "cpu", "None"]
+
+
+def test_jobs_given_several_devices_lease_one_each(tmp_path):
+    """A cluster job that runs several jobs at once (`--group-components`) inherits its allocation's devices: each
+    job leases one of them, never another."""
+    e = env(tmp_path, devices=None, CUDA_VISIBLE_DEVICES="4,6")
+    holders = [holder(tmp_path, e) for _ in range(2)]
+    try:
+        assert sorted(result(h)[0][1] for h in holders) == ["4", "6"]
+    finally:
+        (tmp_path / "stop").touch()
+        for h in holders:
+            h.wait(timeout=30)
 
 
 SNAKEFILE = """

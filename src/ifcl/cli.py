@@ -12,6 +12,11 @@
         In a finished working directory: how far the run's frozen test features would move under bf16 autocast
         (ifcl computes them in float32), and what that would change in DIKI's task choice and λ.
 
+    ifcl bench scale [--configfile config/config.yaml ...] [--out results/bench/scale.json]
+        For each config, a dry run in an empty directory: its jobs, the dry run's wall time, and for each job
+        grouping (job_groups none / task / run) the SLURM submissions and the longest chain of submissions that
+        must run one after another.
+
     ifcl status [--configfile config/config.yaml] [-d DIR] [--watch SECONDS]
         Where the working directory stands: each configured run's tasks done, the running jobs (task, epoch, loss,
         images/s, ETA, log), the last failure and its log. Read from the files: local and SLURM runs alike.
@@ -398,6 +403,10 @@ def main(argv: list[str] | None = None) -> None:
     ready.add_argument("--configfile", default="config/config.yaml")
     ready.add_argument("-d", "--directory", default=".", help="the pipeline's working directory (default: .)")
     run = sub.add_parser("run", help="inspect a run: its task states, and the model after task k")
+    scale = bench_sub.add_parser("scale", help="jobs, SLURM submissions and their longest chain, from dry runs")
+    scale.add_argument("--configfile", nargs="+", default=["config/config.yaml"])
+    scale.add_argument("--snakefile", default="Snakefile")
+    scale.add_argument("--out", default="results/bench/scale.json")
     bcheck = bench_sub.add_parser("check", help="the start-of-workflow file check on a fabricated working directory")
     bcheck.add_argument("--files", type=int, default=3526, help="run files (default: the fifteen paper configs')")
     bcheck.add_argument("--text", type=int, default=1536, help="of which text files (the paper configs': 1536)")
@@ -473,6 +482,13 @@ def main(argv: list[str] | None = None) -> None:
         for r in bf16_feature_drift(args.configfile, args.experiment, args.seed):
             print(f"| {r['dataset']} | {r['images']} | {r['max_abs_difference']:.2e} | {r['min_cosine']:.6f} | "
                   f"{r['task_choices_changed']} | {r['max_lambda_difference']:.2e} |")
+    elif args.command == "bench" and args.what == "scale":
+        from .plan import format_scale, scale_report
+
+        rows = scale_report(args.configfile, args.snakefile, str(Path(args.snakefile).resolve().parent / "workflow/rules"))
+        print(format_scale(rows))
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(rows, indent=1) + "\n")
     elif args.command == "bench" and args.what == "check":
         bench_check(args)
     elif args.command == "bench" and args.what == "demo":

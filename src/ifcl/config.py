@@ -379,7 +379,9 @@ def config_reference(schema_: dict | None = None) -> str:
            "declarations (this file is written "
            "by `ifcl config-docs`; `tests/test_config.py` checks that it matches the schema). A config holds three "
            "registries, `datasets`, `backbones` and `experiments`, each mapping names to specs; `include:` lists "
-           "further files merged in, and `downloads.mirror` a mirror for the fetch rules. Which files are configs: "
+           "further files merged in, `downloads.mirror` a mirror for the fetch rules, and `job_groups` (`run`, `task` "
+           "or `none`, default `run`) how a cluster run bundles jobs into submissions (docs/running.md). Which files "
+           "are configs: "
            "`config/demo.yaml` (the offline demo), `config/experiments/*.yaml` (one per paper config) and "
            "`config/config.yaml` (all of them). Errors name the key; see the README, \"Configuration errors\".", ""]
     rows = schema_keys(schema_)

@@ -5,8 +5,9 @@ tells a job which device to take. So a job leases one: it takes an exclusive ``f
 and makes only that device visible (``CUDA_VISIBLE_DEVICES``) before torch initialises CUDA. The kernel releases the
 lock when the process ends, however it ends (SIGKILL included), so a dead job never holds a device.
 
-- A device list the job inherited is respected and nothing is leased: SLURM sets ``CUDA_VISIBLE_DEVICES`` to the
-  job's allocation, and a user may set it to keep ifcl off some devices.
+- A device list the job inherited is respected: SLURM sets ``CUDA_VISIBLE_DEVICES`` to the job's allocation, and a
+  user may set it to keep ifcl off some devices. One inherited device is used as it is; of several (a cluster job
+  that runs several jobs at once, ``--group-components``), the job leases one (lock files of the SLURM job's own).
 - The devices to lease are ``IFCL_GPUS`` (comma-separated ids) if set, else every NVIDIA GPU of the machine
   (``/proc/driver/nvidia/gpus``: counted without initialising CUDA).
 - No GPU at all: the job runs on the CPU and says so in its log.
@@ -28,7 +29,11 @@ _held: dict[str, int] = {}  # device id -> open lock file descriptor, kept for t
 
 
 def lock_dir() -> Path:
-    return Path(os.environ.get("IFCL_GPU_LOCK_DIR") or Path(tempfile.gettempdir()) / f"ifcl-gpu-locks-{os.getuid()}")
+    """The slot files' folder; in a SLURM job one of its own (device ids there are the job's, numbered from 0)."""
+    if os.environ.get("IFCL_GPU_LOCK_DIR"):
+        return Path(os.environ["IFCL_GPU_LOCK_DIR"])
+    base = Path(tempfile.gettempdir()) / f"ifcl-gpu-locks-{os.getuid()}"
+    return base / f"slurm-{os.environ['SLURM_JOB_ID']}" if os.environ.get("SLURM_JOB_ID") else base
 
 
 def machine_gpus() -> list[str]:
@@ -83,12 +88,18 @@ def release(device: str) -> None:
 def claim_device(log=print) -> str:
     """Call once per job before CUDA is initialised. Returns "cuda" (one device made visible: inherited, or leased
     here) or "cpu" (no GPU on this machine)."""
-    inherited = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if inherited is not None:
-        log(f"GPU: using the inherited CUDA_VISIBLE_DEVICES={inherited!r} (nothing leased)")
-        return "cuda" if inherited.strip() not in ("", "-1") else "cpu"
     if _held:
         return "cuda"
+    inherited = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if inherited is not None:
+        devices = [d.strip() for d in inherited.split(",") if d.strip()]
+        if len(devices) > 1 and "-1" not in devices:  # several given (a cluster job running several jobs at once)
+            device = lease(devices, log=log)
+            os.environ["CUDA_VISIBLE_DEVICES"] = device
+            log(f"GPU: leased device {device} of the inherited CUDA_VISIBLE_DEVICES={inherited!r}")
+            return "cuda"
+        log(f"GPU: using the inherited CUDA_VISIBLE_DEVICES={inherited!r} (nothing leased)")
+        return "cuda" if devices and devices != ["-1"] else "cpu"
     devices = machine_gpus()
     if not devices:
         log("no GPU on this machine: running on CPU")

@@ -58,6 +58,7 @@ CONDA_ENV = "../../envs/ifcl.yaml"
 
 from ifcl import layout
 from ifcl.codeversion import code_version
+from ifcl.plan import group_pattern
 from ifcl.integrity import check_workdir, snakemake_cli_args, snakemake_command, snakemake_runs_jobs
 from ifcl.config import ConfigError, canonical, check, merge_includes, paper_configs, task_train_params, validate_with_defaults
 from ifcl.registry import RegistryError, method_code as _method_code, method_of, model_settings, num_tasks, protocol_of, task_files
@@ -108,6 +109,32 @@ BACKBONES = config["backbones"]
 EXPERIMENTS = config["experiments"]
 RAW = "data/raw"
 DOWNLOAD_MIRROR = (config.get("downloads") or {}).get("mirror")
+JOB_GROUPS = config.get("job_groups", "run")
+
+
+def job_group(per_task=True):
+    """The job group of a run's rule (config key job_groups; docs/running.md). On a cluster the jobs of one group
+    that depend on one another are submitted together: `run` (the default) makes every run's chain after its shared
+    inputs (data, backbones, frozen features) one submission, `task` each task's jobs, `none` every job its own
+    (ifcl.plan.group_pattern). A run on this machine has no groups: Snakemake ignores them there but would still
+    pay for them in its scheduling (5 s of a 10 s dry run of config/config.yaml)."""
+    pattern = group_pattern(JOB_GROUPS, per_task)
+
+    def group(wildcards):
+        if pattern is None or (workflow.local_exec and not workflow.remote_exec):
+            return None
+        return pattern.format(**wildcards)
+
+    return group
+
+
+# In a cluster job (Snakemake started by the SLURM plugin on the node, for a group or a single job), GPU jobs may
+# use the GPUs the job was given, no more: the node's Snakemake then sizes the group's job step as the submitting
+# Snakemake sized the submission (profiles/slurm: gpu=1 per submission), and runs as many GPU jobs at once as there
+# are devices, each leasing its own (ifcl.gpu).
+if workflow.remote_exec and os.environ.get("SLURM_JOB_ID") and "gpu" not in workflow.global_resources:
+    workflow.register_resource(
+        "gpu", len([d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip() not in ("", "-1")]))
 
 
 def code(script):

@@ -15,6 +15,8 @@ rule gaussian:
         exp=PREFIX_EXPERIMENTS,
     params:
         code=code("gaussian"),
+    group:
+        job_group()
     conda:
         CONDA_ENV
     log:
@@ -45,6 +47,8 @@ rule train_prefix:
     threads: 1
     resources:
         gpu=1,
+    group:
+        job_group()
     conda:
         CONDA_ENV
     log:
@@ -73,6 +77,8 @@ rule evaluate_diki:
     threads: 1
     resources:
         gpu=1,
+    group:
+        job_group()
     conda:
         CONDA_ENV
     log:

@@ -29,6 +29,8 @@ rule train_finetune:
     threads: 1
     resources:
         gpu=1,
+    group:
+        job_group()
     conda:
         CONDA_ENV
     log:
@@ -59,6 +61,8 @@ rule select_memory:
     threads: 1
     resources:
         gpu=1,
+    group:
+        job_group()
     conda:
         CONDA_ENV
     log:
@@ -89,6 +93,8 @@ rule evaluate_finetune:
     threads: 1
     resources:
         gpu=1,
+    group:
+        job_group()
     conda:
         CONDA_ENV
     log:

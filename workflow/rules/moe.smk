@@ -26,6 +26,8 @@ rule train_moe:
     threads: 1
     resources:
         gpu=1,
+    group:
+        job_group()
     conda:
         CONDA_ENV
     log:
@@ -52,6 +54,8 @@ rule train_autoencoder:
     threads: 1
     resources:
         gpu=1,
+    group:
+        job_group()
     conda:
         CONDA_ENV
     log:
@@ -79,6 +83,8 @@ rule train_reference_autoencoder:
     threads: 1
     resources:
         gpu=1,
+    group:
+        job_group(per_task=False)
     conda:
         CONDA_ENV
     log:
@@ -107,6 +113,8 @@ rule evaluate_moe:
     threads: 1
     resources:
         gpu=1,
+    group:
+        job_group()
     conda:
         CONDA_ENV
     log:

@@ -34,6 +34,8 @@ rule train_state:
     threads: 1
     resources:
         gpu=1,
+    group:
+        job_group()
     conda:
         CONDA_ENV
     log:
@@ -65,6 +67,8 @@ rule evaluate_state:
     threads: 1
     resources:
         gpu=1,
+    group:
+        job_group()
     conda:
         CONDA_ENV
     log:

@@ -24,6 +24,8 @@ rule reduction:
     threads: 1
     resources:
         gpu=1,
+    group:
+        job_group()
     conda:
         CONDA_ENV
     log:
@@ -58,6 +60,8 @@ rule train_task:
     threads: 1
     resources:
         gpu=1,
+    group:
+        job_group()
     conda:
         CONDA_ENV
     log:
@@ -91,6 +95,8 @@ rule evaluate_task:
     threads: 1
     resources:
         gpu=1,
+    group:
+        job_group()
     conda:
         CONDA_ENV
     log:
@@ -126,6 +132,8 @@ rule memory:
     threads: 1
     resources:
         gpu=1,
+    group:
+        job_group()
     conda:
         CONDA_ENV
     log:
@@ -157,6 +165,8 @@ rule class_stats:
     threads: 1
     resources:
         gpu=1,
+    group:
+        job_group()
     conda:
         CONDA_ENV
     log:
@@ -180,6 +190,8 @@ rule align:
         code=code("align"),
         ca=exp_setting("ca"),
     threads: 1
+    group:
+        job_group()
     conda:
         CONDA_ENV
     log:
