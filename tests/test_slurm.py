@@ -182,3 +182,35 @@ def test_the_workflow_runs_through_the_slurm_profile_with_one_slurm_job_per_step
     # every run, backbone, feature cache, summary and figure file, byte for byte
     assert tree(cluster / "results") == tree(local / "results")
     assert (cluster / "results/summary/summary.csv").exists() and (cluster / "results/figures").exists()
+
+
+@pytest.mark.long
+@pytest.mark.skipif(missing_requirements() is not None, reason=str(missing_requirements()))
+def test_several_runs_share_one_submission_each_job_on_a_gpu_of_its_own(tmp_path):
+    """`--group-components run=2 --resources gpu=2`: the tiny config's two runs are one submission of two GPUs, whose
+    GPU jobs run two at a time, each on one of them (leased from the two SLURM gave the job), with the bytes of a
+    local run. Not run by default (about 2 minutes): `pytest -m long`."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    config = tiny_slurm_config()
+    config["experiments"]["slurm_inflora-ca"]["task_overrides"] = {}
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(yaml.safe_dump(config, sort_keys=False))
+    local, cluster = tmp_path / "local", tmp_path / "cluster"
+    local.mkdir()
+    cluster.mkdir()
+    local_run = start_snakemake(local, env, config_file, "--cores", "2")
+    try:
+        with single_node_cluster(tmp_path / "slurm", cpus=4, memory_mb=256000, gpus=2) as slurm_env:
+            path = os.pathsep.join([slurm_env["PATH"], str(Path(sys.executable).parent)])
+            log = finish(start_snakemake(cluster, {**env, **slurm_env, "PATH": path}, config_file,
+                                         "--profile", str(REPO / "profiles/slurm"), "--verbose", *CLUSTER_FLAGS,
+                                         "--group-components", "run=2", "--resources", "gpu=2"))
+    finally:
+        finish(local_run)
+    groups = re.findall(r"sbatch call: (sbatch .*--comment '?rule_run_.*)", log)
+    assert len(groups) == 1 and " --gpus=2 " in groups[0] + " "
+    gpu_logs = [p.read_text() for rule in ("train_task", "train_prefix") for p in (cluster / "logs" / rule).rglob("*.log")]
+    leased = [re.search(r"GPU: leased device (\d) of the inherited CUDA_VISIBLE_DEVICES='0,1'", text) for text in gpu_logs]
+    assert all(leased) and {m.group(1) for m in leased} == {"0", "1"}
+    assert tree(cluster / "results") == tree(local / "results")
