@@ -1,7 +1,10 @@
 """Job groups and the submission counts of `ifcl bench scale` (ifcl.plan): the group of each grouping, which rules
 of the workflow are grouped, and the submissions and longest chain of submissions of a small dry run worked out
 by hand."""
+import json
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -62,7 +65,8 @@ def small_dry_run() -> str:
 
 def test_submissions_and_longest_chain_worked_out_by_hand():
     jobs = parse_dry_run(small_dry_run())
-    assert len(jobs) == 16 and jobs[1] == Job("split_tasks", {"exp": "a", "seed": "0"}, ["data/d.csv"], ["a/tasks.json"])
+    assert len(jobs) == 16
+    assert jobs[1] == Job("split_tasks", {"exp": "a", "seed": "0"}, ["data/d.csv"], ["a/tasks.json"])
     kinds = rule_kinds(REPO / "workflow/rules")
     # none: the data job and 6 jobs a run; the chain data -> reduction 0 -> train 0 -> reduction 1 -> train 1 ->
     # evaluate 1 (the local split and `all` submit nothing)
@@ -71,3 +75,17 @@ def test_submissions_and_longest_chain_worked_out_by_hand():
     assert submissions(jobs, kinds, "task") == (5, 3)
     # run: the data job and one submission per run
     assert submissions(jobs, kinds, "run") == (3, 2)
+
+
+def test_bench_scale_counts_the_demo(tmp_path):
+    """`ifcl bench scale` on the demo: a dry run's jobs, and fewer submissions and a shorter chain per run than per
+    task than per job."""
+    out = tmp_path / "scale.json"
+    proc = subprocess.run([sys.executable, "-m", "ifcl.cli", "bench", "scale", "--configfile", "config/demo.yaml",
+                           "--out", str(out)], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (row,) = json.loads(out.read_text())
+    assert row["config"] == "config/demo.yaml" and row["jobs"] > row["local_jobs"] > 0
+    assert row["submissions_none"] > row["submissions_task"] > row["submissions_run"] >= 14  # 14 runs
+    assert row["chain_none"] > row["chain_task"] > row["chain_run"] > 0
+    assert "config/demo.yaml | " in proc.stdout

@@ -27,7 +27,9 @@ import pytest
 import yaml
 
 from conftest import REPO, TINY_CONFIG, only, tree
+from ifcl.config import load_config
 from ifcl.plan import dry_run, rule_kinds, submissions
+from ifcl.status import status_report
 from slurm_cluster import missing_requirements, single_node_cluster
 
 pytestmark = pytest.mark.pipeline
@@ -54,16 +56,17 @@ def tiny_slurm_config() -> dict:
     return config
 
 
-def stop_training_once(workdir: Path, env: dict, timeout: float = 600) -> str:
+def stop_training_once(workdir: Path, env: dict, config: dict, timeout: float = 600) -> tuple[str, str]:
     """Wait until the stopped job's log shows its 5th epoch done, then `scancel --signal=TERM` its SLURM job (as
-    preemption or a time limit does); the SLURM job id."""
+    preemption or a time limit does); the SLURM job id, and what `ifcl status` said just before."""
     log, began = workdir / STOPPED, time.monotonic()
     while not (log.exists() and "epoch 5/30" in log.read_text()):
         assert time.monotonic() - began < timeout, f"{STOPPED} did not reach its 5th epoch in {timeout} s"
         time.sleep(0.05)
     slurm_id = re.match(r"SLURM job (\d+) on ", log.read_text()).group(1)
+    status = status_report(config, workdir)
     subprocess.run(["scancel", "--signal=TERM", slurm_id], env=env, check=True)
-    return slurm_id
+    return slurm_id, status
 
 
 def local_rules() -> set[str]:
@@ -122,7 +125,8 @@ def test_the_workflow_runs_through_the_slurm_profile_with_one_slurm_job_per_step
             cluster_env = {**env, **slurm_env, "PATH": path}
             run = start_snakemake(cluster, cluster_env, config_file, "--profile", str(REPO / "profiles/slurm"),
                                   "--verbose", *CLUSTER_FLAGS)
-            stopped = stop_training_once(cluster, cluster_env) if case == "tiny" else None
+            stopped, status = (stop_training_once(cluster, cluster_env, load_config(config_file, REPO))
+                               if case == "tiny" else (None, None))
             log = finish(run)
     finally:
         finish(local_run)
@@ -133,8 +137,7 @@ def test_the_workflow_runs_through_the_slurm_profile_with_one_slurm_job_per_step
     slurm_ids = [slurm for _, slurm, _ in submitted]
     assert submitted and len(set(slurm_ids)) == len(slurm_ids)
     groups = [slurm for _, slurm, kind in submitted if kind == "group"]
-    runs = [(exp, seed) for exp, spec in yaml.safe_load(config_file.read_text())["experiments"].items()
-            for seed in spec["seeds"]]
+    runs = [(exp, seed) for exp, spec in load_config(config_file, REPO)["experiments"].items() for seed in spec["seeds"]]
     assert len(groups) == len(runs) + (stopped is not None)
     jobs, _ = dry_run(str(config_file), str(REPO / "Snakefile"))  # what `ifcl bench scale` counts
     assert len(submitted) == submissions(jobs, rule_kinds(REPO / "workflow/rules"), "run")[0] + (stopped is not None)
@@ -152,7 +155,8 @@ def test_the_workflow_runs_through_the_slurm_profile_with_one_slurm_job_per_step
         tmp_path / "dry-run")
     # a job submitted alone was given its rule's threads as CPUs (2 for the pretraining); a run's jobs share their
     # submission's job step (each job still runs its rule's threads)
-    cpus = {p.relative_to(cluster / "logs").parts[0]: int(first_lines[p].rsplit("(", 1)[1].split()[0]) for p in on_slurm}
+    cpus = {p.relative_to(cluster / "logs").parts[0]: int(first_lines[p].rsplit("(", 1)[1].split()[0])
+            for p in on_slurm}
     assert cpus["pretrain_backbone"] == cpus["pretrain_clip"] == 2 and cpus["frozen_features"] == 1
     assert cpus["train_task"] >= 1 and cpus["train_prefix"] >= 1
     trained = [p for p in on_slurm if p.parts[-4] in ("train_task", "train_prefix")]
@@ -174,14 +178,19 @@ def test_the_workflow_runs_through_the_slurm_profile_with_one_slurm_job_per_step
 
     if stopped:  # the stopped job wrote its checkpoint, was submitted again, continued from it and removed it
         text = (cluster / STOPPED).read_text()
-        assert re.search(r"stopped; epoch checkpoint written to checkpoints/train_task/slurm_inflora-ca/seed0/task0.pt after "
-                         r"epoch \d+", text) and "resumed from the epoch checkpoint" in text, text[-3000:]
+        assert re.search(r"stopped; epoch checkpoint written to checkpoints/train_task/slurm_inflora-ca/seed0/"
+                         r"task0.pt after epoch \d+", text) and "resumed from the epoch checkpoint" in text, text[-3000:]
         assert f"SLURM job {stopped} on " in text and stopped in groups[:-1]
+        # `ifcl status` showed the grouped training job like any other, with its submission's SLURM job
+        assert re.search(rf"train_task\s+slurm_inflora-ca/seed0/task0\s.*\n\s+log: {STOPPED}\s.*SLURM job {stopped}\)",
+                         status), status
         assert not (cluster / "checkpoints/train_task/slurm_inflora-ca/seed0/task0.pt").exists()
 
     # every run, backbone, feature cache, summary and figure file, byte for byte
     assert tree(cluster / "results") == tree(local / "results")
     assert (cluster / "results/summary/summary.csv").exists() and (cluster / "results/figures").exists()
+    final = status_report(load_config(config_file, REPO), cluster)
+    assert f"{len(runs)}/{len(runs)} runs finished" in final and "no failed job" in final, final
 
 
 @pytest.mark.long
@@ -210,7 +219,9 @@ def test_several_runs_share_one_submission_each_job_on_a_gpu_of_its_own(tmp_path
         finish(local_run)
     groups = re.findall(r"sbatch call: (sbatch .*--comment '?rule_run_.*)", log)
     assert len(groups) == 1 and " --gpus=2 " in groups[0] + " "
-    gpu_logs = [p.read_text() for rule in ("train_task", "train_prefix") for p in (cluster / "logs" / rule).rglob("*.log")]
-    leased = [re.search(r"GPU: leased device (\d) of the inherited CUDA_VISIBLE_DEVICES='0,1'", text) for text in gpu_logs]
+    gpu_logs = [p.read_text() for rule in ("train_task", "train_prefix")
+                for p in (cluster / "logs" / rule).rglob("*.log")]
+    leased = [re.search(r"GPU: leased device (\d) of the inherited CUDA_VISIBLE_DEVICES='0,1'", text)
+              for text in gpu_logs]
     assert all(leased) and {m.group(1) for m in leased} == {"0", "1"}
     assert tree(cluster / "results") == tree(local / "results")

@@ -28,7 +28,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import random
 import signal
 import time
@@ -48,13 +47,27 @@ ROOT = Path("checkpoints")
 
 @dataclass
 class JobCheckpoint:
-    """Where the running job keeps its checkpoint, and the fingerprint a checkpoint must carry to be resumed."""
+    """Where the running job keeps its checkpoint, and the fingerprint a checkpoint must carry to be resumed
+    (given, or computed from the job's ``snakemake`` object when a training loop first needs it)."""
 
     path: Path
-    fingerprint: str
+    given_fingerprint: str | None = None
     log: Path | None = None  # the job's log: the stopped attempt's lines travel in its checkpoint
+    snakemake: object = None
     loops: int = 0  # training loops this job has started
     written: str | None = None  # what the last write saved, for the job's last log line
+
+    @property
+    def fingerprint(self) -> str:
+        if self.given_fingerprint is None:
+            job = self.snakemake
+            self.given_fingerprint = fingerprint(job.rule, dict(job.wildcards.items()), dict(job.params.items()),
+                                                 [str(f) for f in job.input])
+        return self.given_fingerprint
+
+    @fingerprint.setter
+    def fingerprint(self, value: str) -> None:
+        self.given_fingerprint = value
 
 
 _job: JobCheckpoint | None = None
@@ -99,10 +112,7 @@ def fingerprint(rule: str, wildcards: dict, params: dict, inputs: Iterable[str])
 def start_job(snakemake) -> None:
     """Called by :func:`ifcl.runlog.job` for every job: the training loops of this process use its checkpoint."""
     global _job
-    params = {name: value for name, value in snakemake.params.items()}
-    _job = JobCheckpoint(path_for(snakemake.log[0]), fingerprint(
-        snakemake.rule, dict(snakemake.wildcards.items()), params, [str(f) for f in snakemake.input]),
-        Path(snakemake.log[0]))
+    _job = JobCheckpoint(path_for(snakemake.log[0]), log=Path(snakemake.log[0]), snakemake=snakemake)
 
 
 def finish_job(success: bool) -> None:

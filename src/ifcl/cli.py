@@ -485,7 +485,8 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "bench" and args.what == "scale":
         from .plan import format_scale, scale_report
 
-        rows = scale_report(args.configfile, args.snakefile, str(Path(args.snakefile).resolve().parent / "workflow/rules"))
+        rules = Path(args.snakefile).resolve().parent / "workflow/rules"
+        rows = scale_report(args.configfile, args.snakefile, str(rules))
         print(format_scale(rows))
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(rows, indent=1) + "\n")
