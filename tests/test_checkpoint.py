@@ -89,7 +89,8 @@ def job(tmp_path):
         raise Terminated("stopped by signal SIGTERM")
 
     previous = signal.signal(signal.SIGTERM, terminated), signal.signal(signal.SIGINT, signal.default_int_handler)
-    checkpoint._job = checkpoint.JobCheckpoint(tmp_path / "checkpoints/train_task/x/seed0/task0.pt", "settings-1")
+    checkpoint._job = checkpoint.JobCheckpoint(tmp_path / "checkpoints/train_task/x/seed0/task0.safetensors",
+                                               "settings-1")
     yield checkpoint._job
     checkpoint._job = None
     signal.signal(signal.SIGTERM, previous[0])
@@ -169,7 +170,8 @@ def test_the_fingerprint_changes_with_params_and_inputs(tmp_path):
     assert checkpoint.fingerprint("train_task", {"t": "1"}, {}, [str(state)]) == with_state
     save_state(state, {"w": torch.zeros(2)}, {"kind": "adapter"})
     assert checkpoint.fingerprint("train_task", {"t": "1"}, {}, [str(state)]) != with_state
-    assert checkpoint.path_for("logs/train_task/x/seed0/task3.log") == Path("checkpoints/train_task/x/seed0/task3.pt")
+    assert checkpoint.path_for("logs/train_task/x/seed0/task3.log") == Path(
+        "checkpoints/train_task/x/seed0/task3.safetensors")
 
 
 # ---- the workflow, stopped locally ----
@@ -207,7 +209,7 @@ def test_a_workflow_stopped_during_training_continues_from_the_checkpoint(how, c
     while not (log.exists() and "epoch 5/40" in log.read_text()):
         assert proc.poll() is None and time.monotonic() - began < 120, (tmp_path / "stopped.out").read_text()[-3000:]
         time.sleep(0.02)
-    saved = work / "checkpoints/train_task/tiny_seq-lora/seed0/task0.pt"
+    saved = work / "checkpoints/train_task/tiny_seq-lora/seed0/task0.safetensors"
     if how == "ctrl-c":
         os.killpg(proc.pid, signal.SIGINT)
         assert proc.wait(timeout=120) != 0
@@ -221,7 +223,8 @@ def test_a_workflow_stopped_during_training_continues_from_the_checkpoint(how, c
         assert proc.wait(timeout=120) == 0, (tmp_path / "stopped.out").read_text()[-3000:]
         assert "Trying to restart job" in (tmp_path / "stopped.out").read_text()
     text = log.read_text()
-    assert re.search(r"stopped; epoch checkpoint written to checkpoints/train_task/tiny_seq-lora/seed0/task0.pt "
-                     r"after epoch \d+", text) and "resumed from the epoch checkpoint" in text, text[-3000:]
+    assert re.search(r"stopped; epoch checkpoint written to checkpoints/train_task/tiny_seq-lora/seed0/"
+                     r"task0.safetensors after epoch \d+", text), text[-3000:]
+    assert "resumed from the epoch checkpoint" in text
     assert not saved.exists()
     assert tree(work, STOPPED_TASK) == tree(reference, STOPPED_TASK)

@@ -137,7 +137,8 @@ def test_the_workflow_runs_through_the_slurm_profile_with_one_slurm_job_per_step
     slurm_ids = [slurm for _, slurm, _ in submitted]
     assert submitted and len(set(slurm_ids)) == len(slurm_ids)
     groups = [slurm for _, slurm, kind in submitted if kind == "group"]
-    runs = [(exp, seed) for exp, spec in load_config(config_file, REPO)["experiments"].items() for seed in spec["seeds"]]
+    runs = [(exp, seed) for exp, spec in load_config(config_file, REPO)["experiments"].items()
+            for seed in spec["seeds"]]
     assert len(groups) == len(runs) + (stopped is not None)
     jobs, _ = dry_run(str(config_file), str(REPO / "Snakefile"))  # what `ifcl bench scale` counts
     assert len(submitted) == submissions(jobs, rule_kinds(REPO / "workflow/rules"), "run")[0] + (stopped is not None)
@@ -179,12 +180,13 @@ def test_the_workflow_runs_through_the_slurm_profile_with_one_slurm_job_per_step
     if stopped:  # the stopped job wrote its checkpoint, was submitted again, continued from it and removed it
         text = (cluster / STOPPED).read_text()
         assert re.search(r"stopped; epoch checkpoint written to checkpoints/train_task/slurm_inflora-ca/seed0/"
-                         r"task0.pt after epoch \d+", text) and "resumed from the epoch checkpoint" in text, text[-3000:]
+                         r"task0.safetensors after epoch \d+", text), text[-3000:]
+        assert "resumed from the epoch checkpoint" in text
         assert f"SLURM job {stopped} on " in text and stopped in groups[:-1]
         # `ifcl status` showed the grouped training job like any other, with its submission's SLURM job
         assert re.search(rf"train_task\s+slurm_inflora-ca/seed0/task0\s.*\n\s+log: {STOPPED}\s.*SLURM job {stopped}\)",
                          status), status
-        assert not (cluster / "checkpoints/train_task/slurm_inflora-ca/seed0/task0.pt").exists()
+        assert not (cluster / "checkpoints/train_task/slurm_inflora-ca/seed0/task0.safetensors").exists()
 
     # every run, backbone, feature cache, summary and figure file, byte for byte
     assert tree(cluster / "results") == tree(local / "results")

@@ -5,8 +5,9 @@ SIGINT (and Snakemake passes SIGTERM on to its jobs). A training loop keeps, aft
 the next epochs depend on, in memory: the module's tensors, the optimiser's state, the epoch index (the schedule is
 a function of it), every random generator (torch's on the CPU and each GPU, NumPy's, Python's, and the loader's
 own, whose state is the loader's position: the next epoch's shuffle and worker seeds) and the loop's log rows. When
-the job is stopped, the last copy is written to ``checkpoints/<rule>/<job>.pt`` (atomically: a complete file or
-none) and the job exits with an error, so Snakemake tries it again (``retries`` in the SLURM profile) or the next
+the job is stopped, the last copy is written to ``checkpoints/<rule>/<job>.safetensors``, a state file like every other
+(safetensors and JSON, written atomically, every byte under its digest: :mod:`ifcl.state`), and the job exits with an
+error, so Snakemake tries it again (``retries`` in the SLURM profile) or the next
 ``snakemake`` runs it again. That attempt runs the step from its first line as any job does (same seeds, same model
 built from the same inputs), and the training loop, finding the checkpoint, restores it and goes on from the next
 epoch. On the CPU the task's files are byte-identical to those of a run that was never stopped
@@ -14,9 +15,8 @@ epoch. On the CPU the task's files are byte-identical to those of a run that was
 
 A checkpoint is used only by the job that wrote it, with the same settings and inputs: it carries a fingerprint of
 the job's rule, wildcards, params (the code's digest among them) and input files (the sha256 ifcl recorded for each,
-else its size and modification time).
-A checkpoint of other settings or inputs, or one whose content does not match its sha256 (the first line of the
-file), is removed and the task starts from its first epoch, saying so in the log. The job's checkpoint is removed
+else its size and modification time). A checkpoint of other settings or inputs, or one whose bytes do not match its
+digest, is removed and the task starts from its first epoch, saying so in the log. The job's checkpoint is removed
 once its outputs are written. ``checkpoints/`` is neither a result nor tracked by DVC or git.
 
 Loops that keep checkpoints: :func:`ifcl.training.train_classifier` (InfLoRA's and the state chain's training, the
@@ -26,7 +26,6 @@ before the stopped one again (deterministically) and resumes that one.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import random
 import signal
@@ -36,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Sequence
 
-from .files import atomic_path, recorded_digest
+from .files import recorded_digest
 
 if TYPE_CHECKING:
     import torch
@@ -74,8 +73,8 @@ _job: JobCheckpoint | None = None
 
 
 def path_for(log: str | Path) -> Path:
-    """``logs/<rule>/<job>.log`` -> ``checkpoints/<rule>/<job>.pt``."""
-    parts = Path(log).with_suffix(".pt").parts
+    """``logs/<rule>/<job>.log`` -> ``checkpoints/<rule>/<job>.safetensors``."""
+    parts = Path(log).with_suffix(".safetensors").parts
     return ROOT.joinpath(*(parts[1:] if len(parts) > 1 and parts[0] == "logs" else parts))
 
 
@@ -183,6 +182,35 @@ def loader_generators(loader) -> list[torch.Generator]:
     return []
 
 
+def split(obj, tensors: dict, path: str = "") -> dict:
+    """``obj`` (nested dicts, lists, tuples, tensors, numbers, strings) as JSON, its tensors moved into ``tensors``
+    under their path: what a state file holds (safetensors and JSON). Dicts keep their keys' types (an optimiser's
+    state is keyed by parameter index)."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        tensors[path] = obj
+        return {"tensor": path}
+    if isinstance(obj, dict):
+        return {"items": [[k, split(v, tensors, f"{path}/{i}")] for i, (k, v) in enumerate(obj.items())]}
+    if isinstance(obj, (list, tuple)):
+        return {type(obj).__name__: [split(v, tensors, f"{path}/{i}") for i, v in enumerate(obj)]}
+    return {"value": obj}
+
+
+def joined(structure: dict, tensors: dict):
+    """The object :func:`split` took apart."""
+    (kind, value), = structure.items()
+    if kind == "tensor":
+        return tensors[value]
+    if kind == "items":
+        return {k: joined(v, tensors) for k, v in value}
+    if kind in ("list", "tuple"):
+        items = [joined(v, tensors) for v in value]
+        return items if kind == "list" else tuple(items)
+    return value
+
+
 # ---- one training loop ----
 
 class Loop:
@@ -215,40 +243,36 @@ class Loop:
     def resume(self) -> tuple[int, dict]:
         """The first epoch to run and the extras saved with it: (0, {}) without a usable checkpoint; otherwise the
         module, optimiser and generators are restored as they were after epoch ``first - 1``."""
-        import torch
+        from .state import load_state
 
         if self.job is None or not self.job.path.exists():
             return 0, {}
         path, why = self.job.path, None
         try:
-            raw = path.read_bytes()
-            head, _, body = raw.partition(b"\n")
-            if hashlib.sha256(body).hexdigest().encode() != head:
-                why = "its content does not match its sha256 (damaged)"
-            else:
-                saved = torch.load(io.BytesIO(body), map_location="cpu", weights_only=True)
-                if saved["fingerprint"] != self.job.fingerprint:
-                    why = "it was written with other settings, code or inputs"
-                elif saved["loop"] > self.index:  # a later loop's: this one had run to its end before
-                    return 0, {}
-                elif saved["loop"] < self.index:  # an earlier loop's, which has now run to its end
-                    path.unlink(missing_ok=True)
-                    return 0, {}
-                elif saved["name"] != self.name:
-                    why = f"it is of the loop {saved['name']!r}"
-        except Exception as e:  # an unreadable file is no checkpoint
-            why = f"it cannot be read ({type(e).__name__}: {e})"
+            tensors, meta = load_state(path)  # its every byte checked against its digest
+            saved = joined(meta["checkpoint"], tensors)
+            if meta["fingerprint"] != self.job.fingerprint:
+                why = "it was written with other settings, code or inputs"
+            elif meta["loop"] > self.index:  # a later loop's: this one had run to its end before
+                return 0, {}
+            elif meta["loop"] < self.index:  # an earlier loop's, which has now run to its end
+                path.unlink(missing_ok=True)
+                return 0, {}
+            elif meta["name"] != self.name:
+                why = f"it is of the loop {meta['name']!r}"
+        except Exception as e:  # a damaged or unreadable file is no checkpoint
+            why = f"it cannot be used ({type(e).__name__}: {e})"
         if why is not None:
             return self._stale(path, why)
         self._load_tensors(saved["tensors"])
         self.optimizer.load_state_dict(saved["optimizer"])
         set_random_state(saved["random"], self.generators)
         first = saved["epoch"] + 1
-        if saved.get("log"):  # Snakemake removes a job's log before it runs again: the stopped attempt's lines
-            print(f"---- the stopped attempt's log, up to its checkpoint ----\n{saved['log'].rstrip()}\n"
+        if meta.get("log"):  # Snakemake removes a job's log before it runs again: the stopped attempt's lines
+            print(f"---- the stopped attempt's log, up to its checkpoint ----\n{meta['log'].rstrip()}\n"
                   "---- end of the stopped attempt's log ----", flush=True)
         print(f"{self.name}: resumed from the epoch checkpoint {path} (written "
-              f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(saved['time']))}): epochs 1-{first} done, "
+              f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(meta['time']))}): epochs 1-{first} done, "
               f"continuing with epoch {first + 1}", flush=True)
         return first, saved["extra"]
 
@@ -269,23 +293,22 @@ class Loop:
         """Write the last epoch's snapshot atomically (signals held back meanwhile)."""
         if self.job is None or self.pending is None:
             return
-        import torch
+        from .state import save_state
 
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
         try:
-            buffer = io.BytesIO()
             message = (f"{self.name}: stopped; epoch checkpoint written to {self.job.path} after epoch "
                        f"{self.pending['epoch'] + 1}; the next attempt continues from it")
             try:
                 log = self.job.log.read_text(errors="replace") if self.job.log else ""
             except OSError:
                 log = ""
-            torch.save({**self.pending, "fingerprint": self.job.fingerprint, "loop": self.index, "name": self.name,
-                        "time": time.time(), "log": log.rstrip("\n") + "\n" + message}, buffer)
-            body = buffer.getvalue()
+            tensors: dict = {}
+            structure = split(self.pending, tensors)
             self.job.path.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_path(self.job.path) as f:
-                f.write(hashlib.sha256(body).hexdigest().encode() + b"\n" + body)
+            save_state(self.job.path, tensors, {
+                "kind": "epoch_checkpoint", "checkpoint": structure, "fingerprint": self.job.fingerprint,
+                "loop": self.index, "name": self.name, "time": time.time(), "log": log.rstrip("\n") + "\n" + message})
             self.job.written = message
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
